@@ -1,0 +1,80 @@
+"""E2M1 (FP4) codes: encode with round-to-nearest-even, decode, and pack pairs into bytes.
+
+An E2M1 code is 4 bits: bit 3 is the sign, bits 0-2 index the magnitudes
+``0, 0.5, 1, 1.5, 2, 3, 4, 6``. Two codes share a byte, the **low nibble holding the even
+element** (element 2k) and the high nibble element 2k+1 — the layout of both NVFP4 and the
+official MXFP4 expert weights.
+
+Everything here is vectorised ``jax.numpy`` and accepts NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, UInt8
+
+E2M1_MAX = 6.0
+#: magnitude of code c (c = 0..7); codes 8..15 are the negated values.
+E2M1_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+#: value of every 4-bit code 0..15 (code 8 is -0.0).
+E2M1_VALUES = np.concatenate([E2M1_MAGNITUDES, -E2M1_MAGNITUDES]).astype(np.float32)
+
+# Midpoints between consecutive magnitudes. A magnitude exactly on a midpoint rounds to the
+# neighbour whose code is even (round-to-nearest-even on the mantissa bit): up when the upper
+# code is even, down otherwise.
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_TIE_ROUNDS_UP = tuple((i + 1) % 2 == 0 for i in range(7))
+
+
+def encode_e2m1(x: Float[ArrayLike, "*shape"]) -> UInt8[Array, "*shape"]:
+    """Round float32 ``x`` to the nearest E2M1 code (ties to even, saturating at +-6).
+
+    The sign bit follows ``x``'s sign bit, so -0.0 and negatives that round to zero give code 8,
+    as an IEEE cast does. NaN input is not representable; callers check for it first.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    mag = jnp.abs(x)
+    code = jnp.zeros(x.shape, jnp.uint8)
+    for mid, up in zip(_MIDPOINTS, _TIE_ROUNDS_UP):
+        passed = mag >= mid if up else mag > mid
+        code = code + passed.astype(jnp.uint8)
+    sign = jnp.signbit(x).astype(jnp.uint8) << 3
+    return code | sign
+
+
+def exact_div(a: ArrayLike, b: ArrayLike) -> Array:
+    """IEEE float32 ``a / b`` with ``b`` broadcast to ``a``'s shape.
+
+    XLA rewrites ``a / broadcast(b)`` (and division by a constant) into ``a * (1 / b)``, which is
+    not correctly rounded and breaks bit-exact quantization. Materialising ``b`` at full shape
+    behind an optimization barrier keeps a true division.
+    """
+    a = jnp.asarray(a)
+    b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+    return a / b
+
+
+def decode_e2m1(codes: UInt8[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+    """Value (float32) of each 4-bit code (only the low nibble is read)."""
+    return jnp.asarray(E2M1_VALUES)[jnp.asarray(codes).astype(jnp.int32) & 0xF]
+
+
+def pack_e2m1(codes: UInt8[ArrayLike, "*rows k"]) -> UInt8[Array, "*rows k_half"]:
+    """Pack codes pairwise along the last axis: byte = code[2k] | code[2k+1] << 4."""
+    codes = jnp.asarray(codes)
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_e2m1 needs an even last dimension, got shape {codes.shape}")
+    codes = codes.astype(jnp.uint8) & 0xF
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_e2m1(packed: UInt8[ArrayLike, "*rows k_half"]) -> UInt8[Array, "*rows k"]:
+    """Inverse of :func:`pack_e2m1` (accepts uint8 or the int8 view of official checkpoints)."""
+    packed = jnp.asarray(packed)
+    if packed.dtype not in (jnp.uint8, jnp.int8):
+        raise TypeError(f"packed E2M1 must be uint8 or int8, got {packed.dtype}")
+    packed = packed.view(jnp.uint8) if packed.dtype == jnp.int8 else packed
+    low, high = packed & 0xF, packed >> 4
+    return jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])

@@ -1,0 +1,156 @@
+"""NVFP4: E2M1 values, one E4M3 scale per 16 elements along K, and an FP32 global scale.
+
+A tensor ``W[..., K]`` (K the reduction dim, contiguous) is stored as
+
+* ``values``  uint8 ``[..., K/2]``: packed E2M1 codes, low nibble = even element;
+* ``scales``  float8_e4m3fn ``[..., K/16]``: block scales in logical row-major order;
+* ``global_scale`` float32: ``[]`` for a per-tensor scale (weights) or ``[...]`` (one per row,
+  activations),
+
+and means ``W = e2m1(values) * float32(scales) * global_scale``.
+
+Quantization (design §3), all in float32:
+
+    global = amax(|x|) / (6 * 448)                       (1.0 where amax == 0)
+    s_b    = e4m3_rne(amax_b / 6 / global)               per 16-element block b
+    q      = e2m1_rne(x / (float32(s_b) * global))       ties to even, saturating at +-6
+    a block whose s_b is 0 (all zero, or underflowed) is stored as zeros.
+
+The sm_100 block-scaled MMA reads scales in 128x4 atoms; :func:`swizzle_scales` produces that
+layout (padding with zeros) and :func:`unswizzle_scales` inverts it.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Float8e4m3fn, UInt8
+
+from nvfp4jax.formats.e2m1 import E2M1_MAX, decode_e2m1, exact_div, encode_e2m1, pack_e2m1, unpack_e2m1
+
+BLOCK = 16
+E4M3_MAX = 448.0
+
+
+class NVFP4Tensor(eqx.Module):
+    """An NVFP4 tensor (a pytree: stacks and slices like any other array container).
+
+    The logical shape is ``values.shape[:-1] + (2 * values.shape[-1],)``; it is derived, so a stack
+    of tensors (layers scanned over) keeps a consistent shape.
+    """
+
+    values: UInt8[Array, "*rows k_half"]
+    scales: Float8e4m3fn[Array, "*rows k_blocks"]
+    global_scale: Float[Array, "*global_rows"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.values.shape[:-1], 2 * self.values.shape[-1])
+
+    @property
+    def per_row(self) -> bool:
+        """True when the global scale is one per row (activations) rather than per tensor."""
+        return self.global_scale.ndim == self.values.ndim - 1 and self.global_scale.ndim > 0
+
+    def dequantize(self, dtype=jnp.float32) -> Array:
+        return dequantize(self, dtype)
+
+
+def _check_k(shape: tuple[int, ...]) -> None:
+    if len(shape) < 1 or shape[-1] % BLOCK:
+        raise ValueError(
+            f"NVFP4 needs the last (reduction) dimension to be a multiple of {BLOCK}, got shape {shape}; "
+            "pad K with zeros before quantizing"
+        )
+
+
+def _check_finite(x: Array) -> None:
+    if isinstance(x, jax.core.Tracer):
+        return  # under jit the values are unknown; callers validate inputs before tracing
+    if not bool(jnp.all(jnp.isfinite(x))):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(np.asarray(x)))[0])
+        raise ValueError(f"cannot quantize non-finite input to NVFP4 (first at index {bad})")
+
+
+def global_scale_from_amax(amax: Float[ArrayLike, "*rows"]) -> Float[Array, "*rows"]:
+    """``amax / (6 * 448)``, or 1.0 where amax is 0."""
+    amax = jnp.asarray(amax, jnp.float32)
+    return jnp.where(amax > 0, exact_div(amax, jnp.float32(E2M1_MAX * E4M3_MAX)), jnp.float32(1.0))
+
+
+def quantize_with_global(x: Float[ArrayLike, "*rows k"], global_scale: Float[ArrayLike, "*g"]) -> NVFP4Tensor:
+    """Quantize ``x`` under a given global scale (``[]`` or one per row of ``x``)."""
+    x = jnp.asarray(x).astype(jnp.float32)
+    _check_k(x.shape)
+    g = jnp.asarray(global_scale, jnp.float32)
+    g_b = g[..., None, None] if g.ndim else g
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    amax_b = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    s = jnp.minimum(exact_div(exact_div(amax_b, jnp.float32(E2M1_MAX)), g_b), jnp.float32(E4M3_MAX))
+    s = s.astype(jnp.float8_e4m3fn)
+    denom = s.astype(jnp.float32) * g_b
+    safe = jnp.where(denom > 0, denom, jnp.float32(1.0))
+    codes = jnp.where(denom > 0, encode_e2m1(exact_div(blocks, safe)), jnp.uint8(0))
+    return NVFP4Tensor(pack_e2m1(codes.reshape(x.shape)), s[..., 0], g)
+
+
+def quantize(x: Float[ArrayLike, "*rows k"], *, per_row: bool = False) -> NVFP4Tensor:
+    """Quantize to NVFP4 with a per-tensor (weights) or per-row (activations) global scale.
+
+    ``x`` is read as float32 (BF16 inputs convert exactly). Raises ``ValueError`` for a last
+    dimension that is not a multiple of 16 and, when ``x`` is concrete, for NaN/Inf input.
+    """
+    x = jnp.asarray(x).astype(jnp.float32)
+    _check_k(x.shape)
+    _check_finite(x)
+    amax = jnp.max(jnp.abs(x), axis=-1) if per_row else jnp.max(jnp.abs(x))
+    return quantize_with_global(x, global_scale_from_amax(amax))
+
+
+def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> Array:
+    """``e2m1 * e4m3 * global`` in float32, then cast to ``dtype``."""
+    vals = decode_e2m1(unpack_e2m1(t.values))
+    k = vals.shape[-1]
+    blocks = vals.reshape(*vals.shape[:-1], k // BLOCK, BLOCK) * t.scales.astype(jnp.float32)[..., None]
+    g = t.global_scale[..., None, None] if t.global_scale.ndim else t.global_scale
+    return (blocks * g).reshape(vals.shape).astype(dtype)
+
+
+def quantize_dequantize(x: Float[ArrayLike, "*rows k"], *, per_row: bool = False) -> Float[Array, "*rows k"]:
+    """NVFP4 round trip in float32 (the simulation of NVFP4 numerics)."""
+    return dequantize(quantize(x, per_row=per_row))
+
+
+# --------------------------------------------------------------------------- sm_100 scale layout
+ATOM_ROWS, ATOM_COLS = 128, 4
+
+
+def swizzle_scales(scales: ArrayLike) -> Array:
+    """Row-major ``[rows, k_blocks]`` scales -> the sm_100 block-scaled MMA layout (flat, 1-D).
+
+    Rows are padded to a multiple of 128 and scale columns to a multiple of 4 with zeros. Atom
+    ``(i, j)`` covers rows ``128i .. 128i+127`` and columns ``4j .. 4j+3`` and occupies 512
+    consecutive entries at offset ``(i * n_col_atoms + j) * 512``; inside it, row ``r = 32*a + b``
+    (``a`` in 0..3, ``b`` in 0..31) and column ``c`` sit at ``b*16 + a*4 + c``.
+    """
+    s = jnp.asarray(scales)
+    if s.ndim != 2:
+        raise ValueError(f"swizzle_scales takes a 2-D [rows, k_blocks] array, got shape {s.shape}")
+    rows, cols = s.shape
+    rp, cp = -(-rows // ATOM_ROWS) * ATOM_ROWS, -(-cols // ATOM_COLS) * ATOM_COLS
+    s = jnp.pad(s, ((0, rp - rows), (0, cp - cols)))
+    # [i, a, b, j, c] -> [i, j, b, a, c]
+    s = s.reshape(rp // ATOM_ROWS, 4, 32, cp // ATOM_COLS, ATOM_COLS).transpose(0, 3, 2, 1, 4)
+    return s.reshape(-1)
+
+
+def unswizzle_scales(swizzled: ArrayLike, rows: int, cols: int) -> Array:
+    """Inverse of :func:`swizzle_scales`: back to row-major ``[rows, cols]`` (padding dropped)."""
+    s = jnp.asarray(swizzled)
+    rp, cp = -(-rows // ATOM_ROWS) * ATOM_ROWS, -(-cols // ATOM_COLS) * ATOM_COLS
+    if s.shape != (rp * cp,):
+        raise ValueError(f"expected {rp * cp} swizzled scales for a [{rows}, {cols}] matrix, got shape {s.shape}")
+    s = s.reshape(rp // ATOM_ROWS, cp // ATOM_COLS, 32, 4, ATOM_COLS).transpose(0, 3, 2, 1, 4)
+    return s.reshape(rp, cp)[:rows, :cols]

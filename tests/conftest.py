@@ -1,0 +1,54 @@
+"""Global test strictness and shared helpers.
+
+Strict dtype promotion and rank promotion catch silent upcasts and broadcasting bugs. Seeds come
+from a hash of the test's node id, so every test sees its own, reproducible inputs.
+"""
+
+import hashlib
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (run `pytest -m gpu` on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    return int.from_bytes(hashlib.sha256(request.node.nodeid.encode()).digest()[:4], "little")
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def assert_bitwise_equal(actual, expected, what: str = "") -> None:
+    """Bitwise equality of two arrays (any dtype), naming the first mismatching coordinate."""
+    a, e = np.atleast_1d(np.asarray(actual)), np.atleast_1d(np.asarray(expected))
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    assert a.dtype == e.dtype, f"{what}: dtype {a.dtype} != {e.dtype}"
+    av, ev = a.view(np.uint8).reshape(a.shape + (-1,)), e.view(np.uint8).reshape(e.shape + (-1,))
+    bad = np.argwhere(np.any(av != ev, axis=-1))
+    assert bad.size == 0, (
+        f"{what}: {len(bad)} of {a.size} elements differ; first at {tuple(bad[0])}: "
+        f"{a[tuple(bad[0])]!r} != {e[tuple(bad[0])]!r}"
+    )

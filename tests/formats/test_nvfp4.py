@@ -1,0 +1,130 @@
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from nvfp4jax import formats
+from nvfp4jax.formats import e2m1
+from tests.conftest import assert_bitwise_equal
+from tests.formats.oracle import nvfp4_oracle
+
+
+def _check_against_oracle(x: np.ndarray, per_row: bool, what: str):
+    t = formats.quantize(x, per_row=per_row)
+    codes, scales, g = nvfp4_oracle(x, per_row)
+    assert_bitwise_equal(formats.unpack_e2m1(t.values), codes, f"{what} codes")
+    assert_bitwise_equal(np.asarray(t.scales).view(np.uint8), scales.view(np.uint8), f"{what} scales")
+    assert_bitwise_equal(t.global_scale, g, f"{what} global")
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_quantize_matches_oracle_on_a_million_values(rng, per_row):
+    x = (rng.standard_normal((1024, 1024)) * np.exp(rng.uniform(-4, 4, (1024, 1)))).astype(np.float32)
+    # per-block outliers so block scales vary a lot
+    x[rng.integers(0, 1024, 500), rng.integers(0, 1024, 500)] *= 50
+    _check_against_oracle(x, per_row, f"{per_row=}")
+
+
+def test_edge_cases_match_oracle(rng):
+    rows = []
+    rows.append(np.zeros(32))  # all zero
+    rows.append(np.concatenate([np.zeros(16), rng.standard_normal(16)]))  # one all-zero block
+    g = 6.0  # ties: a block with amax 6 has scale 1 under global 1 -> grid values and midpoints
+    rows.append(np.array([6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, -6] * 2))
+    rows.append(np.array([g, -g] * 16))  # values at +-6 x scale
+    rows.append(np.array([-0.0, 0.0] * 16))  # signed zeros
+    rows.append(np.concatenate([[1e4], np.full(15, 1e-3), [3e-3], np.full(15, 1e-4)]))  # tiny blocks
+    x = np.stack([np.asarray(r, np.float32) for r in rows])
+    # a block whose E4M3 scale is subnormal: amax_b / 6 / global < 2**-6
+    sub = np.concatenate([[2688.0], np.zeros(15), rng.uniform(-0.01, 0.01, 16)]).astype(np.float32)
+    x = np.concatenate([x, sub[None]])
+    for per_row in (False, True):
+        _check_against_oracle(x, per_row, f"edge {per_row=}")
+    t = formats.quantize(sub[None])
+    assert float(t.scales.astype(jnp.float32)[0, 1]) < 2.0**-6, "test input must produce a subnormal E4M3 scale"
+
+
+def test_huge_dynamic_range(rng):
+    x = (rng.standard_normal((64, 256)) * 10.0 ** rng.integers(-20, 20, (64, 256 // 16)).repeat(16, 1)).astype(np.float32)
+    for per_row in (False, True):
+        _check_against_oracle(x, per_row, f"range {per_row=}")
+
+
+def test_rejects_bad_k_and_non_finite():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        formats.quantize(np.ones((4, 24), np.float32))
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.ones((2, 32), np.float32)
+        x[1, 7] = bad
+        with pytest.raises(ValueError, match=r"non-finite.*\(1, 7\)"):
+            formats.quantize(x)
+
+
+def test_bf16_input_quantizes_like_its_float32_value(rng):
+    x = rng.standard_normal((8, 64)).astype(ml_dtypes.bfloat16)
+    a, b = formats.quantize(jnp.asarray(x), per_row=True), formats.quantize(x.astype(np.float32), per_row=True)
+    assert_bitwise_equal(a.values, b.values, "values")
+    assert_bitwise_equal(a.global_scale, b.global_scale, "global")
+
+
+def test_encode_e2m1_independent_of_ml_dtypes(rng):
+    v = np.concatenate([rng.uniform(-8, 8, 100000), np.arange(-7, 7.01, 0.125)]).astype(np.float32)
+    want = v.astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0xF
+    assert_bitwise_equal(formats.encode_e2m1(v), want, "e2m1")
+    assert_bitwise_equal(formats.decode_e2m1(np.arange(16, dtype=np.uint8)),
+                         np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32), "decode")
+
+
+_finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 4).map(lambda b: 16 * b)), elements=_finite),
+       st.booleans())
+def test_round_trip_error_is_within_half_a_grid_step(x, per_row):
+    t = formats.quantize(x, per_row=per_row)
+    y = np.asarray(t.dequantize())
+    scale = (np.asarray(t.scales.astype(jnp.float32)) * (np.asarray(t.global_scale)[..., None] if per_row else np.asarray(t.global_scale)))
+    scale = np.repeat(scale, 16, axis=-1)
+    mag = np.abs(x) / np.where(scale > 0, scale, 1)
+    # grid step around |x|/scale: 0.5 below 2, 1 below 4, 2 above; saturation at 6 allowed up to the block max
+    step = np.where(mag < 2, 0.5, np.where(mag < 4, 1.0, 2.0))
+    bound = np.where(scale > 0, 0.5 * step * scale, np.abs(x))
+    # s_b rounding may push amax_b slightly above 6 * scale: saturating costs at most |x| - 6*scale
+    bound = np.maximum(bound, np.abs(x) - 6 * scale)
+    err = np.abs(y - x)
+    assert np.all(err <= bound * (1 + 1e-6) + 1e-30), f"max excess {np.max(err - bound)}"
+
+
+@settings(max_examples=50, deadline=None)
+@given(hnp.arrays(np.uint8, st.tuples(st.integers(1, 5), st.integers(1, 9).map(lambda n: 2 * n)), elements=st.integers(0, 15)))
+def test_pack_unpack_inverse(codes):
+    packed = formats.pack_e2m1(codes)
+    assert_bitwise_equal(formats.unpack_e2m1(packed), codes, "unpack(pack)")
+    assert_bitwise_equal(formats.pack_e2m1(formats.unpack_e2m1(packed)), packed, "pack(unpack)")
+    assert int(packed[0, 0]) == int(codes[0, 0]) | int(codes[0, 1]) << 4, "low nibble must hold the even element"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 12))
+def test_swizzle_inverse_and_atom_layout(rows, cols):
+    s = (np.arange(rows * cols) % 251 + 1).astype(np.uint8).reshape(rows, cols)
+    sw = np.asarray(formats.swizzle_scales(s))
+    rp, cp = -(-rows // 128) * 128, -(-cols // 4) * 4
+    assert sw.shape == (rp * cp,)
+    assert_bitwise_equal(formats.unswizzle_scales(sw, rows, cols), s, "unswizzle(swizzle)")
+    assert (sw != 0).sum() == rows * cols, "padding must be zero"
+    # spot-check the documented offset formula
+    r, c = rows - 1, cols - 1
+    i, a, b, j, cc = r // 128, (r % 128) // 32, r % 32, c // 4, c % 4
+    assert sw[(i * (cp // 4) + j) * 512 + b * 16 + a * 4 + cc] == s[r, c]
+
+
+def test_swizzle_matches_the_reference_to_blocked_layout():
+    # the layout cuBLAS / CUTLASS document for block-scaled MMA: view (128, 4) blocks as (4, 32, 4) -> (32, 4, 4)
+    s = np.arange(256 * 8, dtype=np.int32).reshape(256, 8)
+    blocks = s.reshape(2, 128, 2, 4).transpose(0, 2, 1, 3).reshape(-1, 4, 32, 4).transpose(0, 2, 1, 3)
+    assert_bitwise_equal(formats.swizzle_scales(s), blocks.reshape(-1), "to_blocked")
