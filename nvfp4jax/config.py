@@ -114,9 +114,13 @@ class DeepSeekV4Config:
     #: the model's own QAT simulations (FP8 KV nope dims, FP4+Hadamard indexer); off only to compare
     #: with implementations that compute in plain floating point (HF transformers)
     quant_simulation: bool = True
+    #: activation dtype between ops ("bfloat16" as the official model; "float32" for parity tests)
+    compute_dtype: str = "bfloat16"
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
+        if self.compute_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"compute_dtype must be 'bfloat16' or 'float32', got {self.compute_dtype!r}")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {RECIPES}")
         expected = self.num_layers + self.num_mtp_layers

@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 
 from nvfp4jax.ref import gemm as _ref_gemm
+from nvfp4jax.ref import moe as _ref_moe
 
 BACKENDS = ("auto", "reference", "cutedsl")
 
@@ -31,6 +32,7 @@ class Op:
 TABLE: dict[str, Op] = {
     "quantize_nvfp4": Op(_ref_gemm.quantize_nvfp4),
     "nvfp4_gemm": Op(_ref_gemm.nvfp4_gemm),
+    "moe_experts": Op(_ref_moe.moe_experts),
 }
 
 
@@ -95,3 +97,8 @@ def nvfp4_gemm(x, w, out_dtype=None):
     import jax.numpy as jnp
 
     return implementation("nvfp4_gemm")(x, w, jnp.bfloat16 if out_dtype is None else out_dtype)
+
+
+def moe_experts(x, weights, expert_ids, w1, w3, w2, *, swiglu_limit: float, quantize_activations: bool):
+    return implementation("moe_experts")(x, weights, expert_ids, w1, w3, w2, swiglu_limit=swiglu_limit,
+                                         quantize_activations=quantize_activations)

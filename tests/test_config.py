@@ -81,7 +81,7 @@ def test_missing_and_bad_keys_are_clear_errors():
 def test_fields_are_unique_and_hf_keys_cover_them():
     names = [f.name for f in dataclasses.fields(DeepSeekV4Config)]
     assert len(names) == len(set(names))
-    ours = {"recipe", "quant_simulation", "extra"}
+    ours = {"recipe", "quant_simulation", "compute_dtype", "extra"}
     assert set(HF_KEYS) == set(names) - ours
     assert len(set(HF_KEYS.values())) == len(HF_KEYS)
     hash(preset("flash"))  # usable as a static (hashable) field

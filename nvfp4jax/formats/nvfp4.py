@@ -4,8 +4,9 @@ A tensor ``W[..., K]`` (K the reduction dim, contiguous) is stored as
 
 * ``values``  uint8 ``[..., K/2]``: packed E2M1 codes, low nibble = even element;
 * ``scales``  float8_e4m3fn ``[..., K/16]``: block scales in logical row-major order;
-* ``global_scale`` float32: ``[]`` for a per-tensor scale (weights) or ``[...]`` (one per row,
-  activations),
+* ``global_scale`` float32: ``[]`` for a per-tensor scale (weights), ``[rows...]`` with one per
+  row (activations: ``values.shape[:-1]``), or ``[stack...]`` for a stack of per-tensor-scaled
+  matrices (stacked experts: ``values.shape[:-2]``) — the global scale broadcasts over trailing axes,
 
 and means ``W = e2m1(values) * float32(scales) * global_scale``.
 
@@ -58,6 +59,11 @@ class NVFP4Tensor(eqx.Module):
         return dequantize(self, dtype)
 
 
+def _broadcast_global(g: Array, ndim: int) -> Array:
+    """Align a global scale with an array of ``ndim`` axes by appending unit axes."""
+    return g.reshape(g.shape + (1,) * (ndim - g.ndim))
+
+
 def _check_k(shape: tuple[int, ...]) -> None:
     if len(shape) < 1 or shape[-1] % BLOCK:
         raise ValueError(
@@ -85,7 +91,7 @@ def quantize_with_global(x: Float[ArrayLike, "*rows k"], global_scale: Float[Arr
     x = jnp.asarray(x).astype(jnp.float32)
     _check_k(x.shape)
     g = jnp.asarray(global_scale, jnp.float32)
-    g_b = g[..., None, None] if g.ndim else g
+    g_b = _broadcast_global(g, x.ndim + 1)
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
     amax_b = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
     s = jnp.minimum(exact_div(exact_div(amax_b, jnp.float32(E2M1_MAX)), g_b), jnp.float32(E4M3_MAX))
@@ -114,8 +120,7 @@ def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> Array:
     vals = decode_e2m1(unpack_e2m1(t.values))
     k = vals.shape[-1]
     blocks = vals.reshape(*vals.shape[:-1], k // BLOCK, BLOCK) * t.scales.astype(jnp.float32)[..., None]
-    g = t.global_scale[..., None, None] if t.global_scale.ndim else t.global_scale
-    return (blocks * g).reshape(vals.shape).astype(dtype)
+    return (blocks * _broadcast_global(t.global_scale, blocks.ndim)).reshape(vals.shape).astype(dtype)
 
 
 def quantize_dequantize(x: Float[ArrayLike, "*rows k"], *, per_row: bool = False) -> Float[Array, "*rows k"]:
