@@ -1,0 +1,317 @@
+"""NVFP4 GEMM ``Y = X @ W^T`` as an sm_90a CuTeDSL kernel (wgmma, in-kernel exact dequantization).
+
+Math (that of :func:`nvfp4jax.ref.gemm.nvfp4_gemm`): ``W`` NVFP4 ``[n, k]`` with a per-tensor
+global scale; ``X`` NVFP4 ``[m, k]`` with per-row global scales (recipe ``nvfp4``) or BF16
+(recipe ``nvfp4-w4a16``). Both operands are decoded in registers to BF16 -- exact, since
+``e2m1 * e4m3`` has at most 6 significant bits and lies in BF16's range -- written to swizzled
+shared memory and multiplied by wgmma with float32 accumulation. The epilogue applies
+``acc * gx[m] * gw`` in float32 and casts to BF16. The result equals the reference up to the
+float32 summation order.
+
+Swap-AB: the kernel computes ``Y^T = W X^T``: weight rows are wgmma's M (64 per instruction,
+``tile_w`` per CTA) and tokens are its N (``tile_t`` = 16..256), so decode (m = 1..64) still fills
+the tensor core's M with weights and reads every weight byte exactly once. The same kernel with
+a large token tile serves prefill.
+
+Pipeline: one warpgroup (128 threads) per CTA; two shared-memory stages. While wgmma works on
+stage s, the threads issue the 128-bit global loads of the next K tile into registers, then wait
+for the previous wgmma, decode and store into stage s^1 (``fence.proxy.async`` + barrier).
+TMA is not used: the operands must pass through registers to be decoded anyway. Decode shapes
+also split K over ``split`` CTAs (``grid.z``); each writes float32 partials ``[split, m, n]`` that
+XLA sums and casts (one small fused reduction) so that enough CTAs stream weights to fill HBM.
+
+Limits: ``n % tile_w == 0`` (64 or 128), ``k % (tile_k * split) == 0`` (tile_k 64 or 128), any m.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+import cuda.bindings.driver as cuda
+from cutlass import BFloat16, Float32, Uint8
+from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
+from cutlass.jax import TensorSpec, cutlass_call
+from cutlass.utils import LayoutEnum
+
+from nvfp4jax.formats.nvfp4 import BLOCK, NVFP4Tensor
+from nvfp4jax.kernels._cute import dequant_nvfp4_chunk
+
+THREADS = 128
+NUM_SMS = 132  # H100 SXM; only used to pick the K split
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    tile_w: int  # weight rows per CTA (wgmma M): 64 or 128
+    tile_t: int  # tokens per CTA (wgmma N): 16..256, multiple of 16
+    tile_k: int  # K per pipeline stage: 64 or 128
+    split: int  # K split over grid.z (float32 partial outputs when > 1)
+    act_nvfp4: bool  # X is NVFP4 (else BF16)
+
+
+def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
+    """(rows per pass, K elements per thread chunk) for 128 threads covering a [rows, tile_k] tile."""
+    chunk = elems
+    while THREADS * chunk // tile_k > rows and chunk > 8:
+        chunk //= 2
+    return THREADS * chunk // tile_k, chunk
+
+
+class GemmNvfp4Sm90:
+    """``Y^T[n, m] = W[n, k] X[m, k]^T`` with NVFP4 W (and NVFP4 or BF16 X); see the module docstring."""
+
+    def __init__(self, cfg: GemmConfig):
+        self.cfg = cfg
+        self.w_rows_pp, self.w_chunk = _chunk(cfg.tile_w, cfg.tile_k, 32)
+        if cfg.act_nvfp4:
+            self.x_rows_pp, self.x_chunk = _chunk(cfg.tile_t, cfg.tile_k, 32)
+        else:
+            self.x_rows_pp, self.x_chunk = _chunk(cfg.tile_t, cfg.tile_k, 8)
+
+    @staticmethod
+    def can_implement(cfg: GemmConfig) -> bool:
+        if cfg.tile_w not in (64, 128) or cfg.tile_k not in (64, 128) or cfg.tile_t % 16 or not 16 <= cfg.tile_t <= 256:
+            return False
+        chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
+        chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
+        return all(c >= (16 if i == 0 or cfg.act_nvfp4 else 8) and r <= rows
+                   for i, ((r, c), rows) in enumerate(zip(chunks, (cfg.tile_w, cfg.tile_t))))
+
+    @cute.jit
+    def __call__(self, stream: cuda.CUstream, mXv, mXs, mXg, mWv, mWs, mWg, mY):
+        cfg = self.cfg
+        tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (64, cfg.tile_t)
+        )
+        tile_mnk = (cfg.tile_w, cfg.tile_t, cfg.tile_k)
+        sA_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2)
+        sB_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2)
+
+        @cute.struct
+        class SharedStorage:
+            sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sA_layout)], 1024]
+            sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
+
+        self.shared_storage = SharedStorage
+        m = mXv.shape[0]
+        n = mWv.shape[0]
+        grid = [n // cfg.tile_w, (m + cfg.tile_t - 1) // cfg.tile_t, cfg.split]
+        self.kernel(mXv, mXs, mXg, mWv, mWs, mWg, mY, tiled_mma, sA_layout, sB_layout).launch(
+            grid=grid, block=[THREADS, 1, 1], stream=stream
+        )
+
+    def _store_copy(self, rows_pp: int, chunk: int):
+        """Tiled copy registers -> shared memory: thread t owns row t // (tile_k/chunk), one chunk."""
+        per_row = self.cfg.tile_k // chunk
+        atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
+        return cute.make_tiled_copy_tv(
+            atom, cute.make_layout((rows_pp, per_row), stride=(per_row, 1)), cute.make_layout((1, chunk))
+        )
+
+    @cute.kernel
+    def kernel(self, mXv: cute.Tensor, mXs, mXg, mWv: cute.Tensor, mWs: cute.Tensor, mWg: cute.Tensor,
+               mY: cute.Tensor, tiled_mma: cute.TiledMma, sA_layout: cute.ComposedLayout,
+               sB_layout: cute.ComposedLayout):
+        cfg = self.cfg
+        tidx, _, _ = cute.arch.thread_idx()
+        bw, bt, bz = cute.arch.block_idx()
+        m = mXv.shape[0]
+        k_tiles = mWs.shape[1] * BLOCK // cfg.tile_k // cfg.split
+        kt0 = bz * k_tiles
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
+        sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)
+
+        # ---- per-thread global sources and register staging -------------------------------
+        # [1, chunk/2, rows, k/chunk] views: packed bytes / scale bytes of (row, chunk)
+        w_per_row = cfg.tile_k // self.w_chunk
+        w_row0 = bw * cfg.tile_w + tidx // w_per_row
+        w_part = tidx % w_per_row
+        gWv = cute.local_tile(mWv, (1, self.w_chunk // 2), (None, None))
+        gWs = cute.local_tile(mWs, (1, self.w_chunk // BLOCK), (None, None))
+        w_passes = cfg.tile_w // self.w_rows_pp
+        tWrP = cute.make_rmem_tensor((self.w_chunk // 2, w_passes), Uint8)
+        tWrS = cute.make_rmem_tensor((self.w_chunk // BLOCK, w_passes), Uint8)
+        tWrD = cute.make_rmem_tensor((self.w_chunk, w_passes), BFloat16)
+
+        x_per_row = cfg.tile_k // self.x_chunk
+        x_row_in_tile = tidx // x_per_row
+        x_row0 = bt * cfg.tile_t + x_row_in_tile
+        x_part = tidx % x_per_row
+        x_passes = cfg.tile_t // self.x_rows_pp
+        tXrD = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)
+        if cutlass.const_expr(cfg.act_nvfp4):
+            gXv = cute.local_tile(mXv, (1, self.x_chunk // 2), (None, None))
+            gXs = cute.local_tile(mXs, (1, self.x_chunk // BLOCK), (None, None))
+            tXrP = cute.make_rmem_tensor((self.x_chunk // 2, x_passes), Uint8)
+            tXrS = cute.make_rmem_tensor((self.x_chunk // BLOCK, x_passes), Uint8)
+        else:
+            gXv = cute.local_tile(mXv, (1, self.x_chunk), (None, None))
+            gXs = gXv
+            tXrP = tXrD
+            tXrS = tXrD
+
+        store_w = self._store_copy(self.w_rows_pp, self.w_chunk).get_slice(tidx)
+        store_x = self._store_copy(self.x_rows_pp, self.x_chunk).get_slice(tidx)
+        tAsA = store_w.partition_D(sA)  # (CPY, passes, 1, stage)
+        tBsB = store_x.partition_D(sB)
+
+        thr_mma = tiled_mma.get_slice(tidx)
+        tCsA = thr_mma.partition_A(sA)
+        tCsB = thr_mma.partition_B(sB)
+        tCrA = tiled_mma.make_fragment_A(tCsA)
+        tCrB = tiled_mma.make_fragment_B(tCsB)
+
+        acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((cfg.tile_w, cfg.tile_t)), Float32)
+        acc.fill(0.0)
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        num_k_blocks = cute.size(tCrA, mode=[2])
+
+        # Tile i's operands are loaded into registers one iteration ahead, while wgmma(i-1) runs;
+        # stage i % 2 is rewritten only after wgmma(i-2), its last reader, has completed.
+        self.load_tile(kt0, m, gWv, gWs, tWrP, tWrS, w_row0, w_part, gXv, gXs, tXrP, tXrS, tXrD, x_row0, x_part)
+        for i in cutlass.range(k_tiles, unroll=1):
+            stage = i % 2
+            warpgroup.wait_group(1)
+            cute.arch.sync_threads()
+            for p in cutlass.range_constexpr(w_passes):
+                dequant_nvfp4_chunk(tWrP[None, p], tWrS[None, p], tWrD[None, p])
+                cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, stage])
+            for p in cutlass.range_constexpr(x_passes):
+                if cutlass.const_expr(cfg.act_nvfp4):
+                    dequant_nvfp4_chunk(tXrP[None, p], tXrS[None, p], tXrD[None, p])
+                if x_row0 + p * self.x_rows_pp >= m:
+                    tXrD[None, p].fill(0.0)
+                if x_row_in_tile < cfg.tile_t:
+                    cute.autovec_copy(tXrD[None, p], tBsB[None, p, 0, stage])
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.sync_threads()
+            if i + 1 < k_tiles:
+                self.load_tile(kt0 + i + 1, m, gWv, gWs, tWrP, tWrS, w_row0, w_part,
+                               gXv, gXs, tXrP, tXrS, tXrD, x_row0, x_part)
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                cute.gemm(tiled_mma, acc, tCrA[None, None, kb, stage], tCrB[None, None, kb, stage], acc)
+            warpgroup.commit_group()
+        warpgroup.wait_group(0)
+
+        # ---- epilogue: acc * gx[m] * gw -> Y^T (predicated on m) ---------------------------
+        if cutlass.const_expr(cfg.split > 1):
+            mYt = mY[None, None, bz]
+        else:
+            mYt = mY
+        gY = cute.local_tile(mYt, (cfg.tile_w, cfg.tile_t), (bw, bt))
+        cY = cute.local_tile(cute.make_identity_tensor(mYt.shape), (cfg.tile_w, cfg.tile_t), (bw, bt))
+        tCgY = thr_mma.partition_C(gY)
+        tCcY = thr_mma.partition_C(cY)
+        gw = mWg[0]
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            tok = tCcY[i][1]
+            if tok < m:
+                scale = gw
+                if cutlass.const_expr(cfg.act_nvfp4):
+                    scale = mXg[tok] * gw
+                tCgY[i] = (acc[i] * scale).to(mY.element_type)
+
+    @cute.jit
+    def load_tile(self, kt, m, gWv, gWs, tWrP, tWrS, w_row0, w_part, gXv, gXs, tXrP, tXrS, tXrD, x_row0, x_part):
+        """Issue the 128-bit global loads of K tile ``kt`` into registers (rows past m re-read row m-1)."""
+        cfg = self.cfg
+        chunk_w = kt * (cfg.tile_k // self.w_chunk) + w_part
+        for p in cutlass.range_constexpr(cfg.tile_w // self.w_rows_pp):
+            row = w_row0 + p * self.w_rows_pp
+            cute.autovec_copy(gWv[0, None, row, chunk_w], tWrP[None, p])
+            cute.autovec_copy(gWs[0, None, row, chunk_w], tWrS[None, p])
+        chunk_x = kt * (cfg.tile_k // self.x_chunk) + x_part
+        for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
+            row = cutlass.min(x_row0 + p * self.x_rows_pp, m - 1)
+            if cutlass.const_expr(cfg.act_nvfp4):
+                cute.autovec_copy(gXv[0, None, row, chunk_x], tXrP[None, p])
+                cute.autovec_copy(gXs[0, None, row, chunk_x], tXrS[None, p])
+            else:
+                cute.autovec_copy(gXv[0, None, row, chunk_x], tXrD[None, p])
+
+
+def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
+    """Tile shape and K split for a problem (a heuristic; every choice is a compile-key entry)."""
+    if m <= 64:
+        tile_t = max(16, -(-m // 16) * 16)
+        tile_w, tile_k = 128, 128
+    else:
+        tile_t = 128 if m <= 2048 else 256
+        tile_w, tile_k = 128, 64
+    if n % tile_w:
+        tile_w = 64
+    k_tiles = k // tile_k
+    ctas = (n // tile_w) * -(-m // tile_t)
+    split = 1
+    # more CTAs for HBM, while each keeps >= 2 K tiles and the float32 partials stay below the weight bytes
+    while (ctas * split < 3 * NUM_SMS and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 2
+           and 2 * split * m * 8 <= k):
+        split *= 2
+    return GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4)
+
+
+@functools.cache
+def _kernel(cfg: GemmConfig) -> GemmNvfp4Sm90:
+    return GemmNvfp4Sm90(cfg)
+
+
+def _check(x, w: NVFP4Tensor) -> tuple[int, int, int]:
+    if not isinstance(w, NVFP4Tensor) or w.values.ndim != 2 or w.global_scale.ndim != 0:
+        raise ValueError("nvfp4_gemm weight must be a 2-D NVFP4Tensor [n, k] with a per-tensor global scale")
+    n, k = w.shape
+    if n % 64 or k % 128:
+        raise ValueError(f"nvfp4_gemm kernel needs n % 64 == 0 and k % 128 == 0, got weight shape {w.shape}")
+    if isinstance(x, NVFP4Tensor):
+        if x.values.ndim != 2 or x.shape[1] != k or x.global_scale.shape != (x.shape[0],):
+            raise ValueError(f"nvfp4_gemm: NVFP4 x {x.shape} (global {x.global_scale.shape}) does not match w {w.shape}")
+        m = x.shape[0]
+    else:
+        if x.ndim != 2 or x.shape[1] != k:
+            raise ValueError(f"nvfp4_gemm: x {x.shape} and w {w.shape} disagree on k")
+        if x.dtype != jnp.bfloat16:
+            raise TypeError(f"nvfp4_gemm kernel takes bfloat16 or NVFP4 x, got {x.dtype}")
+        m = x.shape[0]
+    return m, n, k
+
+
+def nvfp4_gemm(
+    x: NVFP4Tensor | Float[Array, "m k"], w: NVFP4Tensor, out_dtype=jnp.bfloat16
+) -> Float[Array, "m n"]:
+    """``Y = X @ W^T`` (sm_90a kernel); same signature and math as :func:`nvfp4jax.ref.gemm.nvfp4_gemm`.
+
+    ``w``: NVFP4 ``[n, k]``, per-tensor global scale, ``n % 64 == 0``, ``k % 128 == 0``.
+    ``x``: NVFP4 ``[m, k]`` with per-row global scales, or BF16 ``[m, k]``; any ``m``.
+    Returns ``out_dtype`` (BF16 by default) ``[m, n]``; float32 accumulation throughout.
+    """
+    m, n, k = _check(x, w)
+    if m == 0:
+        return jnp.zeros((0, n), out_dtype)
+    act_nvfp4 = isinstance(x, NVFP4Tensor)
+    cfg = choose_config(m, n, k, act_nvfp4)
+    if act_nvfp4:
+        xs = (x.values, jax.lax.bitcast_convert_type(x.scales, jnp.uint8), x.global_scale)
+    else:
+        xs = (x, None, None)
+    ws = (w.values, jax.lax.bitcast_convert_type(w.scales, jnp.uint8), w.global_scale.reshape(1))
+    if cfg.split > 1:
+        out = jax.ShapeDtypeStruct((cfg.split, m, n), jnp.float32)
+        spec = TensorSpec(mode=(2, 1, 0))
+    else:
+        out = jax.ShapeDtypeStruct((m, n), jnp.float32 if out_dtype == jnp.float32 else jnp.bfloat16)
+        spec = TensorSpec(mode=(1, 0))
+    y = cutlass_call(_kernel(cfg), output_shape_dtype=out, output_spec=spec)(*xs, *ws)
+    if cfg.split > 1:
+        y = jnp.sum(y, axis=0)
+    return y.astype(out_dtype)

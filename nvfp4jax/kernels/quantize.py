@@ -1,0 +1,184 @@
+"""NVFP4 activation quantize (optionally fused with RMSNorm) as an sm_90a CuTeDSL kernel.
+
+Semantics are those of :func:`nvfp4jax.ref.gemm.quantize_nvfp4` (design §3): per row,
+``global = amax / (6 * 448)`` (1 where amax is 0); per 16-element block
+``s = e4m3_rne(min(amax_b / 6 / global, 448))``; ``q = e2m1_rne(x / (f32(s) * global))``.
+
+Bitwise contract:
+
+* ``norm_weight=None``: values, scales and global scales are **bit-identical** to the
+  reference. Every division is an IEEE ``div.rn.f32`` (checked in the PTX by the compile
+  test), E4M3 rounding is the hardware ``cvt.rn.satfinite.e4m3x2.f32`` (RNE; the input is
+  already clamped to 448), and the E2M1 encoder compares against the exact midpoints.
+* with ``norm_weight``: the normalised row ``bf16(x * rsqrt(mean(x^2) + eps) * w)`` is computed
+  in float32 like the reference, but ``rsqrt`` is the hardware ``rsqrt.approx.f32`` (rel. error
+  ~2^-22.9) and ``sum(x^2)`` is summed in a different order than XLA. A normalised element
+  therefore can differ from the reference by one BF16 ulp when its float32 value sits next to
+  a BF16 rounding boundary, and a block containing such an element can quantize differently.
+  Everything after the normalised BF16 row is bit-exact. The GPU test bounds the mismatch.
+
+Layout: one CTA per row; each thread owns whole 16-element blocks (strided by the CTA size)
+held in registers, so x is read from HBM once. Outputs are written straight from registers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+import cutlass
+import cutlass.cute as cute
+import cuda.bindings.driver as cuda
+from cutlass import BFloat16, Float32, Int32, Uint8
+from cutlass.jax import cutlass_call
+
+from nvfp4jax.formats.nvfp4 import BLOCK, NVFP4Tensor
+from nvfp4jax.kernels._cute import FP4_MAX, FP8_MAX, cta_reduce, e2m1_code
+
+MAX_THREADS = 256
+
+
+class QuantizeNvfp4Sm90:
+    """Per-row NVFP4 quantization of a ``[rows, k]`` BF16 matrix; ``k`` is a compile-time constant."""
+
+    def __init__(self, k: int, fused_norm: bool):
+        self.k = k
+        self.fused_norm = fused_norm
+        self.num_blocks = k // BLOCK
+        self.threads = _warps(self.num_blocks) * 32
+        self.num_warps = self.threads // 32
+        self.blocks_per_thread = math.ceil(self.num_blocks / self.threads)
+
+    @staticmethod
+    def can_implement(k: int) -> bool:
+        return k > 0 and k % BLOCK == 0
+
+    @cute.jit
+    def __call__(self, stream: cuda.CUstream, mX, mW, mEps, mValues, mScales, mGlobal):
+        self.kernel(mX, mW, mEps, mValues, mScales, mGlobal).launch(
+            grid=[mX.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream
+        )
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mW, mEps, mValues: cute.Tensor, mScales: cute.Tensor, mGlobal: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        row, _, _ = cute.arch.block_idx()
+        smem = cutlass.utils.SmemAllocator()
+        sBuf = smem.allocate_tensor(Float32, cute.make_layout(self.num_warps + 1))
+
+        # [16, blocks] views of this row: block j is column j.
+        gX = cute.zipped_divide(mX[row, None], (BLOCK,))
+        gV = cute.zipped_divide(mValues[row, None], (BLOCK // 2,))
+        bpt = self.blocks_per_thread
+        tXrX = cute.make_rmem_tensor((BLOCK, bpt), Float32)
+        tXrX.fill(0.0)
+        xb = cute.make_rmem_tensor((BLOCK,), BFloat16)
+        for i in cutlass.range_constexpr(bpt):
+            j = tidx + i * self.threads
+            if j < self.num_blocks:
+                cute.autovec_copy(gX[None, j], xb)
+                tXrX[None, i].store(xb.load().to(Float32))
+
+        if cutlass.const_expr(self.fused_norm):
+            gW = cute.zipped_divide(mW, (BLOCK,))
+            sumsq = Float32(0.0)
+            for i in cutlass.range_constexpr(bpt):
+                for e in cutlass.range_constexpr(BLOCK):
+                    sumsq = sumsq + tXrX[e, i] * tXrX[e, i]
+            sumsq = cta_reduce(sumsq, sBuf, self.num_warps, False)
+            rstd = cute.math.rsqrt(sumsq / Float32(self.k) + mEps[0])
+            wb = cute.make_rmem_tensor((BLOCK,), BFloat16)
+            for i in cutlass.range_constexpr(bpt):
+                j = tidx + i * self.threads
+                if j < self.num_blocks:
+                    cute.autovec_copy(gW[None, j], wb)
+                    y = tXrX[None, i].load() * rstd * wb.load().to(Float32)
+                    tXrX[None, i].store(y.to(BFloat16).to(Float32))  # the unfused norm's BF16 output
+
+        amax = Float32(0.0)
+        for i in cutlass.range_constexpr(bpt):
+            for e in cutlass.range_constexpr(BLOCK):
+                amax = cute.arch.fmax(amax, cute.arch.fmax(tXrX[e, i], -tXrX[e, i]))
+        amax = cta_reduce(amax, sBuf, self.num_warps, True)
+        g = Float32(1.0)
+        if amax > Float32(0.0):
+            g = amax / Float32(FP4_MAX * FP8_MAX)
+        if tidx == 0:
+            mGlobal[row] = g
+
+        s8 = cute.make_rmem_tensor((2,), cutlass.Float8E4M3FN)
+        sf = cute.make_rmem_tensor((2,), Float32)
+        packed = cute.make_rmem_tensor((BLOCK // 2,), Uint8)
+        for i in cutlass.range_constexpr(bpt):
+            j = tidx + i * self.threads
+            if j < self.num_blocks:
+                amax_b = Float32(0.0)
+                for e in cutlass.range_constexpr(BLOCK):
+                    amax_b = cute.arch.fmax(amax_b, cute.arch.fmax(tXrX[e, i], -tXrX[e, i]))
+                s = cute.arch.fmin((amax_b / Float32(FP4_MAX)) / g, Float32(FP8_MAX))
+                sf[0] = s
+                sf[1] = s
+                s8.store(sf.load().to(cutlass.Float8E4M3FN))
+                denom = s8.load().to(Float32)[0] * g
+                safe = denom
+                if denom == Float32(0.0):
+                    safe = Float32(1.0)
+                for p in cutlass.range_constexpr(BLOCK // 2):
+                    c0 = e2m1_code(tXrX[2 * p, i] / safe)
+                    c1 = e2m1_code(tXrX[2 * p + 1, i] / safe)
+                    byte = c0 | (c1 << 4)
+                    if denom == Float32(0.0):
+                        byte = Int32(0)
+                    packed[p] = Uint8(byte)
+                cute.autovec_copy(packed, gV[None, j])
+                mScales[row, j] = cute.recast_tensor(s8, Uint8)[0]
+
+
+def _warps(num_blocks: int) -> int:
+    """Warps per CTA: one block per thread up to ``MAX_THREADS`` threads."""
+    return max(1, min(MAX_THREADS // 32, math.ceil(num_blocks / 32)))
+
+
+@functools.cache
+def _kernel(k: int, fused_norm: bool) -> QuantizeNvfp4Sm90:
+    return QuantizeNvfp4Sm90(k, fused_norm)
+
+
+def quantize_nvfp4(
+    x: Float[Array, "rows k"], norm_weight: Float[Array, " k"] | None = None, eps: float = 1e-6
+) -> NVFP4Tensor:
+    """Per-row NVFP4 quantization of BF16 activations, optionally after RMSNorm (sm_90a kernel).
+
+    Same signature and semantics as :func:`nvfp4jax.ref.gemm.quantize_nvfp4`; see the module
+    docstring for what is bit-identical. ``x``: BF16 ``[rows, k]`` with ``k % 16 == 0``;
+    ``norm_weight``: BF16 ``[k]``. Returns values uint8 ``[rows, k/2]``, scales e4m3
+    ``[rows, k/16]`` and float32 global scales ``[rows]``.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"quantize_nvfp4 takes [rows, k], got shape {x.shape}")
+    if x.dtype != jnp.bfloat16:
+        raise TypeError(f"quantize_nvfp4 kernel takes bfloat16 x, got {x.dtype}")
+    rows, k = x.shape
+    if not QuantizeNvfp4Sm90.can_implement(k):
+        raise ValueError(f"quantize_nvfp4: k must be a positive multiple of {BLOCK}, got shape {x.shape}")
+    if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != jnp.bfloat16):
+        raise ValueError(f"norm_weight must be bfloat16 [{k}], got {norm_weight.dtype} {norm_weight.shape}")
+    if rows == 0:
+        return NVFP4Tensor(
+            jnp.zeros((0, k // 2), jnp.uint8), jnp.zeros((0, k // BLOCK), jnp.float8_e4m3fn), jnp.zeros((0,), jnp.float32)
+        )
+    fused = norm_weight is not None
+    eps_arr = jnp.full((1,), eps, jnp.float32) if fused else None
+    values, scales, gscale = cutlass_call(
+        _kernel(k, fused),
+        output_shape_dtype=(
+            jax.ShapeDtypeStruct((rows, k // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((rows, k // BLOCK), jnp.uint8),
+            jax.ShapeDtypeStruct((rows,), jnp.float32),
+        ),
+    )(x, norm_weight, eps_arr)
+    return NVFP4Tensor(values, jax.lax.bitcast_convert_type(scales, jnp.float8_e4m3fn), gscale)
