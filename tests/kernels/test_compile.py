@@ -1,0 +1,84 @@
+"""CPU (CI) check: the kernels compile for sm_90a without a GPU and use the intended instructions.
+
+Each kernel is compiled through the same path ``cutlass_call`` uses (``jit_wrapper`` over the
+FFI buffer specs), with ``--gpu-arch sm_90a``; the PTX must contain wgmma (GEMM) and correctly
+rounded division (quantize), so kernel code cannot rot between GPU runs.
+"""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+cutlass = pytest.importorskip("cutlass")
+import cuda.bindings.driver as cuda  # noqa: E402
+import cutlass.cute as cute  # noqa: E402
+from cutlass.jax import TensorSpec  # noqa: E402
+from cutlass.jax.compile import Arg, FunctionSpec, jit_wrapper  # noqa: E402
+from cutlass.jax.types import default_tensor_spec  # noqa: E402
+
+from nvfp4jax.kernels import gemm as kg, quantize as kq  # noqa: E402
+
+S = jax.ShapeDtypeStruct
+
+
+def compile_ptx(launcher, inputs, outputs, out_spec, dump_dir) -> str:
+    present = [t for t in inputs if t is not None]
+    in_args = tuple(Arg(i, t.shape, t.dtype, default_tensor_spec(t)) for i, t in enumerate(present))
+    out_args = tuple(Arg(i, t.shape, t.dtype, out_spec or default_tensor_spec(t)) for i, t in enumerate(outputs))
+    opts = f"--gpu-arch sm_90a --keep-ptx --dump-dir {dump_dir}"
+    spec = FunctionSpec(
+        in_args, jax.tree.structure(tuple(inputs)), out_args, jax.tree.structure(tuple(outputs)), (),
+        tuple(a.spec for a in in_args), tuple(a.spec for a in out_args), opts, False, (),
+    )
+    compiled = cute.compile(jit_wrapper, cuda.CUstream(0), *spec.get_compile_args(), wrapped_fn=launcher, spec=spec, options=opts)
+    return compiled.__ptx__
+
+
+def opcodes(ptx: str) -> collections.Counter:
+    lines = (line.split() for line in ptx.splitlines())
+    return collections.Counter(w[0] for w in lines if w and not w[0].startswith(("/", ".", "{", "}", "$", "@", ")")))
+
+
+@pytest.mark.parametrize("k,fused", [(1024, False), (7168, False), (4096, True), (16384, True)])
+def test_quantize_compiles_sm90a(tmp_path, k, fused):
+    m = 5
+    ins = (S((m, k), jnp.bfloat16), S((k,), jnp.bfloat16) if fused else None, S((1,), jnp.float32) if fused else None)
+    outs = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
+    ops = opcodes(compile_ptx(kq._kernel(k, fused), ins, outs, None, tmp_path))
+    assert ops["div.rn.f32"] >= 16, "quantize must use correctly rounded division"
+    assert not any(op.startswith(("div.approx", "div.full", "rcp.approx")) for op in ops), ops
+    assert ops["cvt.rn.satfinite.e4m3x2.f32"] >= 1 and ops["ld.global.v4.b32"] >= 2
+    assert (ops["rsqrt.approx.f32"] >= 1) == fused
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (64, 1536, 7168), (200, 512, 4096), (4096, 4096, 4096)])
+@pytest.mark.parametrize("act_nvfp4", [True, False])
+def test_gemm_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
+    cfg = kg.choose_config(m, n, k, act_nvfp4)
+    assert kg.GemmNvfp4Sm90.can_implement(cfg), cfg
+    if act_nvfp4:
+        ins = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
+    else:
+        ins = (S((m, k), jnp.bfloat16), None, None)
+    ins += (S((n, k // 2), jnp.uint8), S((n, k // 16), jnp.uint8), S((1,), jnp.float32))
+    if cfg.split > 1:
+        outs, spec = (S((cfg.split, m, n), jnp.float32),), TensorSpec(mode=(2, 1, 0))
+    else:
+        outs, spec = (S((m, n), jnp.bfloat16),), TensorSpec(mode=(1, 0))
+    ops = opcodes(compile_ptx(kg._kernel(cfg), ins, outs, spec, tmp_path))
+    wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
+    assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
+    assert ops["cvt.rn.f16x2.e4m3x2"] > 0 and ops["st.shared.v4.b32"] > 0 and ops["ld.global.v4.b32"] > 0
+
+
+def test_choose_config_covers_v4_shapes():
+    from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
+
+    for _, n, k in FLASH_LINEARS + PRO_LINEARS:
+        for m in (1, 3, 16, 64, 65, 200, 4096, 16384):
+            for act in (True, False):
+                cfg = kg.choose_config(m, n, k, act)
+                assert kg.GemmNvfp4Sm90.can_implement(cfg), (m, n, k, cfg)
+                assert n % cfg.tile_w == 0 and k % (cfg.tile_k * cfg.split) == 0, (m, n, k, cfg)

@@ -1,0 +1,86 @@
+"""NVFP4 GEMM kernel vs nvfp4jax.ref: cosine gate and the two-reference rule, every V4 linear shape."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvfp4jax.formats.nvfp4 import quantize
+from nvfp4jax.ref import gemm as ref
+from tests.kernels._gpu import FLASH_LINEARS, M_VALUES, PRO_LINEARS, activations, poison_device_memory
+
+pytestmark = pytest.mark.gpu
+cutlass = pytest.importorskip("cutlass")
+from nvfp4jax.kernels import gemm as kg  # noqa: E402
+
+_quantize_w = jax.jit(lambda w: quantize(w))
+_ref_gemm = jax.jit(ref.nvfp4_gemm)
+_kernel_gemm = jax.jit(kg.nvfp4_gemm)
+
+
+@jax.jit
+def _oracle(x, w):
+    """float32 oracle of the same quantized math, without the BF16 output rounding."""
+    if isinstance(x, type(w)):
+        xd, gx = ref._dequant_unscaled(x), x.global_scale[:, None]
+    else:
+        xd, gx = x.astype(jnp.float32), jnp.float32(1.0)
+    acc = jnp.dot(xd, ref._dequant_unscaled(w).T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return acc * gx * w.global_scale
+
+
+def _weights(rng, n, k):
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.02
+    return _quantize_w(jnp.asarray(w))
+
+
+def _check(x, w, case):
+    poison_device_memory()
+    got = np.asarray(_kernel_gemm(x, w).astype(jnp.float32), np.float64)
+    want = np.asarray(_ref_gemm(x, w).astype(jnp.float32), np.float64)
+    oracle = np.asarray(_oracle(x, w), np.float64)
+    assert np.all(np.isfinite(got)), f"{case}: non-finite output (unwritten element?)"
+    cos = (got.ravel() @ want.ravel()) / max(np.linalg.norm(got) * np.linalg.norm(want), 1e-300)
+    assert 1 - cos < 1e-5, f"{case} 1-cos={1 - cos:.3e}"
+    err_k = np.sqrt(np.mean((got - oracle) ** 2))
+    err_r = np.sqrt(np.mean((want - oracle) ** 2))
+    floor = 1e-6 * np.sqrt(np.mean(oracle**2))
+    assert err_k <= 2 * err_r + floor, f"{case} kernel rms err {err_k:.3e} > 2 x ref {err_r:.3e} + {floor:.3e}"
+
+
+def _m_values(n, k):
+    return M_VALUES if n * k <= 32 * 2**20 else (1, 16, 65, 200, 1024)
+
+
+CASES = [(f"flash.{name}", n, k, m) for name, n, k in FLASH_LINEARS for m in _m_values(n, k)]
+CASES += [(f"pro.{name}", n, k, m) for name, n, k in PRO_LINEARS for m in _m_values(n, k)]
+
+
+@pytest.mark.parametrize("name,n,k,m", CASES)
+def test_gemm_w4a4(rng, name, n, k, m):
+    w = _weights(rng, n, k)
+    x = ref.quantize_nvfp4(activations(rng, m, k))
+    _check(x, w, f"W4A4 {name} {m=} {n=} {k=}")
+
+
+@pytest.mark.parametrize("name,n,k,m", [c for c in CASES if c[3] in (1, 65, 200, 4096, 1024)])
+def test_gemm_w4a16(rng, name, n, k, m):
+    w = _weights(rng, n, k)
+    x = activations(rng, m, k)
+    _check(x, w, f"W4A16 {name} {m=} {n=} {k=}")
+
+
+def test_gemm_small_case(rng):
+    """The case run under compute-sanitizer memcheck (odd m, one N tile, K split)."""
+    w = _weights(rng, 128, 1024)
+    for x in (ref.quantize_nvfp4(activations(rng, 3, 1024)), activations(rng, 70, 1024)):
+        _check(x, w, "small")
+
+
+def test_gemm_rejects_bad_shapes(rng):
+    w = _weights(rng, 96, 256)
+    with pytest.raises(ValueError, match="n % 64"):
+        kg.nvfp4_gemm(jnp.zeros((2, 256), jnp.bfloat16), w)
+    w = _weights(rng, 128, 256)
+    with pytest.raises(ValueError, match="disagree on k"):
+        kg.nvfp4_gemm(jnp.zeros((2, 512), jnp.bfloat16), w)
