@@ -94,6 +94,7 @@ def hf_config(cfg: DeepSeekV4Config) -> DeepseekV4Config:
     d = {k: v for k, v in cfg.to_hf_dict().items() if k not in _DROPPED_HF_KEYS}
     hf = DeepseekV4Config(**d, dtype="float32")
     hf._attn_implementation = "eager"  # the only backend V4 supports (it needs the sink column)
+    hf._experts_implementation = "eager"  # the per-expert loop of DeepseekV4Experts, not torch._grouped_mm
     types = {"swa": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
     expected = [types[t] for t in cfg.layer_types]
     if hf.layer_types != expected:

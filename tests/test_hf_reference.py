@@ -233,10 +233,10 @@ def test_mapping_errors_are_loud(tiny):
 
 def test_deterministic_and_batch_independent(tiny, rng):
     cfg, weights, model = tiny
-    ids = _ids(cfg, rng, 2, 140)
+    ids = _ids(cfg, rng, 2, 100)
     a = hf_logits(cfg, weights, ids)
     b = hf_logits(cfg, weights, ids, model=model)
-    assert a.shape == (2, 140, cfg.vocab_size) and a.dtype == np.float32
+    assert a.shape == (2, 100, cfg.vocab_size) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
     for i in range(2):
         np.testing.assert_allclose(hf_logits(cfg, weights, ids[i : i + 1], model=model)[0], a[i], rtol=0, atol=1e-5)
@@ -337,7 +337,7 @@ def test_scored_expert_change_is_local(tiny, rng):
     np.testing.assert_array_equal(diff > 0, hit)
 
 
-@pytest.mark.parametrize("prompt,steps", [(1, 8), (120, 20), (250, 10)])
+@pytest.mark.parametrize("prompt,steps", [(1, 8), (122, 10), (252, 6)])
 def test_greedy_decode_matches_prefill(tiny, rng, prompt, steps):
     """HF's cached decode (window ring, compressor buffers, CSA overlap) reproduces its own prefill:
     each step's logits equal the full-sequence logits, across the 128-token window and HCA boundary."""
