@@ -262,7 +262,7 @@ PRO_HF: dict[str, Any] = {
 TINY_HF: dict[str, Any] = {
     **_COMMON, "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
     "head_dim": 128, "qk_rope_head_dim": 64, "q_lora_rank": 64, "o_lora_rank": 32, "o_groups": 2,
-    "compress_ratios": [0, 4, 128, 4, 0], "index_n_heads": 4, "index_head_dim": 128, "index_topk": 8,
+    "compress_ratios": [0, 4, 128, 4, 0], "index_n_heads": 16, "index_head_dim": 128, "index_topk": 8,
     "n_routed_experts": 8, "moe_intermediate_size": 32, "routed_scaling_factor": 1.5, "num_hash_layers": 2,
 }
 PRESETS = {"flash": FLASH_HF, "pro": PRO_HF, "tiny": TINY_HF}

@@ -52,7 +52,7 @@ def decode_mxfp4(weight: ArrayLike, scale: ArrayLike) -> Float[Array, "*rows k"]
     w, s = jnp.asarray(weight), as_e8m0_bytes(scale)
     _check(w, s)
     vals = decode_e2m1(unpack_e2m1(w))
-    blocks = vals.reshape(*vals.shape[:-1], -1, MX_BLOCK) * e8m0_to_float(s)[..., None]
+    blocks = vals.reshape(*vals.shape[:-1], vals.shape[-1] // MX_BLOCK, MX_BLOCK) * e8m0_to_float(s)[..., None]
     return blocks.reshape(vals.shape)
 
 
@@ -64,7 +64,7 @@ def encode_mxfp4(x: Float[ArrayLike, "*rows k"]) -> MXFP4Tensor:
     x = jnp.asarray(x).astype(jnp.float32)
     if x.shape[-1] % MX_BLOCK:
         raise ValueError(f"MXFP4 needs the last dimension to be a multiple of {MX_BLOCK}, got shape {x.shape}")
-    blocks = x.reshape(*x.shape[:-1], -1, MX_BLOCK)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // MX_BLOCK, MX_BLOCK)
     amax = jnp.max(jnp.abs(blocks), axis=-1)
     exponent = jnp.where(amax > 0, jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))).astype(jnp.int32) - 2, 0)
     scale = exponent_to_e8m0(exponent)
@@ -99,7 +99,7 @@ def mxfp4_to_nvfp4(weight: ArrayLike, scale: ArrayLike, *, strict: bool = True, 
     w, s = jnp.asarray(weight), as_e8m0_bytes(scale)
     _check(w, s)
     codes = unpack_e2m1(w)
-    nonzero = jnp.any((codes.reshape(*codes.shape[:-1], -1, MX_BLOCK) & 0x7) != 0, axis=-1)
+    nonzero = jnp.any((codes.reshape(*codes.shape[:-1], codes.shape[-1] // MX_BLOCK, MX_BLOCK) & 0x7) != 0, axis=-1)
     exps = np.asarray(e8m0_exponent(s))[np.asarray(nonzero)]
     if exps.size == 0:
         lo = hi = None

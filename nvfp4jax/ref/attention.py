@@ -21,7 +21,7 @@ def sink_attention(
     """``softmax([q.k * scale | sink])[:-1] @ keys`` over the keys where ``mask`` is true."""
     s = jnp.einsum("bshd,bkd->bshk", q, keys, preferred_element_type=jnp.float32, precision="highest")
     s = jnp.where(mask[:, :, None, :], s * jnp.float32(scale), -jnp.inf)
-    sink = sink.astype(jnp.float32)[None, None, :]
+    sink = jnp.broadcast_to(sink.astype(jnp.float32)[None, None, :], s.shape[:-1])
     m = jnp.maximum(jnp.max(s, axis=-1), sink)  # [b, s, h]
     p = jnp.exp(s - m[..., None])
     den = jnp.sum(p, axis=-1) + jnp.exp(sink - m)

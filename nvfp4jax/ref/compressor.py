@@ -31,7 +31,7 @@ def pool_windows(
     are window -1's A halves (gate already including ``ape``); ``None`` means no such window.
     """
     kv = kv.astype(jnp.float32)
-    gate = gate.astype(jnp.float32) + ape.astype(jnp.float32)
+    gate = gate.astype(jnp.float32) + jnp.broadcast_to(ape.astype(jnp.float32), gate.shape)
     if overlap:
         b, n, r, width = kv.shape
         d = width // 2

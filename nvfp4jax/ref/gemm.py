@@ -18,7 +18,7 @@ def rms_norm(x: Float[Array, "*rows dim"], weight: Float[Array, " dim"] | None, 
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.float32(eps))
     if weight is not None:
-        y = y * weight.astype(jnp.float32)
+        y = y * jnp.broadcast_to(weight.astype(jnp.float32), y.shape)
     return y.astype(x.dtype)
 
 

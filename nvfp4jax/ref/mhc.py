@@ -44,10 +44,11 @@ def hc_pre(
     """Collapse the streams: returns ``(u, post, comb)``; ``u`` in ``x.dtype``."""
     n = x.shape[-2]
     m = _mixes(x, fn, norm_eps)
-    scale, base = scale.astype(jnp.float32), base.astype(jnp.float32)
-    pre = jax.nn.sigmoid(m[..., :n] * scale[0] + base[:n]) + jnp.float32(hc_eps)
-    post = 2.0 * jax.nn.sigmoid(m[..., n : 2 * n] * scale[1] + base[n : 2 * n])
-    logits = (m[..., 2 * n :] * scale[2] + base[2 * n :]).reshape(*m.shape[:-1], n, n)
+    scale = scale.astype(jnp.float32)
+    base = jnp.broadcast_to(base.astype(jnp.float32), m.shape)
+    pre = jax.nn.sigmoid(m[..., :n] * scale[0] + base[..., :n]) + jnp.float32(hc_eps)
+    post = 2.0 * jax.nn.sigmoid(m[..., n : 2 * n] * scale[1] + base[..., n : 2 * n])
+    logits = (m[..., 2 * n :] * scale[2] + base[..., 2 * n :]).reshape(*m.shape[:-1], n, n)
     comb = sinkhorn(logits, iters, hc_eps)
     u = jnp.einsum("...j,...jd->...d", pre, x.astype(jnp.float32), precision="highest")
     return u.astype(x.dtype), post, comb
@@ -75,5 +76,6 @@ def hc_head(
 ) -> Float[Array, "*rows dim"]:
     """Final collapse: ``sum_j (sigmoid(m_j * scale + base_j) + eps) X[j]`` (no Sinkhorn)."""
     m = _mixes(x, fn, norm_eps)
-    w = jax.nn.sigmoid(m * scale.astype(jnp.float32)[0] + base.astype(jnp.float32)) + jnp.float32(hc_eps)
+    base = jnp.broadcast_to(base.astype(jnp.float32), m.shape)
+    w = jax.nn.sigmoid(m * scale.astype(jnp.float32)[0] + base) + jnp.float32(hc_eps)
     return jnp.einsum("...j,...jd->...d", w, x.astype(jnp.float32), precision="highest").astype(x.dtype)

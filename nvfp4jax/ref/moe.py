@@ -31,7 +31,7 @@ def route(
         raise ValueError("route takes exactly one of bias (score routing) and hash_experts (hash routing)")
     s = jnp.sqrt(jax.nn.softplus(logits.astype(jnp.float32)))
     if hash_experts is None:
-        _, idx = jax.lax.top_k(s + bias.astype(jnp.float32), k)
+        _, idx = jax.lax.top_k(s + bias.astype(jnp.float32)[None, :], k)
     else:
         idx = hash_experts
     idx = idx.astype(jnp.int32)

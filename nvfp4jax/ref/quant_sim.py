@@ -21,7 +21,7 @@ def _pow2_scale(amax: Array, floor: float, top: float) -> Array:
 def fp8_simulate(x: Float[Array, "*rows dim"], block: int = 64) -> Float[Array, "*rows dim"]:
     """Per ``block`` channels: ``s = 2^ceil(log2(max(amax, 1e-4) / 448))``, ``x <- e4m3(x / s) * s``."""
     xf = x.astype(jnp.float32)
-    b = xf.reshape(*xf.shape[:-1], -1, block)
+    b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
     s = _pow2_scale(jnp.max(jnp.abs(b), axis=-1, keepdims=True), 1e-4, 448.0)
     q = jnp.clip(exact_div(b, s), -448.0, 448.0).astype(jnp.float8_e4m3fn).astype(jnp.float32)
     return (q * s).reshape(xf.shape).astype(x.dtype)
@@ -30,7 +30,7 @@ def fp8_simulate(x: Float[Array, "*rows dim"], block: int = 64) -> Float[Array, 
 def fp4_simulate(x: Float[Array, "*rows dim"], block: int = 32) -> Float[Array, "*rows dim"]:
     """Per ``block`` channels: ``s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6))``, ``x <- e2m1(x / s) * s``."""
     xf = x.astype(jnp.float32)
-    b = xf.reshape(*xf.shape[:-1], -1, block)
+    b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
     s = _pow2_scale(jnp.max(jnp.abs(b), axis=-1, keepdims=True), 6.0 * 2.0**-126, 6.0)
     q = decode_e2m1(encode_e2m1(exact_div(b, s)))
     return (q * s).reshape(xf.shape).astype(x.dtype)

@@ -43,7 +43,8 @@ def apply_rope(
     ``positions`` broadcast over the head axis when ``has_heads`` (``x`` is ``[..., seq, heads, dim]``).
     """
     rd = 2 * freqs.shape[0]
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs)  # [..., seq, pairs]
+    freqs = jnp.asarray(freqs)
+    angles = positions.astype(jnp.float32)[..., None] * freqs.reshape((1,) * positions.ndim + freqs.shape)
     if has_heads:
         angles = angles[..., None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
