@@ -122,19 +122,25 @@ def scan_directory(path: str | os.PathLike) -> tuple[Directory | None, list[Prob
         except CheckpointError as e:
             problems.append(Problem("error", full, "", str(e).removeprefix(f"{full}: ")))
     location: dict[str, str] = {}
-    for file, shard in shards.items():
-        for name in shard.names():
-            if name in location:
-                problems.append(Problem("error", os.path.join(path, file), name, f"also stored in '{location[name]}'"))
-            location[name] = file
-    for name, file in (weight_map or {}).items():
-        if file in shards and name not in shards[file].entries:
-            problems.append(Problem("error", os.path.join(path, file), name, f"listed in {INDEX} but absent from this shard"))
-        elif file in shards and location.get(name) != file:
-            location[name] = file
-    for name, file in location.items():
-        if weight_map is not None and name not in weight_map:
-            problems.append(Problem("warning", os.path.join(path, file), name, f"stored in the shard but not listed in {INDEX}"))
+    if weight_map is None:  # no index: the shard headers are the listing
+        for file, shard in shards.items():
+            for name in shard.names():
+                if name in location:
+                    problems.append(Problem("error", os.path.join(path, file), name, f"also stored in '{location[name]}'"))
+                location[name] = file
+    else:  # the index is the listing; shard headers must agree with it
+        for name, file in weight_map.items():
+            if file not in shards:
+                continue
+            if name not in shards[file].entries:
+                problems.append(Problem("error", os.path.join(path, file), name, f"listed in {INDEX} but absent from this shard"))
+            else:
+                location[name] = file
+        for file, shard in shards.items():
+            for name in shard.names():
+                if weight_map.get(name) != file:
+                    problems.append(Problem("warning", os.path.join(path, file), name,
+                                            f"stored in this shard but not listed there by {INDEX}; ignored"))
     return Directory(path, config_dict, index_path, shards, location), problems
 
 
@@ -167,7 +173,8 @@ def check_config(d: Directory, cfg: DeepSeekV4Config) -> list[Problem]:
         if shape != (cfg.vocab_size, cfg.hidden_size):
             mismatch("embed.weight", f"shape {list(shape)}, config says [vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}]")
     layers = sorted({int(m.group(1)) for n in names if (m := _LAYER_ID.match(n))})
-    if layers and layers != list(range(cfg.num_layers)):
+    # more layers than the config, or a clean prefix of fewer (gaps are missing tensors, reported later)
+    if layers and (layers[-1] >= cfg.num_layers or (layers == list(range(len(layers))) and len(layers) < cfg.num_layers)):
         extra = [i for i in layers if i >= cfg.num_layers]
         tensor = next(n for n in names if n.startswith(f"layers.{extra[0]}.")) if extra else ""
         mismatch(tensor, f"num_hidden_layers={cfg.num_layers} but the checkpoint holds layers {layers[0]}..{layers[-1]} "
@@ -176,21 +183,28 @@ def check_config(d: Directory, cfg: DeepSeekV4Config) -> list[Problem]:
     for n in names:
         if m := _EXPERT_ID.match(n):
             experts.setdefault(m.group(1), set()).add(int(m.group(2)))
+    # more experts than the config, or every block with the same smaller set 0..k-1
+    fewer = {len(ids) for ids in experts.values()} if all(ids == set(range(len(ids))) for ids in experts.values()) else set()
     for prefix, ids in experts.items():
-        if max(ids) + 1 != cfg.num_experts:
+        if max(ids) >= cfg.num_experts or (len(fewer) == 1 and max(ids) + 1 < cfg.num_experts):
             mismatch(f"{prefix}.ffn.experts.{max(ids)}", f"n_routed_experts={cfg.num_experts} but {prefix} has experts 0..{max(ids)}")
             break
-    for layer in range(min(cfg.num_layers, layers[-1] + 1 if layers else 0)):
-        p = f"layers.{layer}.attn"
-        ratio = cfg.compress_ratio(layer)
-        ape = f"{p}.compressor.ape"
-        stored_ratio = d.shards[names[ape]].entries[ape].shape[0] if ape in names else 0
-        if stored_ratio != ratio:
-            mismatch(ape, f"compress_ratios[{layer}]={ratio} but the tensors say {stored_ratio}")
-        hashed = f"layers.{layer}.ffn.gate.tid2eid" in names
-        if hashed != cfg.is_hash_layer(layer):
-            mismatch(f"layers.{layer}.ffn.gate.tid2eid",
-                     f"num_hash_layers={cfg.num_hash_layers} but layer {layer} {'has' if hashed else 'lacks'} tid2eid")
+    # per layer, judged only from tensors that are present (absent ones are reported as missing later)
+    for layer in layers:
+        if layer >= cfg.num_layers:
+            break
+        p = f"layers.{layer}"
+        ratio, ape = cfg.compress_ratio(layer), f"{p}.attn.compressor.ape"
+        if ape in names:
+            stored_ratio = d.shards[names[ape]].entries[ape].shape[0]
+            if stored_ratio != ratio:
+                mismatch(ape, f"compress_ratios[{layer}]={ratio} but the tensors say {stored_ratio}")
+        elif ratio and f"{p}.attn.wkv.weight" in names:
+            mismatch(ape, f"compress_ratios[{layer}]={ratio} but layer {layer} has no compressor")
+        tid2eid, bias = f"{p}.ffn.gate.tid2eid", f"{p}.ffn.gate.bias"
+        if (tid2eid in names and not cfg.is_hash_layer(layer)) or (bias in names and cfg.is_hash_layer(layer)):
+            mismatch(tid2eid, f"num_hash_layers={cfg.num_hash_layers} but layer {layer} "
+                              f"{'has tid2eid' if tid2eid in names else 'has a score bias, no tid2eid'}")
     return bad
 
 

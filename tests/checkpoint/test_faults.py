@@ -122,6 +122,7 @@ def test_index_points_to_missing_shard(official):
     ({"hidden_size": 96}, "embed.weight", r"shape \[512, 64\], config says \[vocab_size=512, hidden_size=96\]"),
     ({"compress_ratios": [0, 128, 4, 4, 0]}, "layers.1.attn.compressor.ape", r"compress_ratios\[1\]=128 but the tensors say 4"),
     ({"n_routed_experts": 6}, "layers.0.ffn.experts.7", r"n_routed_experts=6 but layers.0 has experts 0\.\.7"),
+    ({"n_routed_experts": 12}, "layers.0.ffn.experts.7", r"n_routed_experts=12 but layers.0 has experts 0\.\.7"),
     ({"num_hash_layers": 1}, "layers.1.ffn.gate.tid2eid", "num_hash_layers=1 but layer 1 has tid2eid"),
 ])
 def test_config_does_not_match_tensors(official, changes, tensor, what):
