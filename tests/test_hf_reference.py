@@ -21,6 +21,9 @@ torch.set_num_threads(2)
 #: tied at 0 (with 4 heads, ReLU zeroes all heads of ~1/16 of the entries, and torch.topk breaks
 #: those ties differently for different sequence lengths; see docs/hf_vs_spec.md)
 PARITY = preset("tiny", index_num_heads=64)
+#: V4-Pro's layer pattern (HCA first, no SWA layer in the backbone), 8 heads in 4 output groups
+PRO_LIKE = PARITY.replace(num_layers=5, compress_ratios=(128, 128, 4, 128, 4, 0), num_heads=8, o_groups=4,
+                          num_hash_layers=3, routed_scaling_factor=2.5)
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +262,16 @@ def test_matches_numpy_spec(tiny, rng, seq):
     err = np.abs(trace.logits[0] - want).max() / np.abs(want).max()
     assert err < 2e-5, f"{seq=} logits: relative error {err:.2e}"
     np.testing.assert_array_equal(trace.logits, hf_logits(cfg, weights, ids, model=model))
+
+
+def test_matches_numpy_spec_pro_schedule(rng):
+    cfg = PRO_LIKE
+    weights = random_official_weights(cfg, seed=4)
+    ids = _ids(cfg, rng, 1, 260)
+    got = hf_logits(cfg, weights, ids)[0]
+    want, _ = spec_logits(cfg, weights, ids[0])
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 2e-5, f"pro-like schedule: relative error {err:.2e}"
 
 
 def test_matches_numpy_spec_with_active_clamp(rng):
