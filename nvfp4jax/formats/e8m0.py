@@ -40,6 +40,24 @@ def e8m0_to_float(scale: ArrayLike) -> Float[Array, "*shape"]:
     return jnp.where(b == E8M0_NAN, jnp.nan, value)
 
 
+def floor_log2(v: ArrayLike) -> Int32[Array, "*shape"]:
+    """Exact ``floor(log2(v))`` of positive finite float32 values (``jnp.log2`` is not exact)."""
+    _, e = jnp.frexp(jnp.asarray(v, jnp.float32))
+    return e.astype(jnp.int32) - 1
+
+
+def ceil_log2(v: ArrayLike) -> Int32[Array, "*shape"]:
+    """Exact ``ceil(log2(v))`` of positive finite float32 values."""
+    m, e = jnp.frexp(jnp.asarray(v, jnp.float32))
+    return jnp.where(m == 0.5, e - 1, e).astype(jnp.int32)
+
+
+def pow2(exponent: ArrayLike) -> Float[Array, "*shape"]:
+    """``2.0 ** exponent`` exactly, as float32."""
+    e = jnp.asarray(exponent, jnp.int32)
+    return jnp.ldexp(jnp.ones(e.shape, jnp.float32), e)
+
+
 def exponent_to_e8m0(exponent: ArrayLike) -> UInt8[Array, "*shape"]:
     """Encode unbiased exponents (must lie in [-127, 127]) as E8M0 bytes."""
     e = jnp.asarray(exponent, jnp.int32)

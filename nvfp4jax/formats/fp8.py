@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Float8e4m3fn, UInt8
 
 from nvfp4jax.formats.e2m1 import exact_div
-from nvfp4jax.formats.e8m0 import as_e8m0_bytes, e8m0_to_float, exponent_to_e8m0
+from nvfp4jax.formats.e8m0 import ceil_log2, as_e8m0_bytes, e8m0_to_float, exponent_to_e8m0
 
 FP8_BLOCK = 128
 E4M3_MAX = 448.0
@@ -64,7 +64,7 @@ def encode_fp8_block(w: Float[ArrayLike, "out in"]) -> FP8BlockTensor:
     nb = fp8_block_scale_shape(w.shape)
     padded = jnp.pad(w, ((0, nb[0] * FP8_BLOCK - w.shape[0]), (0, nb[1] * FP8_BLOCK - w.shape[1])))
     amax = jnp.abs(padded.reshape(nb[0], FP8_BLOCK, nb[1], FP8_BLOCK)).max(axis=(1, 3))
-    exponent = jnp.ceil(jnp.log2(exact_div(jnp.maximum(amax, 1e-4), jnp.float32(E4M3_MAX)))).astype(jnp.int32)
+    exponent = ceil_log2(exact_div(jnp.maximum(amax, 1e-4), jnp.float32(E4M3_MAX)))
     scale = exponent_to_e8m0(exponent)
     s = _expand_blocks(e8m0_to_float(scale), w.shape)
     q = jnp.clip(exact_div(w, s), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)

@@ -20,7 +20,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int8, UInt8
 
 from nvfp4jax.formats.e2m1 import decode_e2m1, exact_div, encode_e2m1, pack_e2m1, unpack_e2m1
-from nvfp4jax.formats.e8m0 import as_e8m0_bytes, e8m0_exponent, e8m0_to_float, exponent_to_e8m0
+from nvfp4jax.formats.e8m0 import floor_log2, as_e8m0_bytes, e8m0_exponent, e8m0_to_float, exponent_to_e8m0
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor, quantize
 
 MX_BLOCK = 32
@@ -66,7 +66,7 @@ def encode_mxfp4(x: Float[ArrayLike, "*rows k"]) -> MXFP4Tensor:
         raise ValueError(f"MXFP4 needs the last dimension to be a multiple of {MX_BLOCK}, got shape {x.shape}")
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // MX_BLOCK, MX_BLOCK)
     amax = jnp.max(jnp.abs(blocks), axis=-1)
-    exponent = jnp.where(amax > 0, jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))).astype(jnp.int32) - 2, 0)
+    exponent = jnp.where(amax > 0, floor_log2(jnp.where(amax > 0, amax, 1.0)) - 2, 0)
     scale = exponent_to_e8m0(exponent)
     codes = encode_e2m1(exact_div(blocks, e8m0_to_float(scale)[..., None])).reshape(x.shape)
     return MXFP4Tensor(pack_e2m1(codes).view(jnp.int8), scale)

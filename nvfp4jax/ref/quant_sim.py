@@ -12,10 +12,12 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from nvfp4jax.formats.e2m1 import decode_e2m1, encode_e2m1, exact_div
+from nvfp4jax.formats.e8m0 import ceil_log2, pow2
 
 
 def _pow2_scale(amax: Array, floor: float, top: float) -> Array:
-    return jnp.exp2(jnp.ceil(jnp.log2(exact_div(jnp.maximum(amax, jnp.float32(floor)), jnp.float32(top)))))
+    """``2 ** ceil(log2(max(amax, floor) / top))``, exactly."""
+    return pow2(ceil_log2(exact_div(jnp.maximum(amax, jnp.float32(floor)), jnp.float32(top))))
 
 
 def fp8_simulate(x: Float[Array, "*rows dim"], block: int = 64) -> Float[Array, "*rows dim"]:
