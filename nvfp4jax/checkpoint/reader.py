@@ -316,19 +316,22 @@ class Checkpoint:
         return f"Checkpoint({self.path!r}, layout={self.layout}, recipe={self.recipe}, {len(self._tensors)} tensors)"
 
 
-def open_checkpoint(path: str | os.PathLike, *, recipe: str | None = None, include_mtp: bool | None = None) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, *, recipe: str | None = None, include_mtp: bool | None = None,
+                    **config_overrides) -> Checkpoint:
     """Open and validate a checkpoint directory (official, NVIDIA NVFP4, or ours from ``convert``).
 
     ``recipe``: ``nvfp4`` (default; ours: the recipe it was converted for), ``nvfp4-w4a16`` or
     ``bf16``. ``include_mtp``: ``None`` loads the MTP block when the checkpoint has one (warning
     when the config announces one that is absent), ``True`` requires it, ``False`` skips it.
-    Raises :class:`CheckpointError` naming file and tensor for every fault found.
+    ``config_overrides`` replace config fields that are ours, not the checkpoint's (e.g.
+    ``compute_dtype``, ``quant_simulation``). Raises :class:`CheckpointError` naming file and tensor
+    for every fault found.
     """
     d, problems = scan_directory(path)
     raise_if_errors(problems)
     layout, stored_recipe = detect_layout(d.config_dict, d.location)
     try:
-        cfg = DeepSeekV4Config.from_hf_dict(d.config_dict, recipe=recipe or stored_recipe or "nvfp4")
+        cfg = DeepSeekV4Config.from_hf_dict(d.config_dict, recipe=recipe or stored_recipe or "nvfp4", **config_overrides)
     except ValueError as e:
         raise CheckpointError(f"{os.path.join(d.path, CONFIG)}: {e}") from None
     raise_if_errors(check_config(d, cfg))
@@ -347,14 +350,15 @@ def open_checkpoint(path: str | os.PathLike, *, recipe: str | None = None, inclu
     return Checkpoint(d, cfg, layout, expected)
 
 
-def load_model(path: str | os.PathLike, *, recipe: str | None = None, include_mtp: bool | None = None, progress: bool = True):
+def load_model(path: str | os.PathLike, *, recipe: str | None = None, include_mtp: bool | None = None, progress: bool = True,
+               **config_overrides):
     """Build the model from a checkpoint: ``nvfp4jax.model.weights.model_from_tensors(cfg, get)``.
 
     Returns ``(model, checkpoint)``; ``checkpoint.inexact()`` lists tensors that were re-quantised.
     """
     from nvfp4jax.model.weights import model_from_tensors
 
-    ckpt = open_checkpoint(path, recipe=recipe, include_mtp=include_mtp)
+    ckpt = open_checkpoint(path, recipe=recipe, include_mtp=include_mtp, **config_overrides)
     bar = tqdm(total=len(ckpt.names()), desc=f"loading {os.path.basename(ckpt.path)}", unit="tensor", disable=not progress)
 
     def get(name: str):
@@ -363,7 +367,7 @@ def load_model(path: str | os.PathLike, *, recipe: str | None = None, include_mt
         return value
 
     try:
-        model = model_from_tensors(ckpt.config, get)
+        model = model_from_tensors(ckpt.config, get, include_mtp=ckpt.has_mtp)
     finally:
         bar.close()
     for c in ckpt.inexact():
