@@ -34,17 +34,22 @@ def _weights(rng, n, k):
     return _quantize_w(jnp.asarray(w))
 
 
+@jax.jit
+def _metrics(got, want, oracle):
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    dot = jnp.sum(got * want)
+    cos = dot / jnp.maximum(jnp.sqrt(jnp.sum(got * got)) * jnp.sqrt(jnp.sum(want * want)), 1e-30)
+    err_k = jnp.sqrt(jnp.mean((got - oracle) ** 2))
+    err_r = jnp.sqrt(jnp.mean((want - oracle) ** 2))
+    return jnp.all(jnp.isfinite(got)), 1 - cos, err_k, err_r, 1e-6 * jnp.sqrt(jnp.mean(oracle**2))
+
+
 def _check(x, w, case):
     poison_device_memory()
-    got = np.asarray(_kernel_gemm(x, w).astype(jnp.float32), np.float64)
-    want = np.asarray(_ref_gemm(x, w).astype(jnp.float32), np.float64)
-    oracle = np.asarray(_oracle(x, w), np.float64)
-    assert np.all(np.isfinite(got)), f"{case}: non-finite output (unwritten element?)"
-    cos = (got.ravel() @ want.ravel()) / max(np.linalg.norm(got) * np.linalg.norm(want), 1e-300)
-    assert 1 - cos < 1e-5, f"{case} 1-cos={1 - cos:.3e}"
-    err_k = np.sqrt(np.mean((got - oracle) ** 2))
-    err_r = np.sqrt(np.mean((want - oracle) ** 2))
-    floor = 1e-6 * np.sqrt(np.mean(oracle**2))
+    got = _kernel_gemm(x, w)
+    finite, cos_diff, err_k, err_r, floor = (float(v) for v in _metrics(got, _ref_gemm(x, w), _oracle(x, w)))
+    assert finite, f"{case}: non-finite output (unwritten element?)"
+    assert cos_diff < 1e-5, f"{case} 1-cos={cos_diff:.3e}"
     assert err_k <= 2 * err_r + floor, f"{case} kernel rms err {err_k:.3e} > 2 x ref {err_r:.3e} + {floor:.3e}"
 
 
@@ -53,7 +58,7 @@ def _m_values(n, k):
 
 
 CASES = [(f"flash.{name}", n, k, m) for name, n, k in FLASH_LINEARS for m in _m_values(n, k)]
-CASES += [(f"pro.{name}", n, k, m) for name, n, k in PRO_LINEARS for m in _m_values(n, k)]
+CASES += [(f"pro.{name}", n, k, m) for name, n, k in PRO_LINEARS for m in (1, 65, 200)]
 
 
 @pytest.mark.parametrize("name,n,k,m", CASES)
@@ -63,7 +68,7 @@ def test_gemm_w4a4(rng, name, n, k, m):
     _check(x, w, f"W4A4 {name} {m=} {n=} {k=}")
 
 
-@pytest.mark.parametrize("name,n,k,m", [c for c in CASES if c[3] in (1, 65, 200, 4096, 1024)])
+@pytest.mark.parametrize("name,n,k,m", [c for c in CASES if c[3] in (1, 65, 4096)])
 def test_gemm_w4a16(rng, name, n, k, m):
     w = _weights(rng, n, k)
     x = activations(rng, m, k)

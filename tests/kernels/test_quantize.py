@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nvfp4jax.formats.nvfp4 import NVFP4Tensor
 from nvfp4jax.ref import gemm as ref
 from tests.conftest import assert_bitwise_equal
 from tests.formats.oracle import nvfp4_oracle
@@ -14,48 +15,49 @@ pytestmark = pytest.mark.gpu
 cutlass = pytest.importorskip("cutlass")
 from nvfp4jax.kernels import quantize as kq  # noqa: E402
 
-K_VALUES = (1024, 1536, 2048, 3072, 4096, 7168, 8192, 16384)
+K_VALUES = (1024, 1536, 4096, 7168, 16384)
 
 
-_ref = jax.jit(ref.quantize_nvfp4, static_argnums=2)
 
 
 @pytest.mark.parametrize("k", K_VALUES)
 @pytest.mark.parametrize("m", M_VALUES)
 def test_quantize_bitwise(rng, m, k):
+    """Bitwise vs the independent NumPy / ml_dtypes oracle of design §3 (tests/formats/oracle.py).
+
+    Not vs ``nvfp4jax.ref`` run through XLA: on jax 0.11.2 (the GPU machine) XLA turns the
+    reference's ``exact_div`` into a reciprocal multiply (global scales 1 ulp off on ~20% of rows,
+    seen on GPU and CPU), so that reference is not bit-exact there; the kernel uses ``div.rn``.
+    """
     x = activations(rng, m, k)
     poison_device_memory()
     got = jax.jit(kq.quantize_nvfp4)(x)
-    want = _ref(x, None, 1e-6)
     case = f"{m=} {k=}"
-    # and against the independent NumPy / ml_dtypes oracle of tests/formats
     codes, scales, gscale = nvfp4_oracle(np.asarray(x, np.float32), per_row=True)
-    assert_bitwise_equal(got.global_scale, gscale, f"oracle global {case}")
-    assert_bitwise_equal(got.scales, scales, f"oracle scales {case}")
-    assert_bitwise_equal(got.values, codes[:, 0::2] | (codes[:, 1::2] << 4), f"oracle values {case}")
-    assert_bitwise_equal(got.global_scale, want.global_scale, f"global {case}")
-    assert_bitwise_equal(got.scales, want.scales, f"scales {case}")
-    assert_bitwise_equal(got.values, want.values, f"values {case}")
+    assert_bitwise_equal(got.global_scale, gscale, f"global {case}")
+    assert_bitwise_equal(got.scales, scales, f"scales {case}")
+    assert_bitwise_equal(got.values, codes[:, 0::2] | (codes[:, 1::2] << 4), f"values {case}")
 
 
 @pytest.mark.parametrize("k", (1024, 4096, 7168))
 @pytest.mark.parametrize("m", (1, 65, 512))
 def test_quantize_fused_rmsnorm(rng, m, k):
-    """Fused RMSNorm: only rsqrt.approx and the sum order differ from the reference (see module doc)."""
+    """Fused RMSNorm vs quantize(ref.rms_norm(x)): only rsqrt.approx and the sum order differ."""
     x = activations(rng, m, k)
     w = jnp.asarray(1.0 + 0.1 * rng.standard_normal(k), jnp.bfloat16)
     poison_device_memory()
     got = jax.jit(kq.quantize_nvfp4, static_argnums=2)(x, w, 1e-6)
-    want = _ref(x, w, 1e-6)
+    normed = np.asarray(jax.jit(ref.rms_norm, static_argnums=2)(x, w, 1e-6), np.float32)
+    codes, scales, gscale = nvfp4_oracle(normed, per_row=True)
+    want_values = codes[:, 0::2] | (codes[:, 1::2] << 4)
     case = f"{m=} {k=}"
-    g, gw = np.asarray(got.global_scale), np.asarray(want.global_scale)
-    assert np.all(np.abs(g - gw) <= gw * 2.0**-7), f"global scales differ by more than a BF16 ulp: {case}"
-    blocks_differ = np.any(
-        np.asarray(got.values).reshape(m, k // 16, 8) != np.asarray(want.values).reshape(m, k // 16, 8), axis=-1
-    ) | (np.asarray(got.scales).view(np.uint8) != np.asarray(want.scales).view(np.uint8))
+    g = np.asarray(got.global_scale)
+    assert np.all(np.abs(g - gscale) <= gscale * 2.0**-7), f"global scales differ by more than a BF16 ulp: {case}"
+    blocks_differ = np.any(np.asarray(got.values).reshape(m, k // 16, 8) != want_values.reshape(m, k // 16, 8), axis=-1)
+    blocks_differ |= np.asarray(got.scales).view(np.uint8) != scales.view(np.uint8)
     assert blocks_differ.mean() < 0.01, f"{blocks_differ.mean():.4f} of blocks differ: {case}"
     a = np.asarray(got.dequantize(), np.float64).ravel()
-    b = np.asarray(want.dequantize(), np.float64).ravel()
+    b = (np.asarray(NVFP4Tensor(jnp.asarray(want_values), jnp.asarray(scales), jnp.asarray(gscale)).dequantize(), np.float64)).ravel()
     cos = a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300)
     assert 1 - cos < 1e-5, f"{case} 1-cos={1 - cos:.3e}"
 
