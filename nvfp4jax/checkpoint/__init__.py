@@ -1,0 +1,13 @@
+"""Checkpoints: the official schema, reading (official, NVIDIA NVFP4, ours), convert, inspect, synthetic twins."""
+
+from nvfp4jax.checkpoint.convert import convert_checkpoint
+from nvfp4jax.checkpoint.decode import Conversion
+from nvfp4jax.checkpoint.inspect import InspectReport, format_report, inspect_checkpoint
+from nvfp4jax.checkpoint.reader import Checkpoint, load_model, open_checkpoint
+from nvfp4jax.checkpoint.safetensors_io import CheckpointError
+from nvfp4jax.checkpoint.synthetic import write_checkpoint
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "Conversion", "InspectReport", "convert_checkpoint", "format_report",
+    "inspect_checkpoint", "load_model", "open_checkpoint", "write_checkpoint",
+]
