@@ -106,3 +106,27 @@ def test_inspect_reports_structural_faults_without_raising(tmp_path, official_di
     assert any("'embed.weight': missing" in m for m in messages)
     assert cli.main(["inspect", str(path), "--quiet", "--headers-only"]) == 1
     assert "missing MTP" in capsys.readouterr().out
+
+
+def test_cli_synthesize_writes_the_random_weights(tmp_path, capsys):
+    from nvfp4jax.checkpoint.random_weights import random_official_weights
+    from nvfp4jax.config import preset
+
+    assert cli.main(["synthesize", str(tmp_path / "s"), "--layout", "nvidia", "--seed", "3", "--shard-size", "200KiB"]) == 0
+    assert "nvidia layout" in capsys.readouterr().out
+    ck = open_checkpoint(tmp_path / "s")
+    assert ck.layout == "nvidia" and len(set(index_of(tmp_path / "s")["weight_map"].values())) >= 5
+    name = "layers.2.ffn.experts.6.w3.weight"
+    expected = formats.quantize(random_official_weights(preset("tiny"), 3)[name])
+    assert_same(ck.get(name), expected, name)
+
+
+def test_reading_is_lazy(official_dir, monkeypatch):
+    """Opening reads headers only; get() reads exactly the stored tensors of one weight."""
+    reads = []
+    original = SafetensorsFile.read
+    monkeypatch.setattr(SafetensorsFile, "read", lambda self, name: reads.append(name) or original(self, name))
+    ck = open_checkpoint(official_dir)
+    assert reads == []
+    ck.get("layers.2.ffn.experts.3.w2.weight")
+    assert reads == ["layers.2.ffn.experts.3.w2.weight", "layers.2.ffn.experts.3.w2.scale"]
