@@ -20,7 +20,6 @@ import os
 import shutil
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from nvfp4jax.checkpoint.decode import Conversion
 from nvfp4jax.checkpoint.layouts import logical_tensors

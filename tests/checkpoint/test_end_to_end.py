@@ -40,7 +40,7 @@ def test_loaded_model_matches_directly_built(layout, tiny_source, official_dir, 
     leaves_a, tree_a = jax.tree.flatten(model)
     leaves_b, tree_b = jax.tree.flatten(direct)
     assert tree_a == tree_b
-    for a, b in zip(leaves_a, leaves_b):
+    for a, b in zip(leaves_a, leaves_b, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape and bool(jnp.array_equal(a, b, equal_nan=True))
     tokens = jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     logits = forward(model, tokens)
