@@ -243,21 +243,24 @@ class GemmNvfp4Sm90:
 
 
 def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
-    """Tile shape and K split for a problem (a heuristic; every choice is a compile-key entry)."""
+    """Tile shape and K split for a problem (a heuristic; every choice is a compile-key entry).
+
+    Decode (m <= 64): 64 weight rows x 128 K per CTA and a K split deep enough that ~16 CTAs per
+    SM stream weights (each has few K tiles, so the load latency of one tile is what it waits
+    on), capped so the float32 partials stay well below the weight bytes. Prefill: 128 x 128
+    tiles (a 256-token tile needs 256 accumulator registers per thread and spills).
+    """
     if m <= 64:
         tile_t = max(16, -(-m // 16) * 16)
-        tile_w, tile_k = 128, 128
+        tile_w, tile_k = 64, 128
     else:
-        tile_t = 128 if m <= 2048 else 256
-        tile_w, tile_k = 128, 64
+        tile_t, tile_w, tile_k = 128, 128, 64
     if n % tile_w:
         tile_w = 64
     k_tiles = k // tile_k
     ctas = (n // tile_w) * -(-m // tile_t)
     split = 1
-    # more CTAs for HBM, while each keeps >= 2 K tiles and the float32 partials stay below the weight bytes
-    while (ctas * split < 3 * NUM_SMS and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 2
-           and 2 * split * m * 8 <= k):
+    while ctas * split * 2 <= 16 * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
     return GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4)
 

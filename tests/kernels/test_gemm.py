@@ -1,4 +1,9 @@
-"""NVFP4 GEMM kernel vs nvfp4jax.ref: cosine gate and the two-reference rule, every V4 linear shape."""
+"""NVFP4 GEMM kernel vs nvfp4jax.ref: cosine gate and the two-reference rule, every V4 linear shape.
+
+``NVFP4JAX_GPU_TESTS=quick`` runs a reduced matrix (every shape at two m values, a few prefills).
+"""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +64,13 @@ def _m_values(n, k):
 
 CASES = [(f"flash.{name}", n, k, m) for name, n, k in FLASH_LINEARS for m in _m_values(n, k)]
 CASES += [(f"pro.{name}", n, k, m) for name, n, k in PRO_LINEARS for m in (1, 65, 200)]
+W4A16_CASES = [c for c in CASES if c[3] in (1, 65, 4096)]
+if os.environ.get("NVFP4JAX_GPU_TESTS") == "quick":
+    # a device-time-limited pass: every shape at one decode and one larger m, a few prefills
+    CASES = [c for c in CASES if c[3] in ((1, 65) if c[0].startswith("flash") else (1, 200))]
+    CASES += [("flash.wq_a", 1024, 4096, 4096), ("flash.mtp.e_proj/h_proj", 4096, 4096, 4096)]
+    W4A16_CASES = [("flash.wq_a", 1024, 4096, 1), ("flash.wq_a", 1024, 4096, 4096), ("flash.shared.w2", 4096, 2048, 65),
+                   ("pro.wo_b", 7168, 16384, 1)]
 
 
 @pytest.mark.parametrize("name,n,k,m", CASES)
@@ -68,7 +80,7 @@ def test_gemm_w4a4(rng, name, n, k, m):
     _check(x, w, f"W4A4 {name} {m=} {n=} {k=}")
 
 
-@pytest.mark.parametrize("name,n,k,m", [c for c in CASES if c[3] in (1, 65, 4096)])
+@pytest.mark.parametrize("name,n,k,m", W4A16_CASES)
 def test_gemm_w4a16(rng, name, n, k, m):
     w = _weights(rng, n, k)
     x = activations(rng, m, k)
