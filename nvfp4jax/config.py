@@ -110,7 +110,7 @@ class DeepSeekV4Config:
     tie_word_embeddings: bool = False
     expert_dtype: str = "fp4"
     # ---- ours, not HF keys
-    recipe: Recipe = "nvfp4"
+    recipe: str = "nvfp4"  # one of RECIPES (validated in __post_init__ with a clear error)
     #: the model's own QAT simulations (FP8 KV nope dims, FP4+Hadamard indexer); off only to compare
     #: with implementations that compute in plain floating point (HF transformers)
     quant_simulation: bool = True
@@ -197,6 +197,9 @@ class DeepSeekV4Config:
         if isinstance(kwargs["eos_token_id"], list):
             kwargs["eos_token_id"] = int(kwargs["eos_token_id"][0])
         kwargs["compress_ratios"] = tuple(int(r) for r in kwargs["compress_ratios"])
+        for f in dataclasses.fields(cls):  # JSON writes 160000 for 160000.0
+            if f.type == "float" and f.name in kwargs:
+                kwargs[f.name] = float(kwargs[f.name])
         kwargs["rope_scaling"] = tuple(sorted((kwargs["rope_scaling"] or {}).items()))
         known = set(HF_KEYS.values())
         kwargs["extra"] = {k: v for k, v in d.items() if k not in known}

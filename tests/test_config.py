@@ -43,7 +43,7 @@ def test_layer_schedule_matches_spec():
 
 
 def test_yarn_bounds_from_spec():
-    assert yarn_ramp_bounds(160000, 64, 65536, 32, 1) == (15, 25)
+    assert yarn_ramp_bounds(160000.0, 64, 65536, 32.0, 1.0) == (15, 25)
 
 
 def test_tiny_keeps_the_real_structure():

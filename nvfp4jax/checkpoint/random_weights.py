@@ -8,7 +8,7 @@ can be generated alone, in any order. Scales keep activations O(1) through the n
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

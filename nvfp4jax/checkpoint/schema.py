@@ -9,7 +9,7 @@ linears ``[out, in]`` with E8M0 ``.scale`` ``[ceil(out/128), ceil(in/128)]``; FP
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 from nvfp4jax.config import DeepSeekV4Config
 

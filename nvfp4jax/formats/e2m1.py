@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, UInt8
+from jaxtyping import Array, ArrayLike, Float, Int8, UInt8
 
 E2M1_MAX = 6.0
 #: magnitude of code c (c = 0..7); codes 8..15 are the negated values.
@@ -70,7 +70,7 @@ def pack_e2m1(codes: UInt8[ArrayLike, "*rows k"]) -> UInt8[Array, "*rows k_half"
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def unpack_e2m1(packed: UInt8[ArrayLike, "*rows k_half"]) -> UInt8[Array, "*rows k"]:
+def unpack_e2m1(packed: UInt8[ArrayLike, "*rows k_half"] | Int8[ArrayLike, "*rows k_half"]) -> UInt8[Array, "*rows k"]:
     """Inverse of :func:`pack_e2m1` (accepts uint8 or the int8 view of official checkpoints)."""
     packed = jnp.asarray(packed)
     if packed.dtype not in (jnp.uint8, jnp.int8):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from nvfp4jax.config import DeepSeekV4Config
 from nvfp4jax.model.block import Block
@@ -129,8 +129,12 @@ class Transformer(eqx.Module):
             per_layer.append(h)
         return x, (jnp.concatenate(per_layer) if collect else None)
 
-    def __call__(self, token_ids: Int[Array, "batch seq"]) -> Float[Array, "batch seq vocab"]:
-        """Full-sequence prefill from position 0: float32 logits at every position."""
+    def __call__(self, token_ids: ArrayLike) -> Float[Array, "batch seq vocab"]:
+        """Full-sequence prefill from position 0: float32 logits at every position.
+
+        ``token_ids`` must be an integer ``[batch, seq]`` array inside the vocabulary; anything else
+        raises a ``ValueError``/``TypeError`` naming the problem (checked before tracing).
+        """
         self.check_tokens(token_ids)
         x, _ = self.hidden(token_ids)
         return self.logits(x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from nvfp4jax.config import DeepSeekV4Config, yarn_ramp_bounds
 
@@ -31,9 +31,9 @@ def rope_frequencies(cfg: DeepSeekV4Config, layer: int) -> np.ndarray:
 
 
 def apply_rope(
-    x: Float[Array, "*lead seq heads dim"] | Float[Array, "*lead seq dim"],
-    positions: Int[Array, "*lead seq"],
-    freqs: Float[Array, " pairs"],
+    x: Float[Array, "*rows dim"],
+    positions: Int[Array, "*positions"],
+    freqs: Float[ArrayLike, " pairs"],
     *,
     inverse: bool = False,
     has_heads: bool = True,
