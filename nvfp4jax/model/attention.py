@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, Int
 from nvfp4jax.config import DeepSeekV4Config, LayerType
 from nvfp4jax.model.layers import Linear, head_rms_norm, rms_norm
 from nvfp4jax.ref import attention as ref_attn
-from nvfp4jax.ref.compressor import compress_full_sequence
+from nvfp4jax.ref.compressor import compress_full_sequence, pool_windows
 from nvfp4jax.ref.indexer import indexer_scores, select_topk
 from nvfp4jax.ref.quant_sim import fp4_simulate, fp8_simulate, hadamard
 from nvfp4jax.ref.rope import apply_rope, rope_frequencies
@@ -55,11 +55,60 @@ class Compressor(eqx.Module):
         return (jnp.einsum("bsm,wm->bsw", xf, self.wkv.astype(jnp.float32), precision=hp),
                 jnp.einsum("bsm,wm->bsw", xf, self.wgate.astype(jnp.float32), precision=hp))
 
-    def finish(self, pooled: Float[Array, "batch entries dim"], first: Int[Array, ""] | int, freqs, dtype, eps: float):
-        """Norm (input rounded to the activation dtype, float32 math) and RoPE at ``ratio * j``."""
+    def finish(self, pooled: Float[Array, "batch entries dim"], first, freqs, dtype, eps: float):
+        """Norm (input rounded to the activation dtype, float32 math) and RoPE at ``ratio * j``.
+
+        ``first`` is the index of the first entry (an int, or one per batch row).
+        """
         c = rms_norm(pooled.astype(dtype), self.norm, eps)
-        pos = (first + jnp.arange(c.shape[1], dtype=jnp.int32)) * self.ratio
-        return apply_rope(c, jnp.broadcast_to(pos, c.shape[:2]), freqs, has_heads=False)
+        first = jnp.broadcast_to(jnp.asarray(first, jnp.int32).reshape(-1, 1), c.shape[:2])
+        pos = (first + jnp.arange(c.shape[1], dtype=jnp.int32)[None, :]) * self.ratio
+        return apply_rope(c, pos, freqs, has_heads=False)
+
+    def chunk(self, x, positions, num_new, carry, freqs, eps: float):
+        """Compress a chunk of new tokens continuing from the carry (decode and chunked prefill).
+
+        ``positions[:, 0]`` is each row's first new position; only the first ``num_new[b]`` tokens
+        of row b are real. Returns ``(entries, first_entry, num_entries, carry)``: ``entries`` holds
+        ``ceil((ratio + T) / ratio)`` slots of which the first ``num_entries[b]`` are new entries
+        ``first_entry[b], ...``.
+        """
+        r, t = self.ratio, x.shape[1]
+        kv, gate = self.project(x)
+        ape = self.ape.astype(jnp.float32)[positions % r]  # [b, t, width]
+        gate = gate + ape
+        p0 = positions[:, 0]
+        pending = p0 % r
+        length = -(-(r + t) // r) * r
+        i = jnp.arange(length)[None, :]
+        from_carry = i < pending[:, None]
+        new_i = jnp.clip(i - pending[:, None], 0, t - 1)
+        real = ~from_carry & (i - pending[:, None] < num_new[:, None])
+        take = lambda c, n: jnp.take_along_axis(n, new_i[..., None], axis=1)  # noqa: E731
+        seq_kv = jnp.where(from_carry[..., None], jnp.take_along_axis(carry.kv, jnp.clip(i, 0, r - 1)[..., None], 1),
+                           jnp.where(real[..., None], take(None, kv), 0.0))
+        seq_gate = jnp.where(from_carry[..., None], jnp.take_along_axis(carry.gate, jnp.clip(i, 0, r - 1)[..., None], 1),
+                             jnp.where(real[..., None], take(None, gate), -jnp.inf))
+        b, width = x.shape[0], kv.shape[-1]
+        windows = length // r
+        pooled = pool_windows(seq_kv.reshape(b, windows, r, width), seq_gate.reshape(b, windows, r, width), None,
+                              overlap=self.overlap, prev_kv=carry.prev_kv, prev_gate=carry.prev_gate)
+        num_entries = (pending + num_new) // r
+        entries = self.finish(pooled, p0 // r, freqs, x.dtype, eps)
+        # the incomplete window becomes the pending carry; CSA keeps the A half of the last full window
+        start = (num_entries * r)[:, None] + jnp.arange(r)[None, :]
+        new_carry_kv = jnp.take_along_axis(seq_kv, start[..., None], 1)
+        new_carry_gate = jnp.take_along_axis(seq_gate, start[..., None], 1)
+        prev_kv, prev_gate = carry.prev_kv, carry.prev_gate
+        if self.overlap:
+            last = jnp.clip(start - r, 0, length - 1)
+            half = width // 2
+            done = (num_entries > 0)[:, None, None]
+            prev_kv = jnp.where(done, jnp.take_along_axis(seq_kv, last[..., None], 1)[..., :half], prev_kv)
+            prev_gate = jnp.where(done, jnp.take_along_axis(seq_gate, last[..., None], 1)[..., :half], prev_gate)
+        from nvfp4jax.state import Carry
+
+        return entries, p0 // r, num_entries, Carry(new_carry_kv, new_carry_gate, prev_kv, prev_gate)
 
     def full_sequence(self, x, freqs, eps: float) -> Float[Array, "batch entries dim"]:
         kv, gate = self.project(x)
@@ -161,6 +210,86 @@ class Attention(eqx.Module):
             mask = jnp.concatenate([mask, visible], axis=-1)
         o = ref_attn.sink_attention(q, keys, mask, self.sink, cfg.head_dim**-0.5)
         return self.output(o, positions)
+
+    @jax.named_scope("attention_step")
+    def step(self, u, positions, num_new, layer_state, page_table, page_size: int):
+        """Attend for a chunk of new tokens continuing each slot's sequence; returns ``(out, layer_state)``.
+
+        ``positions[:, 0]`` is each slot's current length; only the first ``num_new[b]`` tokens of
+        slot b are real (the rest are padding: computed, never stored). Keys: the window ring, the
+        chunk's own K=V vectors, and (CSA/HCA) every compressed entry of the slot, read through the
+        page table; unused and unallocated rows are masked and zeroed, so NaN there is harmless.
+        """
+        from nvfp4jax.state import KVRows, LayerState
+
+        cfg = self.cfg
+        dtype = u.dtype
+        w = cfg.sliding_window
+        b, t = positions.shape
+        p0 = positions[:, 0]
+        q_lat, q, kv = self.qkv(u, positions)  # kv already carries the FP8 simulation: storing it is exact
+        slots = jnp.arange(w)[None, :]
+        ring_pos = p0[:, None] - 1 - jnp.mod(p0[:, None] - 1 - slots, w)
+        ring_ok = ring_pos >= 0
+        new_ok = jnp.arange(t)[None, :] < num_new[:, None]
+        ring = layer_state.ring.decode(dtype)
+        keys = jnp.concatenate([jnp.where(ring_ok[..., None], ring, 0), kv], axis=1)
+        key_pos = jnp.concatenate([ring_pos, positions], axis=1)
+        mask = ref_attn.window_mask(positions, key_pos, w) & jnp.concatenate([ring_ok, new_ok], axis=1)[:, None, :]
+        pool, carry, index_pool, index_carry = (layer_state.pool, layer_state.carry, layer_state.index_pool,
+                                                layer_state.index_carry)
+        if self.compressor is not None:
+            ratio = self.compressor.ratio
+            entries, first, count, carry = self.compressor.chunk(u, positions, num_new, carry, self.freqs, cfg.rms_norm_eps)
+            rows = KVRows.encode(entries, cfg.nope_head_dim, cfg.quant_simulation)
+            pool = _scatter_pool(pool, page_table, first, count, rows, page_size)
+            stored = _gather_pool(pool, page_table).decode(dtype)  # [b, entries, d]
+            m = stored.shape[1]
+            total = (p0 + num_new) // ratio
+            have = jnp.arange(m)[None, :] < total[:, None]
+            visible = jnp.arange(m)[None, None, :] < ((positions + 1) // ratio)[..., None]
+            visible = visible & have[:, None, :]
+            if self.indexer is not None:
+                ientries, _, _, index_carry = self.indexer.compressor.chunk(u, positions, num_new, index_carry, self.freqs,
+                                                                            cfg.rms_norm_eps)
+                if self.indexer.simulate:
+                    ientries = fp4_simulate(hadamard(ientries), INDEX_SIM_BLOCK)
+                index_pool = _scatter_pool(index_pool, page_table, first, count, ientries, page_size)
+                ikeys = _gather_pool(index_pool, page_table).astype(dtype)
+                ikeys = jnp.where(have[..., None], ikeys, 0)
+                scores = indexer_scores(self.indexer.queries(q_lat, positions, self.freqs), ikeys,
+                                        self.indexer.head_weights(u))
+                scores = jnp.where(have[:, None, :], scores, -jnp.inf)
+                chosen = select_topk(scores, positions, ratio, cfg.index_topk)
+                visible = visible & selection_mask(chosen, m)
+            keys = jnp.concatenate([keys, jnp.where(have[..., None], stored, 0)], axis=1)
+            mask = jnp.concatenate([mask, visible], axis=-1)
+        o = ref_attn.sink_attention(q, keys, mask, self.sink, cfg.head_dim**-0.5)
+        # the ring keeps the last `window` real tokens: slot pos % window
+        i = jnp.arange(t)[None, :]
+        keep = new_ok & (i >= num_new[:, None] - w)
+        slot = jnp.where(keep, positions % w, w)
+        new_rows = KVRows.encode(kv, cfg.nope_head_dim, cfg.quant_simulation)
+        ring_rows = jax.tree.map(lambda r, v: r.at[jnp.arange(b)[:, None], slot].set(v.astype(r.dtype), mode="drop"),
+                                 layer_state.ring, new_rows)
+        return self.output(o, positions), LayerState(ring_rows, pool, carry, index_pool, index_carry)
+
+
+def _gather_pool(pool, table):
+    """Dense view ``[batch, pages * page, ...]`` of each slot's entries (unallocated pages read page 0)."""
+    rows = jax.tree.map(lambda a: a[jnp.maximum(table, 0)], pool)
+    return jax.tree.map(lambda a: a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:]), rows)
+
+
+def _scatter_pool(pool, table, first, count, values, page_size: int):
+    """Write ``values[:, w]`` as entry ``first + w`` of each slot for ``w < count`` (others dropped)."""
+    b, w = jax.tree.leaves(values)[0].shape[:2]
+    j = first[:, None] + jnp.arange(w)[None, :]
+    page = jnp.take_along_axis(table, jnp.clip(j // page_size, 0, table.shape[1] - 1), axis=1)
+    ok = (jnp.arange(w)[None, :] < count[:, None]) & (page >= 0) & (j // page_size < table.shape[1])
+    num_pages = jax.tree.leaves(pool)[0].shape[0]
+    page = jnp.where(ok, page, num_pages)  # out of range: dropped
+    return jax.tree.map(lambda p, v: p.at[page, j % page_size].set(v.astype(p.dtype), mode="drop"), pool, values)
 
 
 def selection_mask(chosen: Int[Array, "batch seq k"], num_entries: int):

@@ -31,3 +31,14 @@ class Block(eqx.Module):
         u, post, comb = self.hc_ffn.pre(x)
         f = self.ffn(rms_norm(u, self.ffn_norm, self.eps), token_ids)
         return self.hc_ffn.post(f, x, post, comb)
+
+    def step(self, x, token_ids, positions, num_new, layer_state, page_tables, page_size: int):
+        """Cached counterpart of ``__call__`` for a chunk of new tokens; returns ``(x, layer_state)``."""
+        u, post, comb = self.hc_attn.pre(x)
+        ratio = 0 if self.attn.compressor is None else self.attn.compressor.ratio
+        a, layer_state = self.attn.step(rms_norm(u, self.attn_norm, self.eps), positions, num_new, layer_state,
+                                        page_tables.get(ratio), page_size)
+        x = self.hc_attn.post(a, x, post, comb)
+        u, post, comb = self.hc_ffn.pre(x)
+        f = self.ffn(rms_norm(u, self.ffn_norm, self.eps), token_ids)
+        return self.hc_ffn.post(f, x, post, comb), layer_state

@@ -66,6 +66,18 @@ class Segment(eqx.Module):
         return x, hidden
 
 
+    def step(self, x, token_ids, positions, num_new, states, page_tables, page_size: int):
+        def body(h, xs):
+            layer_blocks, layer_states = xs
+            new_states = []
+            for block, st in zip(layer_blocks, layer_states):
+                h, st = block.step(h, token_ids, positions, num_new, st, page_tables, page_size)
+                new_states.append(st)
+            return h, tuple(new_states)
+
+        return jax.lax.scan(body, x, (self.blocks, states))
+
+
 class MTP(eqx.Module):
     """Multi-token prediction block (spec §5): predicts token t+2 from the hidden state at t and token t+1."""
 
@@ -138,6 +150,58 @@ class Transformer(eqx.Module):
         self.check_tokens(token_ids)
         x, _ = self.hidden(token_ids)
         return self.logits(x)
+
+    def step(self, state, token_ids: Int[Array, "batch chunk"], num_new: Int[Array, " batch"] | None = None):
+        """Process a chunk of new tokens for every slot; returns ``(logits, hidden, state)``.
+
+        Slot b continues from ``state.lengths[b]``; only its first ``num_new[b]`` tokens (default:
+        all) are real — the rest is padding, computed but never stored, and ``num_new[b] = 0``
+        leaves the slot untouched. ``logits`` are float32 ``[batch, chunk, vocab]``, ``hidden`` the
+        residual stream before the head ``[batch, chunk, streams, dim]`` (the MTP block's input).
+        Capacity is not checked here (inside jit); call ``state.check_capacity`` first.
+        """
+        from nvfp4jax.state import DecodeState, allocate_pages
+
+        cfg = self.cfg
+        b, t = token_ids.shape
+        num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+        positions = state.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        tables, frees = {}, {}
+        for r, table in state.page_tables.items():
+            need = -(-((state.lengths + num_new) // r) // state.page_size)
+            tables[r], frees[r], _ = allocate_pages(table, state.free_pages[r], need)
+        e = self.embed[token_ids]
+        x = jnp.broadcast_to(e[:, :, None, :], (b, t, cfg.hc_mult, cfg.hidden_size))
+        new_layers = []
+        for seg, seg_state in zip(self.segments, state.layers):
+            x, seg_state = seg.step(x, token_ids, positions, num_new, seg_state, tables, state.page_size)
+            new_layers.append(seg_state)
+        state = DecodeState(state.lengths + num_new, tuple(new_layers), state.mtp, state.mtp_lengths, tables, frees,
+                            state.max_len, state.page_size)
+        return self.logits(x), x, state
+
+    def mtp_step(self, state, hidden, next_ids: Int[Array, "batch chunk"], num_new: Int[Array, " batch"] | None = None):
+        """MTP logits (predicting token t+2) for a chunk, with the MTP block's own window cache.
+
+        ``hidden[:, i]`` is the main model's residual stream at position ``state.mtp_lengths + i``
+        and ``next_ids[:, i]`` the token that follows it. Returns ``(logits, state)``.
+        """
+        from nvfp4jax.state import DecodeState
+
+        if self.mtp is None:
+            raise ValueError("this model has no MTP block")
+        b, t = next_ids.shape
+        num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+        positions = state.mtp_lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        mtp = self.mtp
+        e = rms_norm(self.embed[next_ids], mtp.enorm, mtp.eps)
+        h = rms_norm(hidden, mtp.hnorm, mtp.eps)
+        x = mtp.e_proj(e)[:, :, None, :] + mtp.h_proj(h)
+        x, ring_state = mtp.block.step(x, next_ids, positions, num_new, state.mtp, {}, state.page_size)
+        logits = self.project(rms_norm(mtp.head_mix(x), mtp.norm, mtp.eps))
+        state = DecodeState(state.lengths, state.layers, ring_state, state.mtp_lengths + num_new, state.page_tables,
+                            state.free_pages, state.max_len, state.page_size)
+        return logits, state
 
     def mtp_logits(self, x_main, next_ids: Int[Array, "batch seq"]) -> Float[Array, "batch seq vocab"]:
         """MTP logits at every position t (predicting token t+2) from ``x_main`` and token ``t+1``."""

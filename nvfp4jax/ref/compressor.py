@@ -19,7 +19,7 @@ from jaxtyping import Array, Float
 def pool_windows(
     kv: Float[Array, "batch windows ratio width"],
     gate: Float[Array, "batch windows ratio width"],
-    ape: Float[Array, "ratio width"],
+    ape: Float[Array, "ratio width"] | None,
     *,
     overlap: bool,
     prev_kv: Float[Array, "batch ratio dim"] | None = None,
@@ -29,9 +29,12 @@ def pool_windows(
 
     ``width`` is ``dim`` (HCA) or ``2 * dim`` (CSA). With ``overlap``, ``prev_kv``/``prev_gate``
     are window -1's A halves (gate already including ``ape``); ``None`` means no such window.
+    ``ape=None``: the gates already include the position bias.
     """
     kv = kv.astype(jnp.float32)
-    gate = gate.astype(jnp.float32) + jnp.broadcast_to(ape.astype(jnp.float32), gate.shape)
+    gate = gate.astype(jnp.float32)
+    if ape is not None:
+        gate = gate + jnp.broadcast_to(ape.astype(jnp.float32), gate.shape)
     if overlap:
         b, n, r, width = kv.shape
         d = width // 2
