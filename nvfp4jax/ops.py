@@ -30,8 +30,8 @@ class Op:
 
 
 TABLE: dict[str, Op] = {
-    "quantize_nvfp4": Op(_ref_gemm.quantize_nvfp4),
-    "nvfp4_gemm": Op(_ref_gemm.nvfp4_gemm),
+    "quantize_nvfp4": Op(_ref_gemm.quantize_nvfp4, kernels={"sm_90a": "nvfp4jax.kernels.quantize:quantize_nvfp4"}),
+    "nvfp4_gemm": Op(_ref_gemm.nvfp4_gemm, kernels={"sm_90a": "nvfp4jax.kernels.gemm:nvfp4_gemm"}),
     "moe_experts": Op(_ref_moe.moe_experts),
 }
 
