@@ -1,0 +1,176 @@
+"""Cached prefill/decode against the full-sequence reference model (design §7, spec §7).
+
+Every comparison runs the tiny model (SWA, CSA, HCA layers; hash and score routing) with the
+model's quantisation simulations on, in float32 activations so that the only differences are
+summation order (tolerance 1e-4 relative to the largest logit; observed ~1e-6). Pools are
+poisoned with NaN, pages are small (4 entries) so sequences span several pages, and page tables
+are shuffled mid-sequence.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvfp4jax.config import preset
+from nvfp4jax.model import random_model
+from nvfp4jax.state import DecodeState, allocate_pages, check_capacity, init_state, release_slots
+
+TOL = 1e-4
+CFG = preset("tiny", recipe="bf16", compute_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CFG, 0)
+
+
+_full = jax.jit(lambda m, ids: m(ids))
+_step = eqx.filter_jit(lambda m, s, t, n: m.step(s, t, n))
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def shuffle_pages(state: DecodeState, seed: int) -> DecodeState:
+    """Move every physical page to a random new place (pool rows, page tables and free bitmaps)."""
+    rng = np.random.default_rng(seed)
+    tables, frees, perms = {}, {}, {}
+    for r, table in state.page_tables.items():
+        n = state.free_pages[r].shape[0]
+        perm = rng.permutation(n)  # old page p -> new page perm[p]
+        perms[r] = perm
+        tables[r] = jnp.where(table >= 0, jnp.asarray(perm)[jnp.maximum(table, 0)], -1)
+        frees[r] = jnp.zeros_like(state.free_pages[r]).at[perm].set(state.free_pages[r])
+
+    def move(ls, ratio):
+        if ls.pool is None:
+            return ls
+        inv = np.argsort(perms[ratio])
+        pool = jax.tree.map(lambda a: a[:, inv], ls.pool)  # stacked over layers: [L, pages, ...]
+        ipool = None if ls.index_pool is None else ls.index_pool[:, inv]
+        return eqx.tree_at(lambda s: (s.pool, s.index_pool), ls, (pool, ipool), is_leaf=lambda x: x is None)
+
+    layers = []
+    for seg, seg_state in zip(MODEL_SEGMENTS, state.layers):
+        layers.append(tuple(move(ls, 0 if b.attn.compressor is None else b.attn.compressor.ratio)
+                            for b, ls in zip(seg.blocks, seg_state)))
+    return DecodeState(state.lengths, tuple(layers), state.mtp, state.mtp_lengths, tables, frees, state.max_len,
+                       state.page_size)
+
+
+MODEL_SEGMENTS = None
+
+
+@pytest.fixture(autouse=True)
+def _segments(model):
+    global MODEL_SEGMENTS
+    MODEL_SEGMENTS = model.segments
+
+
+def test_decode_reproduces_full_sequence_logits(model, rng):
+    """Two slots at different lengths (3 and 124 prompt tokens), decoded across the 4- and 128-token
+    boundaries (window, CSA and HCA emission), with shuffled page tables and NaN-poisoned pools."""
+    ids = rng.integers(0, CFG.vocab_size, (2, 134))
+    prompt = np.array([3, 124])
+    state = init_state(model, 2, 160, page_size=4, poison=True)
+    chunk = np.zeros((2, 124), np.int64)
+    for b in range(2):
+        chunk[b, : prompt[b]] = ids[b, : prompt[b]]
+    logits, _, state = _step(model, state, jnp.asarray(chunk), jnp.asarray(prompt))
+    got = [[np.asarray(logits[b, : prompt[b]])] for b in range(2)]
+    for i in range(10):
+        if i == 5:
+            state = shuffle_pages(state, i)
+        tok = np.array([[ids[b, prompt[b] + i]] for b in range(2)])
+        logits, _, state = _step(model, state, jnp.asarray(tok), jnp.ones(2, jnp.int32))
+        for b in range(2):
+            got[b].append(np.asarray(logits[b]))
+    assert np.asarray(state.lengths).tolist() == [13, 134]
+    for b in range(2):
+        n = prompt[b] + 10
+        want = _full(model, jnp.asarray(ids[b : b + 1, :n]))[0]
+        err = _rel(np.concatenate(got[b]), want)
+        assert err < TOL, f"slot {b}: {err=:.3e}"
+
+
+def test_chunked_prefill_equals_one_prefill(model, rng):
+    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 141)))
+    one = init_state(model, 1, 160, page_size=4)
+    whole, _, one = _step(model, one, ids, jnp.array([141]))
+    parts = init_state(model, 1, 160, page_size=4)
+    outs = []
+    for a, b in ((0, 5), (5, 70), (70, 130), (130, 141)):  # splits inside windows and across 128
+        lg, _, parts = _step(model, parts, ids[:, a:b], jnp.array([b - a]))
+        outs.append(np.asarray(lg))
+    assert _rel(np.concatenate(outs, axis=1), whole) < TOL
+    # and the states continue identically
+    nxt = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 1)))
+    a, _, _ = _step(model, one, nxt, jnp.array([1]))
+    b, _, _ = _step(model, parts, nxt, jnp.array([1]))
+    assert _rel(a, b) < TOL
+
+
+def test_reused_slot_is_unaffected_by_the_previous_sequence(model, rng):
+    first = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 138)))
+    second = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 7)))
+    state = init_state(model, 1, 160, page_size=4)
+    _, _, state = _step(model, state, first, jnp.array([138]))
+    state = release_slots(state, jnp.array([True]))
+    assert int(state.lengths[0]) == 0 and bool(state.free_pages[4].all()) and bool(state.free_pages[128].all())
+    # 2 + 5 tokens: the carry of the old sequence (mid-window at 138) must not leak into the new one
+    a, _, state = _step(model, state, second[:, :2], jnp.array([2]))
+    b, _, state = _step(model, state, second[:, 2:], jnp.array([5]))
+    want = _full(model, second)
+    assert _rel(np.concatenate([a, b], axis=1), want) < TOL
+
+
+def test_padding_and_inactive_slots_change_nothing(model, rng):
+    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 9)))
+    state = init_state(model, 2, 32, page_size=4)
+    _, _, s1 = _step(model, state, ids, jnp.array([9, 0]))
+    assert np.asarray(s1.lengths).tolist() == [9, 0]
+    assert int((np.asarray(s1.page_tables[4][1]) >= 0).sum()) == 0, "an inactive slot must not take pages"
+    lg, _, _ = _step(model, s1, ids[1:][:, :4].repeat(2, 0), jnp.array([0, 4]))
+    assert _rel(lg[1], _full(model, ids[1:, :4])[0]) < TOL
+
+
+def test_decode_traces_once_and_reuses_the_donated_state(model):
+    state = init_state(model, 2, 64, page_size=4)
+
+    @eqx.filter_jit(donate="all-except-first")
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def decode(m, s, tok):
+        logits, _, s = m.step(s, tok)
+        return logits, s
+
+    tok = jnp.ones((2, 1), jnp.int32)
+    reused = []
+    for _ in range(3):
+        ring = state.layers[0][0].ring.rope
+        before = ring.unsafe_buffer_pointer()
+        _, state = decode(model, state, tok)
+        assert ring.is_deleted(), "the state must be donated"
+        reused.append(state.layers[0][0].ring.rope.unsafe_buffer_pointer() == before)
+    assert all(reused), "the ring buffer must be updated in place"
+    assert int(state.lengths[0]) == 3
+
+
+def test_allocation_and_capacity_errors(model):
+    table = jnp.full((2, 3), -1, jnp.int32).at[0, 0].set(4)
+    free = jnp.ones(6, bool).at[4].set(False)
+    t, f, ok = allocate_pages(table, free, jnp.array([2, 2]))
+    assert bool(ok) and np.asarray(t).tolist() == [[4, 0, -1], [1, 2, -1]]
+    assert np.asarray(f).tolist() == [False, False, False, True, False, True]
+    t2, _, ok = allocate_pages(t, jnp.zeros(6, bool).at[3].set(True), jnp.array([3, 3]))
+    assert not bool(ok) and np.asarray(t2).tolist() == [[4, 0, 3], [1, 2, -1]], "grants in slot order, then stops"
+    state = init_state(model, 2, 20, page_size=4, num_pages={4: 2, 128: 1})
+    with pytest.raises(ValueError, match="at most 20 per slot"):
+        check_capacity(state, [21, 0])
+    with pytest.raises(ValueError, match="ratio 4 exhausted: 3 pages needed, 2 free"):
+        check_capacity(state, [20, 8])
+    with pytest.raises(ValueError, match="3 slots"):
+        check_capacity(state, [1, 1, 1])
+    check_capacity(state, [16, 0])
