@@ -15,7 +15,7 @@ Everything else: BF16 -> bfloat16, F32 -> float32, I64/I32 ``tid2eid`` -> int32 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from nvfp4jax.checkpoint.random_weights import source_specs
 from nvfp4jax.checkpoint.schema import BF16, F8_E4M3, F8_E8M0, F32, I8, I64, U8, TensorSpec

@@ -19,7 +19,8 @@ import json
 import os
 import re
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm

@@ -47,7 +47,7 @@ def nvfp4_arrays(t: LogicalTensor, q: formats.NVFP4Tensor) -> dict[str, np.ndarr
     g = np.asarray(q.global_scale, np.float32).reshape(())
     if t.format == "modelopt":
         return {t.name: values, f"{t.base}.weight_scale": scales, f"{t.base}.weight_scale_2": g,
-                f"{t.base}.input_scale": np.float32(1.0).reshape(())}
+                f"{t.base}.input_scale": np.array(1.0, np.float32)}
     return {f"{t.base}.values": values, f"{t.base}.scales": scales, f"{t.base}.global_scale": g}
 
 

@@ -69,8 +69,8 @@ def test_cli_convert_and_inspect_clean(tmp_path, official_dir, capsys):
 def test_inspect_reports_planted_anomalies(tmp_path, nvidia_dir):
     path = shutil.copytree(nvidia_dir, tmp_path / "ckpt")
     planted = {
-        "layers.2.ffn.experts.3.w2.weight_scale_2": (np.float32(0.0).reshape(()), "global scale is 0.0"),
-        "layers.3.ffn.experts.0.w1.input_scale": (np.float32(1.6e-43).reshape(()), "input_scale is 1.597"),
+        "layers.2.ffn.experts.3.w2.weight_scale_2": (np.array(0.0, np.float32), "global scale is 0.0"),
+        "layers.3.ffn.experts.0.w1.input_scale": (np.array(1.6e-43, np.float32), "input_scale is 1.597"),
         "layers.1.hc_attn_base": (None, "1 non-finite values"),
         "layers.2.attn.wo_b.scale": (None, "1 E8M0 scale bytes are 255 (NaN), first at (0, 0)"),
     }

@@ -97,7 +97,7 @@ def test_wrong_dtype(official):
 @pytest.mark.parametrize("bad", [0.0, np.nan, np.inf, -1.0])
 def test_bad_nvidia_global_scale(nvidia, bad):
     name = "layers.2.ffn.experts.3.w2.weight_scale_2"
-    shard = edit_shard(nvidia, name, value=np.float32(bad).reshape(()))
+    shard = edit_shard(nvidia, name, value=np.array(bad, np.float32))
     raises_naming(nvidia, shard, name, "global scale must be finite and > 0")
 
 

@@ -18,7 +18,7 @@ def _random_tensors(rng) -> dict[str, np.ndarray]:
         raw = rng.integers(0, 256, size=int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
         out[f"t.{name}"] = raw.view(dtype).reshape(shape)
     out["t.BOOL"] = out["t.BOOL"].view(np.uint8) % 2 == 1
-    out["scalar"] = np.float32(3.5).reshape(())
+    out["scalar"] = np.array(3.5, np.float32)
     return out
 
 
