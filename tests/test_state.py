@@ -174,3 +174,19 @@ def test_allocation_and_capacity_errors(model):
     with pytest.raises(ValueError, match="3 slots"):
         check_capacity(state, [1, 1, 1])
     check_capacity(state, [16, 0])
+
+
+def test_mtp_step_reproduces_full_sequence_mtp_logits(model, rng):
+    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 134)))
+    main, nxt = ids[:, :133], ids[:, 1:]
+    x_main, _ = jax.jit(lambda m, i: m.hidden(i))(model, main)
+    want = jax.jit(lambda m, x, n: m.mtp_logits(x, n))(model, x_main, nxt)
+    state = init_state(model, 1, 160, page_size=4, poison=True)
+    mtp_step = eqx.filter_jit(lambda m, s, h, n: m.mtp_step(s, h, n))
+    outs = []
+    for a, b in ((0, 125), *((i, i + 1) for i in range(125, 133))):  # the MTP window crosses 128
+        _, hidden, state = _step(model, state, main[:, a:b], jnp.array([b - a]))
+        lg, state = mtp_step(model, state, hidden, nxt[:, a:b])
+        outs.append(np.asarray(lg))
+    assert int(state.mtp_lengths[0]) == 133
+    assert _rel(np.concatenate(outs, axis=1), want) < TOL
