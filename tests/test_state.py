@@ -190,3 +190,21 @@ def test_mtp_step_reproduces_full_sequence_mtp_logits(model, rng):
         outs.append(np.asarray(lg))
     assert int(state.mtp_lengths[0]) == 133
     assert _rel(np.concatenate(outs, axis=1), want) < TOL
+
+
+def test_decode_in_the_default_nvfp4_bf16_recipe(rng):
+    """The default recipe (NVFP4 linears, BF16 activations) through the cached path: same function as
+    the full forward up to BF16 rounding order (cosine of the logits >= 0.999 at every step)."""
+    cfg = preset("tiny")
+    model = random_model(cfg, 1, include_mtp=False)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 26)))
+    want = np.asarray(_full(model, ids)[0])
+    state = init_state(model, 1, 32, page_size=4, poison=True)
+    lg, _, state = _step(model, state, ids[:, :20], jnp.array([20]))
+    got = [np.asarray(lg[0])]
+    for i in range(20, 26):
+        lg, _, state = _step(model, state, ids[:, i : i + 1], jnp.array([1]))
+        got.append(np.asarray(lg[0]))
+    got = np.concatenate(got)
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.min() >= 0.999, cos.min()
