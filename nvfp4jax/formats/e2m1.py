@@ -44,16 +44,47 @@ def encode_e2m1(x: Float[ArrayLike, "*shape"]) -> UInt8[Array, "*shape"]:
     return code | sign
 
 
-def exact_div(a: ArrayLike, b: ArrayLike) -> Array:
-    """IEEE float32 ``a / b`` with ``b`` broadcast to ``a``'s shape.
+_SPLIT = 4097.0  # 2**12 + 1: Veltkamp split of a float32 into two 12-bit halves
 
-    XLA rewrites ``a / broadcast(b)`` (and division by a constant) into ``a * (1 / b)``, which is
-    not correctly rounded and breaks bit-exact quantization. Materialising ``b`` at full shape
-    behind an optimization barrier keeps a true division.
+
+def _two_prod(x: Array, y: Array) -> tuple[Array, Array]:
+    """Dekker's exact product without FMA: ``x * y == p + e`` exactly (no overflow/underflow)."""
+    p = x * y
+    cx, cy = x * _SPLIT, y * _SPLIT
+    xh = cx - (cx - x)
+    yh = cy - (cy - y)
+    xl, yl = x - xh, y - yh
+    e = ((xh * yh - p) + xh * yl + xl * yh) + xl * yl
+    return p, e
+
+
+def exact_div(a: ArrayLike, b: ArrayLike, _guess: Array | None = None) -> Array:
+    """Correctly rounded (IEEE round-to-nearest-even) float32 ``a / b``, ``b`` broadcast to ``a``.
+
+    XLA may rewrite ``a / broadcast(b)`` or a division by a constant into ``a * (1 / b)``, which is
+    not correctly rounded (seen on jax 0.10 and, through optimization barriers, on 0.11). So the
+    quotient is *verified*: among the XLA quotient and its two float32 neighbours we keep the one
+    with the smallest exact residual ``|a - q * b|`` (Dekker's exact product, computed on ``b``
+    scaled to [0.5, 1)), ties to the even significand. Exact for finite ``a``, ``b != 0`` with
+    ``|a / b| < 2**115`` and no subnormal intermediates (XLA flushes those anyway).
     """
-    a = jnp.asarray(a)
-    b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
-    return a / b
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape)
+    q = a / b if _guess is None else _guess
+    _, k = jnp.frexp(b)
+    scale = jnp.ldexp(jnp.ones_like(b), -k)  # exact power of two: b' = b * 2**-k in [0.5, 1)
+    bs, as_ = b * scale, a * scale
+    best, best_r = q, None
+    for cand in (jnp.nextafter(q, -jnp.inf), q, jnp.nextafter(q, jnp.inf)):
+        p, e = _two_prod(cand, bs)
+        r = jnp.abs((as_ - p) - e)
+        if best_r is None:
+            best, best_r = cand, r
+            continue
+        odd = (jax.lax.bitcast_convert_type(best, jnp.int32) & 1) == 1
+        better = (r < best_r) | ((r == best_r) & odd)
+        best, best_r = jnp.where(better, cand, best), jnp.where(better, r, best_r)
+    return jnp.where(jnp.isfinite(q) & (q != 0), best, q)
 
 
 def decode_e2m1(codes: UInt8[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:

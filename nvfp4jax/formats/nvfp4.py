@@ -12,7 +12,7 @@ and means ``W = e2m1(values) * float32(scales) * global_scale``.
 
 Quantization (design §3), all in float32:
 
-    global = amax(|x|) / (6 * 448)                       (1.0 where amax == 0)
+    global = amax(|x|) / (6 * 448)                       (1.0 where amax < 2688 * 2**-126, i.e. 0)
     s_b    = e4m3_rne(amax_b / 6 / global)               per 16-element block b
     q      = e2m1_rne(x / (float32(s_b) * global))       ties to even, saturating at +-6
     a block whose s_b is 0 (all zero, or underflowed) is stored as zeros.
@@ -80,10 +80,15 @@ def _check_finite(x: Array) -> None:
         raise ValueError(f"cannot quantize non-finite input to NVFP4 (first at index {bad})")
 
 
+#: below this amax the global scale ``amax / 2688`` would be a float32 subnormal (flushed to zero by
+#: XLA): such tensors (or rows) are treated as all-zero, with global scale 1.0
+MIN_AMAX = float(E2M1_MAX * E4M3_MAX * 2.0**-126)
+
+
 def global_scale_from_amax(amax: Float[ArrayLike, "*rows"]) -> Float[Array, "*rows"]:
-    """``amax / (6 * 448)``, or 1.0 where amax is 0."""
+    """``amax / (6 * 448)``, or 1.0 where amax is 0 or below :data:`MIN_AMAX` (~3.2e-35)."""
     amax = jnp.asarray(amax, jnp.float32)
-    return jnp.where(amax > 0, exact_div(amax, jnp.float32(E2M1_MAX * E4M3_MAX)), jnp.float32(1.0))
+    return jnp.where(amax >= MIN_AMAX, exact_div(amax, jnp.float32(E2M1_MAX * E4M3_MAX)), jnp.float32(1.0))
 
 
 def quantize_with_global(x: Float[ArrayLike, "*rows k"], global_scale: Float[ArrayLike, "*g"]) -> NVFP4Tensor:

@@ -8,7 +8,8 @@ def nvfp4_oracle(x: np.ndarray, per_row: bool):
     """Return (codes uint8 [..., K], scales e4m3 [..., K/16], global f32) per design §3."""
     x = np.asarray(x, np.float32)
     amax = np.abs(x).max(axis=-1) if per_row else np.abs(x).max()
-    g = np.where(amax > 0, amax / np.float32(6 * 448), np.float32(1)).astype(np.float32)
+    # documented exception: amax below 2688 * 2**-126 (a subnormal global scale) counts as zero
+    g = np.where(amax >= np.float32(6 * 448 * 2.0**-126), amax / np.float32(6 * 448), np.float32(1)).astype(np.float32)
     gb = g[..., None, None] if per_row else g
     blocks = x.reshape(*x.shape[:-1], -1, 16)
     amax_b = np.abs(blocks).max(axis=-1, keepdims=True)

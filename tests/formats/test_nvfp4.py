@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -128,3 +129,17 @@ def test_swizzle_matches_the_reference_to_blocked_layout():
     s = np.arange(256 * 8, dtype=np.int32).reshape(256, 8)
     blocks = s.reshape(2, 128, 2, 4).transpose(0, 2, 1, 3).reshape(-1, 4, 32, 4).transpose(0, 2, 1, 3)
     assert_bitwise_equal(formats.swizzle_scales(s), blocks.reshape(-1), "to_blocked")
+
+
+def test_exact_div_corrects_a_reciprocal_multiply(rng):
+    """XLA may turn a / b into a * (1/b) (not correctly rounded); exact_div must still be IEEE-exact."""
+    from nvfp4jax.formats.e2m1 import exact_div
+
+    n = 400_000
+    a = (rng.standard_normal(n) * 10.0 ** rng.integers(-8, 8, n)).astype(np.float32)
+    b = (rng.standard_normal(n) * 10.0 ** rng.integers(-8, 8, n)).astype(np.float32)
+    guess = jnp.asarray(a) * (jnp.float32(1.0) / jnp.asarray(b))
+    assert int((np.asarray(guess) != a / b).sum()) > 1000, "the inexact guess must actually be wrong somewhere"
+    got = jax.jit(lambda x, y, g: exact_div(x, y, g))(a, b, guess)
+    assert_bitwise_equal(got, (a / b).astype(np.float32), "exact_div")
+    assert_bitwise_equal(jax.jit(exact_div)(a, np.float32(2688.0)), a / np.float32(2688.0), "by a constant")
