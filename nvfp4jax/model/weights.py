@@ -152,10 +152,19 @@ def model_from_tensors(cfg: DeepSeekV4Config, get: Getter, *, include_mtp: bool 
     return Transformer(g("embed.weight"), tuple(segments), head_mix, g("norm.weight"), g("head.weight"), mtp, cfg)
 
 
+@jax.jit
+def _quantize_weight(w):
+    """``formats.nvfp4.quantize`` (per-tensor global) as one compiled program per weight shape."""
+    w = w.astype(jnp.float32)
+    return nvfp4_format.quantize_with_global(w, nvfp4_format.global_scale_from_amax(jnp.max(jnp.abs(w))))
+
+
 def prepare_source(cfg: DeepSeekV4Config, spec: TensorSpec, value: np.ndarray):
     """A float *source* weight as the recipe holds it: NVFP4 (per-tensor global) for big linears."""
     if is_big_linear(spec) and cfg.recipe != "bf16":
-        return nvfp4_format.quantize(value)
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{spec.name}: non-finite source weight")
+        return _quantize_weight(value)
     return value
 
 
