@@ -57,3 +57,21 @@ def test_checkpoint_model_is_close_to_the_float_source(tiny_source, official_dir
     a, b = forward(model, tokens).reshape(-1), forward(source, tokens).reshape(-1)
     cos = float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
     assert 0.98 < cos < 1.0, f"{cos=:.5f}"  # measured 0.990 (4-bit MXFP4 experts)
+
+
+def test_cli_generate_from_checkpoint(tiny_source, official_dir, capsys):
+    """``nvfp4jax generate --checkpoint DIR`` runs the loaded model: its greedy tokens are those of the
+    directly built model."""
+    from nvfp4jax import cli
+    from nvfp4jax.generate import generate
+    from nvfp4jax.tokenizer import ByteTokenizer, chat_prompt
+
+    cfg, weights = tiny_source
+    with pytest.warns(UserWarning, match="INEXACT"):  # the planted wide experts
+        rc = cli.main(["generate", "--checkpoint", str(official_dir), "--prompt", "hi", "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    tok = ByteTokenizer()
+    direct = weights_module.model_from_tensors(cfg, direct_getter(cfg, weights, "official"))
+    expect = generate(direct, [tok.encode(chat_prompt("hi"))], max_new_tokens=5, stop_tokens=[tok.eos_id]).tokens[0]
+    assert f"[0] tokens: {expect}" in out, out
