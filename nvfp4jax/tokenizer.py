@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -33,6 +33,7 @@ BYTE_SPECIALS: tuple[str, ...] = (BOS, EOS, USER, ASSISTANT, THINK, END_THINK, "
 NUM_SPECIALS = 16  # ids 0..15 are reserved for specials; bytes start here
 
 
+@runtime_checkable
 class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
