@@ -90,7 +90,7 @@ class LayerState(eqx.Module):
     ring: KVRows
     pool: KVRows | None
     carry: Carry | None
-    index_pool: Float[Array, "pages page index_dim"] | None
+    index_pool: Float[Array, "*layers pages page index_dim"] | None
     index_carry: Carry | None
 
 
