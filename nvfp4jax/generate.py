@@ -21,6 +21,7 @@ jaxtyping dimensions: ``batch chunk vocab streams dim`` (see ``model/layers.py``
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from typing import Callable, Sequence
 
@@ -46,21 +47,25 @@ class Sampling:
     drawn from the renormalised rest. ``seed`` fixes the draws.
     """
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    temperature: numbers.Real = 0.0
+    top_k: numbers.Integral = 0
+    top_p: numbers.Real = 1.0
+    seed: numbers.Integral = 0
 
     def __post_init__(self):
         t, k, p, s = self.temperature, self.top_k, self.top_p, self.seed
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t) or t < 0:
+        for name, v, kind in (("temperature", t, numbers.Real), ("top_k", k, numbers.Integral),
+                              ("top_p", p, numbers.Real), ("seed", s, numbers.Integral)):
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise TypeError(f"{name} must be {'an integer' if kind is numbers.Integral else 'a number'}, got {v!r}")
+        if not np.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = no top-k), got {k!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        if k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {k!r}")
+        if not 0 < p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {p!r}")
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**32:
-            raise ValueError(f"seed must be an integer in [0, 2**32), got {s!r}")
+        if not 0 <= s < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {s!r}")
 
     @property
     def greedy(self) -> bool:
@@ -261,7 +266,8 @@ def _prepare_state(model, state, lengths, max_new_tokens, max_len, page_size, nu
         if need[i] > state.max_len:
             raise ValueError(f"prompt {i} ({s} tokens) + max_new_tokens {max_new_tokens} = {need[i]} positions; the "
                              f"state holds at most {state.max_len} per slot")
-    state = release_step(state, jnp.ones((state.batch,), bool))
+    if np.asarray(state.lengths).any():  # a state from an earlier call: free every slot
+        state = release_step(state, jnp.ones((state.batch,), bool))
     check_capacity(state, np.array(need + [0] * (state.batch - n), np.int32))
     return state
 
@@ -272,8 +278,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
              prefill_chunk: int | None = None, speculative: bool = False) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids), batched.
 
-    Request i runs in slot i. ``state`` (from ``init_state``; donated, use ``result.state`` afterwards)
-    is created when not given, sized ``max_len`` (default: the longest prompt + ``max_new_tokens``).
+    Request i runs in slot i. ``state`` (from ``init_state``; donated, use ``result.state`` afterwards,
+    which still holds the finished sequences; a later call frees every slot first) is created when not
+    given, sized ``max_len`` (default: the longest prompt + ``max_new_tokens``).
     A request ends at its first token in ``stop_tokens`` (kept in its output) or after
     ``max_new_tokens``. ``on_token(i, token)`` is called for every new token as soon as it is known,
     in order within each request. Prompts are prefilled together in chunks of ``prefill_chunk``
@@ -347,7 +354,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
                 emit(int(i), int(token[i]))
             result.step_seconds.append(time.perf_counter() - t)
             result.step_tokens.append(int(was.sum()))
-    result.state = release_step(state, jnp.ones((b,), bool))
+    result.state = state
     return result
 
 

@@ -81,11 +81,17 @@ def test_sampling_frequencies_and_seeds(rng):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(seed=-1), "seed"), (dict(seed=2**32), "seed"),
 ])
 def test_bad_sampling_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        Sampling(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=2.5), dict(seed=1.0), dict(temperature="1"), dict(top_k=True)])
+def test_mistyped_sampling_parameters(kwargs):
+    with pytest.raises(TypeError):  # ours, or the jaxtyping/beartype check when tests turn it on
         Sampling(**kwargs)
 
 
@@ -117,6 +123,13 @@ def test_batched_equals_one_at_a_time_equals_full_forward(model, greedy_pair):
         assert alone.tokens[0] == greedy_pair.tokens[i], f"prompt {i}"
         assert alone.tokens[0] == _full_forward_argmax(model, p, alone.tokens[0]), f"prompt {i}: cached != full forward"
     assert greedy_pair.tokens[0] != greedy_pair.tokens[1]
+
+
+def test_reused_state_gives_the_same_tokens(model, greedy_pair):
+    first = generate(model, [P1, P0], max_new_tokens=7, state=_state(model), **OPTS)  # slots swapped
+    np.testing.assert_array_equal(first.state.lengths, [len(P1) + 6, len(P0) + 6])
+    again = generate(model, [P0, P1], max_new_tokens=10, state=first.state, **OPTS)  # frees both slots first
+    assert again.tokens == greedy_pair.tokens
 
 
 def test_stop_tokens_and_streaming_order(model, greedy_pair):
