@@ -100,5 +100,9 @@ def nvfp4_gemm(x, w, out_dtype=None):
 
 
 def moe_experts(x, weights, expert_ids, w1, w3, w2, *, swiglu_limit: float, quantize_activations: bool):
-    return implementation("moe_experts")(x, weights, expert_ids, w1, w3, w2, swiglu_limit=swiglu_limit,
-                                         quantize_activations=quantize_activations)
+    # expert parallelism (issue 8): under `jax.set_mesh(mesh)` with an `expert` axis > 1 the op runs
+    # split over that axis with all-to-all dispatch (nvfp4jax/model/moe_ep.py); otherwise it is the op itself
+    from nvfp4jax.model.moe_ep import moe_experts_in_context
+
+    return moe_experts_in_context(implementation("moe_experts"), x, weights, expert_ids, w1, w3, w2,
+                                  swiglu_limit=swiglu_limit, quantize_activations=quantize_activations)

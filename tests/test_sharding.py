@@ -1,0 +1,166 @@
+"""Sharded execution on 8 fake CPU devices equals single-device execution.
+
+The cases need 8 devices, which a process fixes when JAX starts; the normal suite runs with one. So
+``test_cases_on_eight_fake_cpu_devices`` re-runs this module in a subprocess with
+``--xla_force_host_platform_device_count=8`` (the rest of the suite keeps its usual devices), and
+the cases themselves skip in a process with fewer devices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from nvfp4jax import ops
+from nvfp4jax.config import preset
+from nvfp4jax.formats.nvfp4 import NVFP4Tensor, quantize
+from nvfp4jax.sharding import (make_mesh, partition_spec, shard_batch, shard_model, shard_state,
+                              tree_shardings)
+from nvfp4jax.state import init_state
+from tests.conftest import assert_bitwise_equal
+
+NUM_DEVICES = 8
+on_eight = pytest.mark.skipif(len(jax.devices()) < NUM_DEVICES, reason="runs in the 8-fake-device subprocess")
+
+
+def test_cases_on_eight_fake_cpu_devices():
+    if len(jax.devices()) >= NUM_DEVICES:
+        pytest.skip("this process already has the devices; the cases run directly")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={NUM_DEVICES}"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-p", "no:cacheprovider",
+                        "-k", "not eight_fake_cpu_devices", "-q"], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=1200)
+    tail = r.stdout[-6000:] + r.stderr[-2000:]
+    assert r.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) > 0 and "skipped" not in r.stdout.splitlines()[-1], tail
+
+
+# ------------------------------------------------------------------------------- expert-parallel MoE
+def _experts(rng, num_experts, inter, dim, nvfp4: bool):
+    def one(*shape):
+        w = jnp.asarray(0.1 * rng.standard_normal(shape), jnp.float32)
+        if not nvfp4:
+            return w.astype(jnp.bfloat16)
+        parts = [quantize(w[e]) for e in range(num_experts)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+
+    return one(num_experts, inter, dim), one(num_experts, inter, dim), one(num_experts, dim, inter)
+
+
+def _routing(rng, tokens, k, num_experts, case):
+    if case == "random":
+        ids = np.stack([rng.permutation(num_experts)[:k] for _ in range(tokens)])
+    elif case == "one_expert":  # every assignment to one expert: the busiest rank takes all rows
+        ids = np.full((tokens, k), num_experts - 3)
+    else:  # "one_rank": the k choices of every token on the last rank's experts
+        ids = rng.integers(num_experts - num_experts // 4, num_experts, (tokens, k))
+    weights = rng.random((tokens, k)).astype(np.float32)
+    return jnp.asarray(weights), jnp.asarray(ids, jnp.int32)
+
+
+@on_eight
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
+@pytest.mark.parametrize("nvfp4", [False, True])
+@pytest.mark.parametrize("case,tokens", [("random", 13), ("random", 1), ("one_expert", 16), ("one_rank", 9)])
+def test_expert_parallel_moe_equals_dense(mesh_shape, nvfp4, case, tokens, rng):
+    """Bitwise: every (token, expert) row is computed as in the dense op, and the k rows of a token
+    are summed in the same order."""
+    num_experts, inter, dim, k = 16, 32, 64, 3
+    data, expert, tensor = mesh_shape
+    mesh = make_mesh(NUM_DEVICES, data=data, tensor=tensor)
+    assert mesh.shape["expert"] == expert
+    x = jnp.asarray(rng.standard_normal((tokens, dim)), jnp.bfloat16)
+    weights, ids = _routing(rng, tokens, k, num_experts, case)
+    w1, w3, w2 = _experts(rng, num_experts, inter, dim, nvfp4)
+
+    def run(*args):
+        return ops.moe_experts(*args, swiglu_limit=7.0, quantize_activations=nvfp4)
+
+    dense = jax.jit(run)(x, weights, ids, w1, w3, w2)
+    split = ((r"^$", ("experts", None, None)),)  # a bare stack: its leaves' paths are empty
+    placed = [jax.device_put(w, tree_shardings(w, mesh, split)) for w in (w1, w3, w2)]
+    with jax.set_mesh(mesh):
+        fn = jax.jit(run).lower(x, weights, ids, *placed).compile()
+        sharded = fn(x, weights, ids, *placed)
+    assert "all-to-all" in fn.as_text(), "the expert-parallel path did not run"
+    assert float(jnp.max(jnp.abs(dense))) > 0
+    assert_bitwise_equal(sharded, dense, f"{mesh_shape=} {nvfp4=} {case=} {tokens=}")
+
+
+# -------------------------------------------------------------------------------------- whole model
+@pytest.fixture(scope="module")
+def models():
+    from nvfp4jax.model import random_model
+
+    return {r: random_model(preset("tiny", recipe=r), 0, include_mtp=False) for r in ("bf16", "nvfp4")}
+
+
+@on_eight
+def test_rules_place_weights_by_path(models):
+    mesh = make_mesh(NUM_DEVICES, data=2, tensor=2)
+    block = shard_model(models["nvfp4"], mesh).segments[0].blocks[1]
+    spec = lambda a: a.sharding.spec  # noqa: E731
+    assert spec(block.ffn.w1.values) == P(None, "expert", None, None)
+    assert spec(block.ffn.w2.global_scale) == P(None, "expert")
+    assert spec(block.attn.wq_b.weight.values) == P(None, "tensor", None)
+    assert spec(block.attn.wo_a) == P(None, "tensor", None, None)
+    assert spec(block.attn.wo_b.weight.scales) == P(None, None, "tensor")
+    assert spec(block.ffn.shared.w2.weight.values) == P(None, None, "tensor")
+    assert spec(block.attn.indexer.wq_b.weight.values) == P(None, None, None)
+    assert spec(block.attn.wq_b.weight.global_scale) == P(None)
+    # 2 output groups do not split 4 ways: replicated, not refused
+    assert partition_spec((2, 32, 256), ("groups", None, None), make_mesh(NUM_DEVICES, tensor=4)) == P(None, None, None)
+
+
+@on_eight
+@pytest.mark.parametrize("recipe", ["bf16", "nvfp4"])
+def test_sharded_forward_equals_single_device(models, recipe, rng):
+    model = models[recipe]
+    ids = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (2, 19)), jnp.int32)
+    forward = jax.jit(lambda m, t: m(t))
+    single = forward(model, ids)
+    mesh = make_mesh(NUM_DEVICES, data=2, tensor=2)
+    sharded_model = shard_model(model, mesh)
+    with jax.set_mesh(mesh):
+        sharded = forward(sharded_model, shard_batch(ids, mesh))
+    assert sharded.sharding.num_devices == NUM_DEVICES
+    _assert_close(sharded, single, f"forward {recipe=}")
+
+
+def _assert_close(actual, expected, what):
+    """Equal up to float reassociation: tensor-parallel GEMMs sum their K halves across devices."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert np.all(np.isfinite(a)), what
+    err = np.max(np.abs(a - e))
+    assert err <= 1e-5 * np.max(np.abs(e)), f"{what}: max |diff| {err:.3e} vs max |logit| {np.max(np.abs(e)):.3e}"
+
+
+@on_eight
+def test_sharded_decode_equals_single_device(models, rng):
+    """Six one-token steps (crossing a ratio-4 compression) with the state split over ``data``."""
+    model = models["nvfp4"]
+    batch, steps = 2, 6
+    ids = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (batch, steps)), jnp.int32)
+    step = jax.jit(lambda m, s, t: m.step(s, t)[::2])
+    mesh = make_mesh(NUM_DEVICES, data=2, tensor=2)
+    sharded_model = shard_model(model, mesh)
+    state = init_state(model, batch, 16, page_size=2)
+    sharded_state = shard_state(init_state(model, batch, 16, page_size=2), mesh)
+    assert sharded_state.layers[0][0].ring.nope.sharding.spec == P(None, "data", None, None)
+    for i in range(steps):
+        single, state = step(model, state, ids[:, i : i + 1])
+        with jax.set_mesh(mesh):
+            sharded, sharded_state = step(sharded_model, sharded_state, shard_batch(ids[:, i : i + 1], mesh))
+        _assert_close(sharded, single, f"decode step {i}")
+    np.testing.assert_array_equal(np.asarray(sharded_state.lengths), np.asarray(state.lengths))
