@@ -197,9 +197,11 @@ def test_speculative_decoding_gives_the_same_tokens(model, greedy_pair, rng, agr
     spec = generate(m, [P0, P1], max_new_tokens=10, state=_state(m), speculative=True, **OPTS)
     assert spec.tokens == plain.tokens
     assert spec.drafted > 0
-    if agreeing:  # both the accept and the reject path ran
-        assert 0 < spec.acceptance_rate < 1, spec.acceptance_rate
-        assert len(spec.step_seconds) < 10
+    if agreeing:  # the accept path (measured: every draft accepted, 2 tokens per step)
+        assert spec.acceptance_rate > 0.5, spec.acceptance_rate
+        assert len(spec.step_seconds) < 9
+    else:  # the reject path (random MTP weights: measured acceptance 0)
+        assert spec.acceptance_rate < 0.5, spec.acceptance_rate
     s = Sampling(temperature=1.0, seed=3)
     assert (generate(m, [P0, P1], max_new_tokens=6, sampling=s, state=_state(m), speculative=True, **OPTS).tokens
             == generate(m, [P0, P1], max_new_tokens=6, sampling=s, state=_state(m), **OPTS).tokens)
@@ -218,7 +220,7 @@ def test_speculative_decoding_gives_the_same_tokens(model, greedy_pair, rng, agr
     (lambda m: generate(m, [P0, []]), ValueError, "prompt 1 is empty"),
     (lambda m: generate(m, []), ValueError, "non-empty"),
     (lambda m: generate(m, [P0], stop_tokens=[-1]), ValueError, "stop_tokens"),
-    (lambda m: generate(m, [[1.5]]), TypeError, "integers"),
+    (lambda m: generate(m, [[1.5]]), TypeError, "int"),
     (lambda m: generate(m, [P0], sampling={"temperature": 1}), TypeError, "Sampling"),
     (lambda m: generate(eqx.tree_at(lambda x: x.mtp, m, None), [P0], speculative=True),
      ValueError, "MTP"),
