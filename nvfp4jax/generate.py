@@ -23,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, UInt32
+from jaxtyping import Array, Float, Int, UInt32
 
 from nvfp4jax.state import DecodeState, check_capacity, init_state, release_slots
 
