@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nvfp4jax.checkpoint.schema import I64, F32, block_schema, global_schema  # noqa: E402
-from nvfp4jax.config import DeepSeekV4Config, preset  # noqa: E402
-from nvfp4jax.formats.nvfp4 import NVFP4Tensor  # noqa: E402
-from nvfp4jax.model import model_from_tensors  # noqa: E402
-from nvfp4jax.model.weights import is_big_linear  # noqa: E402
-from nvfp4jax.sharding import make_mesh, shard_batch, shard_model, shard_state  # noqa: E402
-from nvfp4jax.state import init_state  # noqa: E402
+from nvfp4jax.checkpoint.schema import F32, I64, block_schema, global_schema
+from nvfp4jax.config import DeepSeekV4Config, preset
+from nvfp4jax.formats.nvfp4 import NVFP4Tensor
+from nvfp4jax.model import model_from_tensors
+from nvfp4jax.model.weights import is_big_linear
+from nvfp4jax.sharding import make_mesh, shard_batch, shard_model, shard_state
+from nvfp4jax.state import init_state
 
 
 def synthetic_getter(cfg: DeepSeekV4Config, seed: int = 0):
@@ -145,9 +145,9 @@ def main():
     for batch in (int(b) for b in args.batches.split(",")):
         times = time_decode(model, mesh, batch, args.context, args.warmup, args.steps)
         ms = 1e3 * statistics.median(times)
-        record = dict(device=where, mesh=dict(mesh.shape), hidden=cfg.hidden_size, layers=cfg.num_layers,
-                      recipe=cfg.recipe, batch=batch, step_ms=ms, tokens_per_s=batch / ms * 1e3,
-                      ms_per_layer=ms / cfg.num_layers)
+        record = {"device": where, "mesh": dict(mesh.shape), "hidden": cfg.hidden_size, "layers": cfg.num_layers,
+                  "recipe": cfg.recipe, "batch": batch, "step_ms": ms, "tokens_per_s": batch / ms * 1e3,
+                  "ms_per_layer": ms / cfg.num_layers}
         print(f"| {batch} | {ms:.3f} | {batch / ms * 1e3:.1f} | {ms / cfg.num_layers:.3f} |", flush=True)
         if args.jsonl:
             with open(args.jsonl, "a") as f:

@@ -92,7 +92,7 @@ def moe_experts_ep(
 
     def local(x, weights, expert_ids, w1, w3, w2):
         send_x, send_w, send_e, rank, slot = _dispatch(x, weights, expert_ids, num_ranks, per_rank)
-        swap = lambda v: jax.lax.all_to_all(v, expert_axis, 0, 0)  # noqa: E731 — [P, A, ...] by source rank
+        swap = lambda v: jax.lax.all_to_all(v, expert_axis, 0, 0)
         recv_x, recv_w, recv_e = swap(send_x), swap(send_w), swap(send_e)
         rows = recv_x.shape[0] * recv_x.shape[1]
         y = dense(recv_x.reshape(rows, -1), recv_w.reshape(rows, 1), recv_e.reshape(rows, 1), w1, w3, w2,
@@ -103,7 +103,7 @@ def moe_experts_ep(
 
     tokens = PartitionSpec(token_axes)
     stacked = PartitionSpec(expert_axis)
-    weight_spec = lambda w: jax.tree.map(lambda _: stacked, w)  # noqa: E731 — values, scales, global all [experts, ...]
+    weight_spec = lambda w: jax.tree.map(lambda _: stacked, w)
     out = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, weight_spec(w1), weight_spec(w3),
                                                     weight_spec(w2)), out_specs=tokens, check_vma=False)(
         x, weights, expert_ids, w1, w3, w2)
@@ -118,7 +118,7 @@ def moe_experts_in_context(dense: Callable, x, weights, expert_ids, w1, w3, w2, 
 
     mesh = jax.sharding.get_abstract_mesh()
     axis = RULES.experts
-    kwargs = dict(swiglu_limit=swiglu_limit, quantize_activations=quantize_activations)
+    kwargs = {"swiglu_limit": swiglu_limit, "quantize_activations": quantize_activations}
     if mesh.empty or not isinstance(axis, str) or axis not in mesh.axis_names or mesh.shape[axis] == 1:
         return dense(x, weights, expert_ids, w1, w3, w2, **kwargs)
     return moe_experts_ep(dense, mesh, x, weights, expert_ids, w1, w3, w2, expert_axis=axis, **kwargs)
