@@ -44,7 +44,7 @@ def test_cases_on_eight_fake_cpu_devices():
            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={NUM_DEVICES}"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-p", "no:cacheprovider",
-                        "-k", "not eight_fake_cpu_devices", "-q"], check=False, env=env, cwd=root, capture_output=True, text=True,
+                        "-p", "no:warnings", "-k", "not eight_fake_cpu_devices"], check=False, env=env, cwd=root, capture_output=True, text=True,
                        timeout=1200)
     tail = r.stdout[-6000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
