@@ -182,7 +182,7 @@ class DeepSeekV4Config:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], **overrides) -> "DeepSeekV4Config":
+    def from_hf_dict(cls, d: dict[str, Any], **overrides) -> DeepSeekV4Config:
         kwargs: dict[str, Any] = {}
         missing = []
         for field, key in HF_KEYS.items():
@@ -207,7 +207,7 @@ class DeepSeekV4Config:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, **overrides) -> "DeepSeekV4Config":
+    def from_json(cls, path: str | os.PathLike, **overrides) -> DeepSeekV4Config:
         """Read an HF ``config.json`` (or a checkpoint directory holding one)."""
         path = os.fspath(path)
         if os.path.isdir(path):
@@ -226,7 +226,7 @@ class DeepSeekV4Config:
             d[key] = value
         return d
 
-    def replace(self, **changes) -> "DeepSeekV4Config":
+    def replace(self, **changes) -> DeepSeekV4Config:
         return dataclasses.replace(self, **changes)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import importlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

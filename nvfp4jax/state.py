@@ -46,7 +46,7 @@ class KVRows(eqx.Module):
     rope: Array
 
     @staticmethod
-    def encode(kv: Float[Array, "*rows dim"], nope_dim: int, simulate: bool) -> "KVRows":
+    def encode(kv: Float[Array, "*rows dim"], nope_dim: int, simulate: bool) -> KVRows:
         nope, rope = kv[..., :nope_dim], kv[..., nope_dim:]
         lead = nope.shape[:-1]
         if not simulate:
@@ -73,15 +73,15 @@ class Carry(eqx.Module):
     prev_gate: Float[Array, "batch ratio half"] | None
 
     @staticmethod
-    def empty(batch: int, ratio: int, width: int, overlap: bool) -> "Carry":
-        z = lambda w: jnp.zeros((batch, ratio, w), jnp.float32)  # noqa: E731
-        ninf = lambda w: jnp.full((batch, ratio, w), -jnp.inf, jnp.float32)  # noqa: E731
+    def empty(batch: int, ratio: int, width: int, overlap: bool) -> Carry:
+        z = lambda w: jnp.zeros((batch, ratio, w), jnp.float32)
+        ninf = lambda w: jnp.full((batch, ratio, w), -jnp.inf, jnp.float32)
         half = width // 2
         return Carry(z(width), ninf(width), z(half) if overlap else None, ninf(half) if overlap else None)
 
-    def reset(self, mask: Bool[Array, " batch"]) -> "Carry":
+    def reset(self, mask: Bool[Array, " batch"]) -> Carry:
         fresh = Carry.empty(self.kv.shape[0], self.kv.shape[1], self.kv.shape[2], self.prev_kv is not None)
-        pick = lambda new, old: None if old is None else jnp.where(mask.reshape(-1, 1, 1), new, old)  # noqa: E731
+        pick = lambda new, old: None if old is None else jnp.where(mask.reshape(-1, 1, 1), new, old)
         return Carry(pick(fresh.kv, self.kv), pick(fresh.gate, self.gate), pick(fresh.prev_kv, self.prev_kv),
                      pick(fresh.prev_gate, self.prev_gate))
 

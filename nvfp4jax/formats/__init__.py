@@ -3,10 +3,27 @@
 All functions are vectorised ``jax.numpy`` and accept NumPy arrays (checkpoint loading).
 """
 
-from nvfp4jax.formats.e2m1 import E2M1_VALUES, decode_e2m1, encode_e2m1, pack_e2m1, unpack_e2m1
-from nvfp4jax.formats.e8m0 import as_e8m0_bytes, e8m0_exponent, e8m0_to_float, exponent_to_e8m0
+from nvfp4jax.formats.e2m1 import (
+    E2M1_VALUES,
+    decode_e2m1,
+    encode_e2m1,
+    pack_e2m1,
+    unpack_e2m1,
+)
+from nvfp4jax.formats.e8m0 import (
+    as_e8m0_bytes,
+    e8m0_exponent,
+    e8m0_to_float,
+    exponent_to_e8m0,
+)
 from nvfp4jax.formats.fp8 import FP8BlockTensor, decode_fp8_block, encode_fp8_block
-from nvfp4jax.formats.mxfp4 import ConversionReport, MXFP4Tensor, decode_mxfp4, encode_mxfp4, mxfp4_to_nvfp4
+from nvfp4jax.formats.mxfp4 import (
+    ConversionReport,
+    MXFP4Tensor,
+    decode_mxfp4,
+    encode_mxfp4,
+    mxfp4_to_nvfp4,
+)
 from nvfp4jax.formats.nvfp4 import (
     NVFP4Tensor,
     dequantize,

@@ -15,7 +15,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Float8e4m3fn, UInt8
 
 from nvfp4jax.formats.e2m1 import exact_div
-from nvfp4jax.formats.e8m0 import ceil_log2, as_e8m0_bytes, e8m0_to_float, exponent_to_e8m0
+from nvfp4jax.formats.e8m0 import (
+    as_e8m0_bytes,
+    ceil_log2,
+    e8m0_to_float,
+    exponent_to_e8m0,
+)
 
 FP8_BLOCK = 128
 E4M3_MAX = 448.0

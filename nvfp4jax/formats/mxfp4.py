@@ -19,8 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int8, UInt8
 
-from nvfp4jax.formats.e2m1 import decode_e2m1, exact_div, encode_e2m1, pack_e2m1, unpack_e2m1
-from nvfp4jax.formats.e8m0 import floor_log2, as_e8m0_bytes, e8m0_exponent, e8m0_to_float, exponent_to_e8m0
+from nvfp4jax.formats.e2m1 import (
+    decode_e2m1,
+    encode_e2m1,
+    exact_div,
+    pack_e2m1,
+    unpack_e2m1,
+)
+from nvfp4jax.formats.e8m0 import (
+    as_e8m0_bytes,
+    e8m0_exponent,
+    e8m0_to_float,
+    exponent_to_e8m0,
+    floor_log2,
+)
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor, quantize
 
 MX_BLOCK = 32

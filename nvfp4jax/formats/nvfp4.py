@@ -29,7 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Float8e4m3fn, UInt8
 
-from nvfp4jax.formats.e2m1 import E2M1_MAX, decode_e2m1, exact_div, encode_e2m1, pack_e2m1, unpack_e2m1
+from nvfp4jax.formats.e2m1 import (
+    E2M1_MAX,
+    decode_e2m1,
+    encode_e2m1,
+    exact_div,
+    pack_e2m1,
+    unpack_e2m1,
+)
 
 BLOCK = 16
 E4M3_MAX = 448.0

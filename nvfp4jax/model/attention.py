@@ -84,11 +84,11 @@ class Compressor(eqx.Module):
         from_carry = i < pending[:, None]
         new_i = jnp.clip(i - pending[:, None], 0, t - 1)
         real = ~from_carry & (i - pending[:, None] < num_new[:, None])
-        take = lambda c, n: jnp.take_along_axis(n, new_i[..., None], axis=1)  # noqa: E731
+        take = lambda a: jnp.take_along_axis(a, new_i[..., None], axis=1)
         seq_kv = jnp.where(from_carry[..., None], jnp.take_along_axis(carry.kv, jnp.clip(i, 0, r - 1)[..., None], 1),
-                           jnp.where(real[..., None], take(None, kv), 0.0))
+                           jnp.where(real[..., None], take(kv), 0.0))
         seq_gate = jnp.where(from_carry[..., None], jnp.take_along_axis(carry.gate, jnp.clip(i, 0, r - 1)[..., None], 1),
-                             jnp.where(real[..., None], take(None, gate), -jnp.inf))
+                             jnp.where(real[..., None], take(gate), -jnp.inf))
         b, width = x.shape[0], kv.shape[-1]
         windows = length // r
         pooled = pool_windows(seq_kv.reshape(b, windows, r, width), seq_gate.reshape(b, windows, r, width), None,

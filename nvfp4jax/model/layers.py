@@ -27,7 +27,7 @@ from nvfp4jax import ops
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
 from nvfp4jax.ref.gemm import rms_norm
 
-__all__ = ["Linear", "rms_norm", "head_rms_norm"]
+__all__ = ["Linear", "head_rms_norm", "rms_norm"]
 
 
 class Linear(eqx.Module):

@@ -11,7 +11,7 @@ from nvfp4jax.ref import mhc as ref_mhc
 class HyperConnection(eqx.Module):
     fn: Float[Array, "mix streams_dim"]
     base: Float[Array, " mix"]
-    scale: Float[Array, "3"]
+    scale: Float[Array, 3]
     norm_eps: float = eqx.field(static=True)
     hc_eps: float = eqx.field(static=True)
     iters: int = eqx.field(static=True)
@@ -28,7 +28,7 @@ class HyperConnection(eqx.Module):
 class HyperHead(eqx.Module):
     fn: Float[Array, "streams streams_dim"]
     base: Float[Array, " streams"]
-    scale: Float[Array, "1"]
+    scale: Float[Array, 1]
     norm_eps: float = eqx.field(static=True)
     hc_eps: float = eqx.field(static=True)
 

@@ -14,14 +14,21 @@ F32 tensors). :func:`random_model` feeds the same path from deterministic random
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nvfp4jax.checkpoint.random_weights import random_tensor
-from nvfp4jax.checkpoint.schema import F32, I64, TensorSpec, block_schema, global_schema, mtp_schema
+from nvfp4jax.checkpoint.schema import (
+    F32,
+    I64,
+    TensorSpec,
+    block_schema,
+    global_schema,
+    mtp_schema,
+)
 from nvfp4jax.config import DeepSeekV4Config
 from nvfp4jax.formats import nvfp4 as nvfp4_format
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
@@ -93,7 +100,7 @@ def _compressor(get, p, ratio):
 
 
 def build_block(cfg: DeepSeekV4Config, layer: int, prefix: str, get) -> Block:
-    lin = lambda n: Linear(get(f"{prefix}.{n}.weight"), cfg.recipe)  # noqa: E731
+    lin = lambda n: Linear(get(f"{prefix}.{n}.weight"), cfg.recipe)
     a = f"{prefix}.attn"
     ratio = cfg.compress_ratio(layer)
     compressor = _compressor(get, f"{a}.compressor", ratio) if ratio else None

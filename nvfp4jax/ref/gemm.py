@@ -10,7 +10,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from nvfp4jax.formats.nvfp4 import NVFP4Tensor, quantize_with_global, global_scale_from_amax
+from nvfp4jax.formats.nvfp4 import (
+    NVFP4Tensor,
+    global_scale_from_amax,
+    quantize_with_global,
+)
 
 
 def rms_norm(x: Float[Array, "*rows dim"], weight: Float[Array, " dim"] | None, eps: float) -> Float[Array, "*rows dim"]:

@@ -34,7 +34,7 @@ def sinkhorn(logits: Float[Array, "*rows n n"], iters: int, eps: float) -> Float
 def hc_pre(
     x: Float[Array, "*rows streams dim"],
     fn: Float[Array, "mix streams_dim"],
-    scale: Float[Array, "3"],
+    scale: Float[Array, 3],
     base: Float[Array, " mix"],
     *,
     norm_eps: float,
@@ -68,7 +68,7 @@ def hc_post(
 def hc_head(
     x: Float[Array, "*rows streams dim"],
     fn: Float[Array, "streams streams_dim"],
-    scale: Float[Array, "1"],
+    scale: Float[Array, 1],
     base: Float[Array, " streams"],
     *,
     norm_eps: float,
