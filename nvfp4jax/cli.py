@@ -12,6 +12,7 @@ imports happen inside the run functions so ``nvfp4jax --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -95,6 +96,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--mtp", action="store_true", help="MTP speculative decoding (reports the acceptance rate)")
     p.add_argument("--max-len", type=int, help="tokens per slot of the decode state (default: as needed)")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--devices", type=int, default=1,
+                   help="shard the model over N devices: experts over an 'expert' mesh axis (all-to-all dispatch), "
+                        "see nvfp4jax.sharding")
+    p.add_argument("--tensor", type=int, default=1, help="of the N devices, the tensor-parallel width")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prompt tokens per prefill step (0 = auto: 1 for the embedded model, so prefill reuses "
                         "the decode compilation; a power-of-two bucket otherwise)")
@@ -138,9 +143,24 @@ def _generate(args) -> int:
             print(stream.push([token]), end="", flush=True)
 
     chunk = args.prefill_chunk or (None if args.checkpoint else 1)
-    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                      stop_tokens=[tok.eos_id, *args.stop], on_token=on_token, max_len=args.max_len,
-                      page_size=args.page_size, prefill_chunk=chunk, speculative=args.mtp)
+    state, mesh_context = None, contextlib.nullcontext()
+    if args.devices > 1:
+        import jax
+
+        from nvfp4jax.sharding import make_mesh, shard_model, shard_state
+        from nvfp4jax.state import init_state
+
+        if args.devices > jax.device_count():
+            raise ValueError(f"--devices {args.devices}: only {jax.device_count()} devices are visible")
+        mesh = make_mesh(args.devices, tensor=args.tensor)
+        model = shard_model(model, mesh)
+        max_len = args.max_len or max(len(p) for p in prompts) + args.max_new_tokens
+        state = shard_state(init_state(model, len(prompts), max_len, args.page_size), mesh)
+        mesh_context = jax.set_mesh(mesh)
+    with mesh_context:
+        result = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                          stop_tokens=[tok.eos_id, *args.stop], on_token=on_token, max_len=args.max_len,
+                          page_size=args.page_size, prefill_chunk=chunk, speculative=args.mtp, state=state)
     if stream is not None:
         print(stream.flush())
     for i, ids in enumerate(result.tokens):
