@@ -34,7 +34,7 @@ def _rel(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def shuffle_pages(state: DecodeState, seed: int) -> DecodeState:
+def shuffle_pages(model, state: DecodeState, seed: int) -> DecodeState:
     """Move every physical page to a random new place (pool rows, page tables and free bitmaps)."""
     rng = np.random.default_rng(seed)
     tables, frees, perms = {}, {}, {}
@@ -54,20 +54,11 @@ def shuffle_pages(state: DecodeState, seed: int) -> DecodeState:
         return eqx.tree_at(lambda s: (s.pool, s.index_pool), ls, (pool, ipool), is_leaf=lambda x: x is None)
 
     layers = []
-    for seg, seg_state in zip(MODEL_SEGMENTS, state.layers):
+    for seg, seg_state in zip(model.segments, state.layers):
         layers.append(tuple(move(ls, 0 if b.attn.compressor is None else b.attn.compressor.ratio)
                             for b, ls in zip(seg.blocks, seg_state)))
     return DecodeState(state.lengths, tuple(layers), state.mtp, state.mtp_lengths, tables, frees, state.max_len,
                        state.page_size)
-
-
-MODEL_SEGMENTS = None
-
-
-@pytest.fixture(autouse=True)
-def _segments(model):
-    global MODEL_SEGMENTS
-    MODEL_SEGMENTS = model.segments
 
 
 def test_decode_reproduces_full_sequence_logits(model, rng):
@@ -83,7 +74,7 @@ def test_decode_reproduces_full_sequence_logits(model, rng):
     got = [[np.asarray(logits[b, : prompt[b]])] for b in range(2)]
     for i in range(10):
         if i == 5:
-            state = shuffle_pages(state, i)
+            state = shuffle_pages(model, state, i)
         tok = np.array([[ids[b, prompt[b] + i]] for b in range(2)])
         logits, _, state = _step(model, state, jnp.asarray(tok), jnp.ones(2, jnp.int32))
         for b in range(2):
