@@ -52,7 +52,7 @@ TABLE: dict[str, Op] = {
                          supports={"sm_90a": "nvfp4jax.kernels.quantize:supports"}),
     "nvfp4_gemm": Op(_ref_gemm.nvfp4_gemm, kernels={"sm_90a": "nvfp4jax.kernels.gemm:nvfp4_gemm"},
                      supports={"sm_90a": "nvfp4jax.kernels.gemm:supports"}),
-    "moe_experts": Op(_ref_moe.moe_experts, kernels={"sm_90a": "nvfp4jax.kernels.moe:moe_experts"}),
+    "moe_experts": Op(_ref_moe.moe_experts),
 }
 
 #: (op, argument shapes) -> reason, for every call that fell back to the reference under ``auto``
