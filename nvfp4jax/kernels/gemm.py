@@ -36,7 +36,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 import cuda.bindings.driver as cuda
-from cutlass import BFloat16, Float32, Uint8
+from cutlass import BFloat16, Float32, Int32, Uint8
 from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
 from cutlass.jax import TensorSpec, cutlass_call
 from cutlass.utils import LayoutEnum
@@ -55,6 +55,10 @@ class GemmConfig:
     tile_k: int  # K per pipeline stage: 64 or 128
     split: int  # K split over grid.z (float32 partial outputs when > 1)
     act_nvfp4: bool  # X is NVFP4 (else BF16)
+    grouped: bool = False  # W is [experts, n, k]; CTAs take (expert, first row, rows) from a tile table
+    gather: bool = False  # grouped: output row r reads X row rows[r] (else X row r)
+    gate_up: bool = False  # grouped L1: rows 0..63 of a CTA from W1, 64..127 from W3 (tile_w 128)
+    swiglu_limit: float | None = None  # gate_up with split 1: SwiGLU x routing weight epilogue (BF16 h)
 
 
 def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
@@ -80,13 +84,26 @@ class GemmNvfp4Sm90:
     def can_implement(cfg: GemmConfig) -> bool:
         if cfg.tile_w not in (64, 128) or cfg.tile_k not in (64, 128) or cfg.tile_t % 16 or not 16 <= cfg.tile_t <= 256:
             return False
+        if cfg.gate_up and (not cfg.grouped or cfg.tile_w != 128):
+            return False
+        if (cfg.gather or cfg.swiglu_limit is not None) and not cfg.grouped:
+            return False
+        if cfg.swiglu_limit is not None and (not cfg.gate_up or cfg.split != 1):
+            return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
         return all(c >= (16 if i == 0 or cfg.act_nvfp4 else 8) and r <= rows
                    for i, ((r, c), rows) in enumerate(zip(chunks, (cfg.tile_w, cfg.tile_t))))
 
     @cute.jit
-    def __call__(self, stream: cuda.CUstream, mXv, mXs, mXg, mWv, mWs, mWg, mY):
+    def __call__(self, stream: cuda.CUstream, mXv, mXs, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRows, mTiles,
+                 mRouteW, mY):
+        """Dense: ``W [n, k]``, ``Y^T [n, m]`` (or ``[n, m, split]`` float32 partials).
+
+        Grouped: ``W [experts, n, k]`` (and ``W3`` for gate_up), ``mTiles [tiles, 3]`` int32 rows of
+        ``(expert, first output row, row count)``, ``mRows [rows]`` the X row of each output row
+        (gather), ``mRouteW [rows]`` float32 routing weights (SwiGLU epilogue); ``Y^T [n_out, rows]``.
+        """
         cfg = self.cfg
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (64, cfg.tile_t)
@@ -101,12 +118,15 @@ class GemmNvfp4Sm90:
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
 
         self.shared_storage = SharedStorage
-        m = mXv.shape[0]
-        n = mWv.shape[0]
-        grid = [n // cfg.tile_w, (m + cfg.tile_t - 1) // cfg.tile_t, cfg.split]
-        self.kernel(mXv, mXs, mXg, mWv, mWs, mWg, mY, tiled_mma, sA_layout, sB_layout).launch(
-            grid=grid, block=[THREADS, 1, 1], stream=stream
-        )
+        if cutlass.const_expr(cfg.grouped):
+            n = mWv.shape[1]
+            if cutlass.const_expr(cfg.gate_up):
+                n = 2 * n
+            grid = [n // cfg.tile_w, mTiles.shape[0], cfg.split]
+        else:
+            grid = [mWv.shape[0] // cfg.tile_w, (mXv.shape[0] + cfg.tile_t - 1) // cfg.tile_t, cfg.split]
+        self.kernel(mXv, mXs, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRows, mTiles, mRouteW, mY,
+                    tiled_mma, sA_layout, sB_layout).launch(grid=grid, block=[THREADS, 1, 1], stream=stream)
 
     def _store_copy(self, rows_pp: int, chunk: int):
         """Tiled copy registers -> shared memory: thread t owns row t // (tile_k/chunk), one chunk."""
@@ -118,13 +138,30 @@ class GemmNvfp4Sm90:
 
     @cute.kernel
     def kernel(self, mXv: cute.Tensor, mXs, mXg, mWv: cute.Tensor, mWs: cute.Tensor, mWg: cute.Tensor,
-               mY: cute.Tensor, tiled_mma: cute.TiledMma, sA_layout: cute.ComposedLayout,
-               sB_layout: cute.ComposedLayout):
+               mW3v, mW3s, mW3g, mRows, mTiles, mRouteW, mY: cute.Tensor, tiled_mma: cute.TiledMma,
+               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout):
+        cfg = self.cfg
+        _, bt, _ = cute.arch.block_idx()
+        m = mXv.shape[0]
+        # this CTA's rows of X^T: output rows [start, start + count) of expert e
+        e = Int32(0)
+        start = bt * cfg.tile_t
+        count = cutlass.min(m - start, cfg.tile_t)
+        if cutlass.const_expr(cfg.grouped):
+            e = mTiles[bt, 0]
+            start = mTiles[bt, 1]
+            count = mTiles[bt, 2]
+        if count > 0:
+            self.body(mXv, mXs, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRows, mRouteW, mY, tiled_mma,
+                      sA_layout, sB_layout, e, start, count)
+
+    @cute.jit
+    def body(self, mXv, mXs, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRows, mRouteW, mY, tiled_mma: cute.TiledMma,
+             sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, e, start, count):
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
-        bw, bt, bz = cute.arch.block_idx()
-        m = mXv.shape[0]
-        k_tiles = mWs.shape[1] * BLOCK // cfg.tile_k // cfg.split
+        bw, _, bz = cute.arch.block_idx()
+        k_tiles = mWs.shape[cute.rank(mWs) - 1] * BLOCK // cfg.tile_k // cfg.split
         kt0 = bz * k_tiles
 
         smem = cutlass.utils.SmemAllocator()
@@ -134,11 +171,20 @@ class GemmNvfp4Sm90:
 
         # ---- per-thread global sources and register staging -------------------------------
         # [1, chunk/2, rows, k/chunk] views: packed bytes / scale bytes of (row, chunk)
+        wv, ws = mWv, mWs
+        if cutlass.const_expr(cfg.grouped):
+            wv, ws = mWv[e, None, None], mWs[e, None, None]
+        w3v, w3s = wv, ws
+        if cutlass.const_expr(cfg.gate_up):
+            w3v, w3s = mW3v[e, None, None], mW3s[e, None, None]
         w_per_row = cfg.tile_k // self.w_chunk
-        w_row0 = bw * cfg.tile_w + tidx // w_per_row
+        w_rows_cta = cfg.tile_w // 2 if cutlass.const_expr(cfg.gate_up) else cfg.tile_w
+        w_row0 = bw * w_rows_cta + tidx // w_per_row
         w_part = tidx % w_per_row
-        gWv = cute.local_tile(mWv, (1, self.w_chunk // 2), (None, None))
-        gWs = cute.local_tile(mWs, (1, self.w_chunk // BLOCK), (None, None))
+        gW = (cute.local_tile(wv, (1, self.w_chunk // 2), (None, None)),
+              cute.local_tile(ws, (1, self.w_chunk // BLOCK), (None, None)))
+        gW3 = (cute.local_tile(w3v, (1, self.w_chunk // 2), (None, None)),
+               cute.local_tile(w3s, (1, self.w_chunk // BLOCK), (None, None)))
         w_passes = cfg.tile_w // self.w_rows_pp
         tWrP = cute.make_rmem_tensor((self.w_chunk // 2, w_passes), Uint8)
         tWrS = cute.make_rmem_tensor((self.w_chunk // BLOCK, w_passes), Uint8)
@@ -146,18 +192,23 @@ class GemmNvfp4Sm90:
 
         x_per_row = cfg.tile_k // self.x_chunk
         x_row_in_tile = tidx // x_per_row
-        x_row0 = bt * cfg.tile_t + x_row_in_tile
         x_part = tidx % x_per_row
         x_passes = cfg.tile_t // self.x_rows_pp
         tXrD = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)
+        # the X row each pass reads (rows past count re-read the tile's last row; zeroed later)
+        x_rows = cute.make_rmem_tensor((x_passes,), Int32)
+        for p in cutlass.range_constexpr(x_passes):
+            pos = start + cutlass.min(x_row_in_tile + p * self.x_rows_pp, count - 1)
+            if cutlass.const_expr(cfg.gather):
+                pos = mRows[pos]
+            x_rows[p] = pos
         if cutlass.const_expr(cfg.act_nvfp4):
-            gXv = cute.local_tile(mXv, (1, self.x_chunk // 2), (None, None))
-            gXs = cute.local_tile(mXs, (1, self.x_chunk // BLOCK), (None, None))
+            gX = (cute.local_tile(mXv, (1, self.x_chunk // 2), (None, None)),
+                  cute.local_tile(mXs, (1, self.x_chunk // BLOCK), (None, None)))
             tXrP = cute.make_rmem_tensor((self.x_chunk // 2, x_passes), Uint8)
             tXrS = cute.make_rmem_tensor((self.x_chunk // BLOCK, x_passes), Uint8)
         else:
-            gXv = cute.local_tile(mXv, (1, self.x_chunk), (None, None))
-            gXs = gXv
+            gX = (cute.local_tile(mXv, (1, self.x_chunk), (None, None)), None)
             tXrP = tXrD
             tXrS = tXrD
 
@@ -179,7 +230,7 @@ class GemmNvfp4Sm90:
 
         # Tile i's operands are loaded into registers one iteration ahead, while wgmma(i-1) runs;
         # stage i % 2 is rewritten only after wgmma(i-2), its last reader, has completed.
-        self.load_tile(kt0, m, gWv, gWs, tWrP, tWrS, w_row0, w_part, gXv, gXs, tXrP, tXrS, tXrD, x_row0, x_part)
+        self.load_tile(kt0, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part)
         for i in cutlass.range(k_tiles, unroll=1):
             stage = i % 2
             warpgroup.wait_group(1)
@@ -190,56 +241,89 @@ class GemmNvfp4Sm90:
             for p in cutlass.range_constexpr(x_passes):
                 if cutlass.const_expr(cfg.act_nvfp4):
                     dequant_nvfp4_chunk(tXrP[None, p], tXrS[None, p], tXrD[None, p])
-                if x_row0 + p * self.x_rows_pp >= m:
+                if x_row_in_tile + p * self.x_rows_pp >= count:
                     tXrD[None, p].fill(0.0)
                 if x_row_in_tile < cfg.tile_t:
                     cute.autovec_copy(tXrD[None, p], tBsB[None, p, 0, stage])
             cute.arch.fence_proxy("async.shared", space="cta")
             cute.arch.sync_threads()
             if i + 1 < k_tiles:
-                self.load_tile(kt0 + i + 1, m, gWv, gWs, tWrP, tWrS, w_row0, w_part,
-                               gXv, gXs, tXrP, tXrS, tXrD, x_row0, x_part)
+                self.load_tile(kt0 + i + 1, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part)
             warpgroup.fence()
             for kb in cutlass.range_constexpr(num_k_blocks):
                 cute.gemm(tiled_mma, acc, tCrA[None, None, kb, stage], tCrB[None, None, kb, stage], acc)
             warpgroup.commit_group()
         warpgroup.wait_group(0)
-
-        # ---- epilogue: acc * gx[m] * gw -> Y^T (predicated on m) ---------------------------
-        if cutlass.const_expr(cfg.split > 1):
-            mYt = mY[None, None, bz]
-        else:
-            mYt = mY
-        gY = cute.local_tile(mYt, (cfg.tile_w, cfg.tile_t), (bw, bt))
-        cY = cute.local_tile(cute.make_identity_tensor(mYt.shape), (cfg.tile_w, cfg.tile_t), (bw, bt))
-        tCgY = thr_mma.partition_C(gY)
-        tCcY = thr_mma.partition_C(cY)
-        gw = mWg[0]
-        for i in cutlass.range_constexpr(cute.size(acc)):
-            tok = tCcY[i][1]
-            if tok < m:
-                scale = gw
-                if cutlass.const_expr(cfg.act_nvfp4):
-                    scale = mXg[tok] * gw
-                tCgY[i] = (acc[i] * scale).to(mY.element_type)
+        self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRows, mRouteW, mY, e, start, count)
 
     @cute.jit
-    def load_tile(self, kt, m, gWv, gWs, tWrP, tWrS, w_row0, w_part, gXv, gXs, tXrP, tXrS, tXrD, x_row0, x_part):
-        """Issue the 128-bit global loads of K tile ``kt`` into registers (rows past m re-read row m-1)."""
+    def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRows, mRouteW, mY, e, start, count):
+        """``acc * gx[row] * gw`` -> ``Y^T[n_row, start + c]`` for the tile's columns ``c < count``.
+
+        gate_up + SwiGLU: the accumulators of gate row r (wgmma M block 0) and up row r (block 1)
+        sit in the same thread; each is rounded to BF16 (the reference's GEMM outputs), clamped,
+        ``silu(gate) * up * routing weight`` is written as BF16 to ``h^T[bw * 64 + r, start + c]``.
+        """
+        cfg = self.cfg
+        bw, _, bz = cute.arch.block_idx()
+        mYt = mY
+        if cutlass.const_expr(cfg.split > 1):
+            mYt = mY[None, None, bz]
+        cC = thr_mma.partition_C(cute.make_identity_tensor((cfg.tile_w, cfg.tile_t)))
+        gw = mWg[e]
+        gw3 = gw
+        if cutlass.const_expr(cfg.gate_up):
+            gw3 = mW3g[e]
+        if cutlass.const_expr(cfg.swiglu_limit is not None):
+            limit = Float32(cfg.swiglu_limit)
+            half = cute.size(acc, mode=[0])
+            for v in cutlass.range_constexpr(half):
+                r, c = cC[v, 0, 0]
+                if c < count:
+                    pos = start + c
+                    gx = Float32(1.0)
+                    if cutlass.const_expr(cfg.act_nvfp4):
+                        gx = mXg[mRows[pos]] if cutlass.const_expr(cfg.gather) else mXg[pos]
+                    g = (acc[v, 0, 0] * (gx * gw)).to(BFloat16).to(Float32)
+                    u = (acc[v, 1, 0] * (gx * gw3)).to(BFloat16).to(Float32)
+                    g = cute.arch.fmin(g, limit)
+                    u = cute.arch.fmax(cute.arch.fmin(u, limit), -limit)
+                    h = g / (Float32(1.0) + cute.math.exp(-g)) * u * mRouteW[pos]
+                    mYt[bw * (cfg.tile_w // 2) + r, pos] = h.to(mY.element_type)
+        else:
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                r, c = cC[i]
+                if c < count:
+                    pos = start + c
+                    scale = gw
+                    if cutlass.const_expr(cfg.gate_up):
+                        if r >= cfg.tile_w // 2:
+                            scale = gw3
+                    if cutlass.const_expr(cfg.act_nvfp4):
+                        gx = mXg[mRows[pos]] if cutlass.const_expr(cfg.gather) else mXg[pos]
+                        scale = gx * scale
+                    mYt[bw * cfg.tile_w + r, pos] = (acc[i] * scale).to(mY.element_type)
+
+    @cute.jit
+    def load_tile(self, kt, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part):
+        """Issue the 128-bit global loads of K tile ``kt`` into registers."""
         cfg = self.cfg
         chunk_w = kt * (cfg.tile_k // self.w_chunk) + w_part
         for p in cutlass.range_constexpr(cfg.tile_w // self.w_rows_pp):
-            row = w_row0 + p * self.w_rows_pp
-            cute.autovec_copy(gWv[0, None, row, chunk_w], tWrP[None, p])
-            cute.autovec_copy(gWs[0, None, row, chunk_w], tWrS[None, p])
+            off = p * self.w_rows_pp
+            src = gW
+            if cutlass.const_expr(cfg.gate_up and off >= cfg.tile_w // 2):
+                src = gW3
+                off -= cfg.tile_w // 2
+            cute.autovec_copy(src[0][0, None, w_row0 + off, chunk_w], tWrP[None, p])
+            cute.autovec_copy(src[1][0, None, w_row0 + off, chunk_w], tWrS[None, p])
         chunk_x = kt * (cfg.tile_k // self.x_chunk) + x_part
         for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
-            row = cutlass.min(x_row0 + p * self.x_rows_pp, m - 1)
             if cutlass.const_expr(cfg.act_nvfp4):
-                cute.autovec_copy(gXv[0, None, row, chunk_x], tXrP[None, p])
-                cute.autovec_copy(gXs[0, None, row, chunk_x], tXrS[None, p])
+                cute.autovec_copy(gX[0][0, None, x_rows[p], chunk_x], tXrP[None, p])
+                cute.autovec_copy(gX[1][0, None, x_rows[p], chunk_x], tXrS[None, p])
             else:
-                cute.autovec_copy(gXv[0, None, row, chunk_x], tXrD[None, p])
+                cute.autovec_copy(gX[0][0, None, x_rows[p], chunk_x], tXrD[None, p])
 
 
 def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
@@ -263,6 +347,9 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     while ctas * split * 2 <= 16 * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
     return GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4)
+
+
+_NO_GROUPS = (None,) * 6  # W3 (values, scales, global), rows, tiles, routing weights
 
 
 @functools.cache
@@ -314,7 +401,7 @@ def nvfp4_gemm(
     else:
         out = jax.ShapeDtypeStruct((m, n), jnp.float32 if out_dtype == jnp.float32 else jnp.bfloat16)
         spec = TensorSpec(mode=(1, 0))
-    y = cutlass_call(_kernel(cfg), output_shape_dtype=out, output_spec=spec)(*xs, *ws)
+    y = cutlass_call(_kernel(cfg), output_shape_dtype=out, output_spec=spec)(*xs, *ws, *_NO_GROUPS)
     if cfg.split > 1:
         y = jnp.sum(y, axis=0)
     return y.astype(out_dtype)

@@ -62,7 +62,7 @@ def test_gemm_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
         ins = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
     else:
         ins = (S((m, k), jnp.bfloat16), None, None)
-    ins += (S((n, k // 2), jnp.uint8), S((n, k // 16), jnp.uint8), S((1,), jnp.float32))
+    ins += (S((n, k // 2), jnp.uint8), S((n, k // 16), jnp.uint8), S((1,), jnp.float32)) + kg._NO_GROUPS
     if cfg.split > 1:
         outs, spec = (S((cfg.split, m, n), jnp.float32),), TensorSpec(mode=(2, 1, 0))
     else:
@@ -82,3 +82,36 @@ def test_choose_config_covers_v4_shapes():
                 cfg = kg.choose_config(m, n, k, act)
                 assert kg.GemmNvfp4Sm90.can_implement(cfg), (m, n, k, cfg)
                 assert n % cfg.tile_w == 0 and k % (cfg.tile_k * cfg.split) == 0, (m, n, k, cfg)
+
+
+@pytest.mark.parametrize("t,act_nvfp4", [(1, True), (64, False), (4096, True)])
+@pytest.mark.parametrize("stage", ["L1", "L2"])
+def test_grouped_gemm_compiles_sm90a(tmp_path, t, act_nvfp4, stage):
+    """The MoE GEMMs (V4-Flash expert shapes, 16 experts): decode split-K and prefill SwiGLU variants."""
+    from nvfp4jax.kernels import moe as km
+
+    experts, inter, d = 16, 2048, 4096
+    rows, gate_up = 6 * t, stage == "L1"
+    n, k = (inter, d) if gate_up else (d, inter)
+    n_out = 2 * n if gate_up else n
+    cfg = km.choose_grouped_config(rows, experts, n_out, k, act_nvfp4, gate_up=gate_up, swiglu_limit=10.0)
+    x_rows = t if gate_up else rows
+    if act_nvfp4:
+        ins = (S((x_rows, k // 2), jnp.uint8), S((x_rows, k // 16), jnp.uint8), S((x_rows,), jnp.float32))
+    else:
+        ins = (S((x_rows, k), jnp.bfloat16), None, None)
+    w = (S((experts, n, k // 2), jnp.uint8), S((experts, n, k // 16), jnp.uint8), S((experts,), jnp.float32))
+    ins += w + (w if gate_up else (None,) * 3)
+    ins += (S((rows,), jnp.int32) if gate_up else None, S((km.num_tiles(rows, experts, cfg.tile_t), 3), jnp.int32),
+            S((rows,), jnp.float32) if gate_up else None)
+    if cfg.swiglu_limit is not None:
+        outs, spec = (S((rows, n), jnp.bfloat16),), TensorSpec(mode=(1, 0))
+    elif cfg.split > 1:
+        outs, spec = (S((cfg.split, rows, n_out), jnp.float32),), TensorSpec(mode=(2, 1, 0))
+    else:
+        outs, spec = (S((rows, n_out), jnp.bfloat16),), TensorSpec(mode=(1, 0))
+    ops = opcodes(compile_ptx(km._kernel(cfg), ins, outs, spec, tmp_path))
+    wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
+    assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
+    assert ops["cvt.rn.f16x2.e4m3x2"] > 0 and ops["ld.global.v4.b32"] > 0
+    assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None), "SwiGLU epilogue (exp) iff fused"

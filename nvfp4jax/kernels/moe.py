@@ -1,0 +1,200 @@
+"""Routed experts on sm_90a: grouped NVFP4 GEMMs with a fused gate+up SwiGLU epilogue.
+
+Same signature and math as :func:`nvfp4jax.ref.moe.moe_experts` (spec §4); one call per MoE layer:
+
+1. grouping (XLA): the ``tokens x k`` (token, expert) pairs are sorted by expert (stable, so rows of
+   one expert keep token order), giving per-expert row counts and a **tile table** -- one int32 row
+   ``(expert, first row, rows)`` per CTA column, at most ``rows // tile_t + min(experts, rows)``
+   entries; unused entries have 0 rows and their CTAs exit at once. No padding rows are stored.
+2. activations: ``x`` quantized per token (recipe ``nvfp4``: the quantize kernel) or BF16.
+3. L1 (grouped GEMM kernel, ``gate_up``): each CTA takes 64 rows of ``w1`` and the same 64 rows of
+   ``w3`` of one expert (wgmma M = 128) against that expert's token rows, gathered from ``x`` through
+   the sorted order inside the kernel (``gather``). Epilogue: gate and up rounded to BF16 (the
+   reference's GEMM outputs), ``min(gate, limit)``, ``clip(up, +-limit)``, ``silu(gate) * up *
+   routing weight``, BF16 ``h [rows, inter]``. Decode-sized calls split K over several CTAs for
+   bandwidth; the SwiGLU then runs in XLA on the summed float32 partials (a few KB).
+4. ``h`` requantized per row (recipe ``nvfp4``) by the quantize kernel -- a separate pass because a
+   row's global scale needs the amax of the whole ``inter``-wide row, which spans 32-48 CTAs.
+5. L2 (grouped GEMM kernel): ``y [rows, dim]`` BF16 (or split-K float32 partials summed in XLA).
+6. combine (XLA): each token's k rows gathered back and summed in float32 (the shared expert is
+   added by the model).
+
+What stays in XLA was decided by size: the sort/bincount/tile table and the combine touch
+``tokens x k`` indices and ``tokens x k x dim`` BF16 values, small next to the expert weights
+(measured in ``benchmarks/moe.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from cutlass.jax import TensorSpec, cutlass_call
+
+from nvfp4jax.formats.nvfp4 import NVFP4Tensor
+from nvfp4jax.kernels import gemm as kg
+from nvfp4jax.kernels.quantize import quantize_nvfp4
+from nvfp4jax.ref.moe import swiglu
+
+
+def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4: bool, *, gate_up: bool,
+                          swiglu_limit: float | None) -> kg.GemmConfig:
+    """Tiles for a grouped GEMM with ``rows`` (token, expert) rows over ``experts`` experts.
+
+    The token tile follows the expected rows per active expert (uniform routing): decode-style
+    tiles (K 128, tokens 16..64) with a K split up to ~16 CTAs per SM while that many could be
+    active; prefill-style 128 x 128 x 64 tiles once an expert has more than 64 rows.
+    """
+    per_expert = -(-rows // min(experts, rows))
+    tile_w = 128 if gate_up or n_out % 128 == 0 else 64
+    if per_expert <= 64:
+        tile_t, tile_k = max(16, -(-per_expert // 16) * 16), 128
+        if not gate_up:
+            tile_w = 64
+    else:
+        tile_t, tile_k = 128, 64
+    ctas = (n_out // tile_w) * num_tiles(rows, experts, tile_t)
+    k_tiles = k // tile_k
+    split = 1
+    while ctas * split * 2 <= 16 * kg.NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * tile_t * 16 <= k:
+        split *= 2
+    return kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, grouped=True, gather=gate_up, gate_up=gate_up,
+                         swiglu_limit=swiglu_limit if gate_up and split == 1 else None)
+
+
+def num_tiles(rows: int, experts: int, tile_t: int) -> int:
+    """Upper bound of sum over experts of ceil(rows_e / tile_t): rows // tile_t + (experts with rows)."""
+    return rows // tile_t + min(experts, rows)
+
+
+def tile_table(sizes: Int[Array, " experts"], tile_t: int, tiles: int) -> Int[Array, "tiles 3"]:
+    """``(expert, first row, rows)`` per CTA column for rows grouped by expert (``sizes`` per expert).
+
+    Tiles are in expert order; entries past the last tile are ``(experts - 1, 0, 0)``.
+    """
+    experts = sizes.shape[0]
+    per = (sizes + tile_t - 1) // tile_t
+    ends = jnp.cumsum(per)
+    row0 = jnp.cumsum(sizes) - sizes
+    j = jnp.arange(tiles, dtype=jnp.int32)
+    ex = jnp.searchsorted(ends, j, side="right").astype(jnp.int32)
+    e = jnp.minimum(ex, experts - 1)
+    local = j - (ends - per)[e]
+    count = jnp.clip(sizes[e] - local * tile_t, 0, tile_t)
+    count = jnp.where(ex < experts, count, 0)
+    first = jnp.where(count > 0, row0[e] + local * tile_t, 0)
+    return jnp.stack([e, first, count], axis=1).astype(jnp.int32)
+
+
+def _weight_args(w: NVFP4Tensor) -> tuple:
+    return w.values, jax.lax.bitcast_convert_type(w.scales, jnp.uint8), w.global_scale
+
+
+def grouped_gemm(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes: Int[Array, " experts"],
+                 w: NVFP4Tensor, w3: NVFP4Tensor | None = None, route_w: Float[Array, " rows"] | None = None,
+                 swiglu_limit: float | None = None) -> Array:
+    """Grouped ``Y[r] = X[rows[r]] @ W[e(r)]^T`` for rows sorted by expert (``sizes`` rows per expert).
+
+    ``rows`` (gather map) is None when ``x`` is already in row order. Without ``w3``: BF16
+    ``[rows, n]``. With ``w3`` (the gate+up pass), ``route_w`` and ``swiglu_limit``: BF16
+    ``h = silu(min(gate, limit)) * clip(up, +-limit) * route_w`` ``[rows, inter]``, in the kernel's
+    epilogue, or in XLA after a split-K reduction.
+    """
+    experts, n, k = w.shape
+    act_nvfp4 = isinstance(x, NVFP4Tensor)
+    r = rows.shape[0] if rows is not None else x.shape[0]
+    gate_up = w3 is not None
+    n_out = 2 * n if gate_up else n
+    cfg = choose_grouped_config(r, experts, n_out, k, act_nvfp4, gate_up=gate_up, swiglu_limit=swiglu_limit)
+    if rows is None:
+        cfg = dataclasses.replace(cfg, gather=False)
+    tiles = tile_table(sizes, cfg.tile_t, num_tiles(r, experts, cfg.tile_t))
+    xs = (x.values, jax.lax.bitcast_convert_type(x.scales, jnp.uint8), x.global_scale) if act_nvfp4 else (x, None, None)
+    w3s = _weight_args(w3) if gate_up else (None, None, None)
+    if cfg.swiglu_limit is not None:
+        out = jax.ShapeDtypeStruct((r, n), jnp.bfloat16)
+        spec = TensorSpec(mode=(1, 0))
+    elif cfg.split > 1:
+        out = jax.ShapeDtypeStruct((cfg.split, r, n_out), jnp.float32)
+        spec = TensorSpec(mode=(2, 1, 0))
+    else:
+        out = jax.ShapeDtypeStruct((r, n_out), jnp.float32 if gate_up else jnp.bfloat16)
+        spec = TensorSpec(mode=(1, 0))
+    y = cutlass_call(_kernel(cfg), output_shape_dtype=out, output_spec=spec)(
+        *xs, *_weight_args(w), *w3s, rows, tiles, route_w
+    )
+    if cfg.swiglu_limit is not None:
+        return y
+    if cfg.split > 1:
+        y = jnp.sum(y, axis=0)
+    if not gate_up:
+        return y.astype(jnp.bfloat16)
+    # kernel rows of a CTA: 64 gate rows then the same 64 up rows
+    y = y.reshape(r, n // 64, 2, 64).astype(jnp.bfloat16)
+    gate, up = y[:, :, 0].reshape(r, n), y[:, :, 1].reshape(r, n)
+    h = swiglu(gate, up, swiglu_limit) * route_w[:, None]
+    return h.astype(jnp.bfloat16)
+
+
+@functools.cache
+def _kernel(cfg: kg.GemmConfig) -> kg.GemmNvfp4Sm90:
+    if not kg.GemmNvfp4Sm90.can_implement(cfg):
+        raise ValueError(f"grouped GEMM: no kernel for {cfg}")
+    return kg.GemmNvfp4Sm90(cfg)
+
+
+def supports(x, weights, expert_ids, w1, w3, w2, **_) -> str | None:
+    """None when the kernel runs this call, else why not (the op then uses the reference)."""
+    if not all(isinstance(w, NVFP4Tensor) for w in (w1, w3, w2)):
+        return "routed experts are not NVFP4 (recipe bf16)"
+    experts, inter, dim = w1.shape
+    if w3.shape != w1.shape or w2.shape != (experts, dim, inter):
+        return f"expert shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} disagree"
+    if any(w.global_scale.shape != (experts,) for w in (w1, w3, w2)):
+        return "expert weights need one global scale per expert"
+    if dim % 128 or inter % 128:
+        return f"grouped GEMM needs dim % 128 == 0 and inter % 128 == 0, got dim {dim}, inter {inter}"
+    if x.dtype != jnp.bfloat16:
+        return f"MoE kernel takes bfloat16 activations, got {x.dtype}"
+    return None
+
+
+def moe_experts(
+    x: Float[Array, "tokens dim"],
+    weights: Float[Array, "tokens k"],
+    expert_ids: Int[Array, "tokens k"],
+    w1: NVFP4Tensor,
+    w3: NVFP4Tensor,
+    w2: NVFP4Tensor,
+    *,
+    swiglu_limit: float,
+    quantize_activations: bool,
+) -> Float[Array, "tokens dim"]:
+    """Routed-expert output ``sum_k y_k`` (float32) per token; see the module docstring.
+
+    Same contract as :func:`nvfp4jax.ref.moe.moe_experts` with NVFP4 experts (``[experts, inter,
+    dim]`` w1/w3, ``[experts, dim, inter]`` w2, one global scale per expert), BF16 ``x``.
+    """
+    reason = supports(x, weights, expert_ids, w1, w3, w2)
+    if reason is not None:
+        raise ValueError(f"moe_experts kernel: {reason}")
+    t, k = expert_ids.shape
+    experts, _, dim = w1.shape
+    if x.shape != (t, dim) or weights.shape != (t, k):
+        raise ValueError(f"moe_experts: x {x.shape}, weights {weights.shape}, expert_ids {expert_ids.shape}, dim {dim}")
+    if t == 0:
+        return jnp.zeros((0, dim), jnp.float32)
+    flat = expert_ids.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=experts).astype(jnp.int32)
+    route_w = weights.reshape(-1).astype(jnp.float32)[order]
+    xa = quantize_nvfp4(x) if quantize_activations else x
+    h = grouped_gemm(xa, order // k, sizes, w1, w3, route_w, swiglu_limit)
+    ha = quantize_nvfp4(h) if quantize_activations else h
+    y = grouped_gemm(ha, None, sizes, w2)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
+    return y.astype(jnp.float32)[inverse].reshape(t, k, dim).sum(axis=1)
