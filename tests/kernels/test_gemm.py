@@ -10,13 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nvfp4jax import ops
 from nvfp4jax.formats.nvfp4 import quantize
 from nvfp4jax.ref import gemm as ref
-from tests.kernels._gpu import FLASH_LINEARS, M_VALUES, PRO_LINEARS, activations, poison_device_memory
+from tests.conftest import assert_bitwise_equal
+from tests.kernels._gpu import (
+    FLASH_LINEARS,
+    M_VALUES,
+    PRO_LINEARS,
+    activations,
+    poison_device_memory,
+)
 
 pytestmark = pytest.mark.gpu
 cutlass = pytest.importorskip("cutlass")
-from nvfp4jax.kernels import gemm as kg  # noqa: E402
+from nvfp4jax.kernels import gemm as kg
 
 _quantize_w = jax.jit(lambda w: quantize(w))
 _ref_gemm = jax.jit(ref.nvfp4_gemm)
@@ -58,19 +66,21 @@ def _check(x, w, case):
     assert err_k <= 2 * err_r + floor, f"{case} kernel rms err {err_k:.3e} > 2 x ref {err_r:.3e} + {floor:.3e}"
 
 
-def _m_values(n, k):
-    return M_VALUES if n * k <= 32 * 2**20 else (1, 16, 65, 200, 1024)
-
-
-CASES = [(f"flash.{name}", n, k, m) for name, n, k in FLASH_LINEARS for m in _m_values(n, k)]
-CASES += [(f"pro.{name}", n, k, m) for name, n, k in PRO_LINEARS for m in (1, 65, 200)]
-W4A16_CASES = [c for c in CASES if c[3] in (1, 65, 4096)]
+#: W4A4: every V4 linear at decode sizes (one and several 16-token tiles, the 64-token tile and one
+#: past it), odd m and a full prefill (the 128 x 128 tiles); W4A16 the same without the odd m
+FLASH_M = M_VALUES
+PRO_M = (1, 16, 64, 65, 200, 4096)
+W4A16_M = (1, 16, 64, 65, 4096)
+SHAPES = [(f"flash.{name}", n, k) for name, n, k in FLASH_LINEARS] + [(f"pro.{name}", n, k) for name, n, k in PRO_LINEARS]
+CASES = [(name, n, k, m) for name, n, k in SHAPES for m in (FLASH_M if name.startswith("flash") else PRO_M)]
+W4A16_CASES = [(name, n, k, m) for name, n, k in SHAPES for m in W4A16_M]
 if os.environ.get("NVFP4JAX_GPU_TESTS") == "quick":
-    # a device-time-limited pass: every shape at one decode and one larger m, a few prefills
+    # a device-time-limited pass (~1-2 min on an H100): every shape at one decode and one larger m,
+    # a few prefills, W4A16 at each tile kind
     CASES = [c for c in CASES if c[3] in ((1, 65) if c[0].startswith("flash") else (1, 200))]
     CASES += [("flash.wq_a", 1024, 4096, 4096), ("flash.mtp.e_proj/h_proj", 4096, 4096, 4096)]
     W4A16_CASES = [("flash.wq_a", 1024, 4096, 1), ("flash.wq_a", 1024, 4096, 4096), ("flash.shared.w2", 4096, 2048, 65),
-                   ("pro.wo_b", 7168, 16384, 1)]
+                   ("flash.wkv", 512, 4096, 16), ("pro.wo_b", 7168, 16384, 1), ("pro.shared.w1/w3", 3072, 7168, 64)]
 
 
 @pytest.mark.parametrize("name,n,k,m", CASES)
@@ -101,3 +111,35 @@ def test_gemm_rejects_bad_shapes(rng):
     w = _weights(rng, 128, 256)
     with pytest.raises(ValueError, match="disagree on k"):
         kg.nvfp4_gemm(jnp.zeros((2, 512), jnp.bfloat16), w)
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (128, 256), (96, 256), (64, 64), (64, 192), (32, 128)])
+def test_supports_matches_the_kernel(rng, n, k):
+    """``kg.supports`` (what ops.py consults) accepts exactly the shapes the kernel runs, correctly."""
+    w = _weights(rng, n, k)
+    for x in (activations(rng, 5, k), ref.quantize_nvfp4(activations(rng, 5, k))):
+        case = f"{n=} {k=} {type(x).__name__}"
+        reason = kg.supports(x, w)
+        assert (reason is None) == (n % 64 == 0 and k % 128 == 0), f"{case}: {reason}"
+        if reason is None:
+            _check(x, w, case)
+        else:
+            with pytest.raises(ValueError):
+                kg.nvfp4_gemm(x, w)
+
+
+def test_ops_fall_back_per_shape(rng, monkeypatch):
+    """Under ``auto`` an unsupported weight shape runs the reference (same bits), a supported one the
+    kernel; under ``cutedsl`` the unsupported one raises."""
+    monkeypatch.setattr(ops, "_FALLBACKS", {})
+    monkeypatch.setenv("NVFP4JAX_BACKEND", "auto")
+    x = activations(rng, 5, 256)
+    small, fit = _weights(rng, 96, 256), _weights(rng, 128, 256)
+    assert ops.implementation("nvfp4_gemm", x, fit) is kg.nvfp4_gemm
+    assert ops.implementation("nvfp4_gemm", x, small) is ref.nvfp4_gemm
+    got = jax.jit(lambda a, b: ops.nvfp4_gemm(a, b))(x, small)
+    assert_bitwise_equal(got, _ref_gemm(x, small), "auto fallback vs the reference")
+    assert [key[0] for key in ops.fallbacks()] == ["nvfp4_gemm"]
+    monkeypatch.setenv("NVFP4JAX_BACKEND", "cutedsl")
+    with pytest.raises(ValueError, match="nvfp4_gemm"):
+        jax.jit(lambda a, b: ops.nvfp4_gemm(a, b) + 0)(x, small)
