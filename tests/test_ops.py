@@ -200,6 +200,8 @@ def test_gemm_kernel_check(rng):
             reason = supports(x, w)
             assert (reason is None) == ok, f"{n=} {k=} {type(x).__name__}: {reason}"
             assert ok or str(n if n % 64 else k) in reason, reason
+    w = quantize(jnp.zeros((64, 128), jnp.float32))
+    assert supports(jnp.zeros((3, 128), jnp.float32), w) is not None, "the kernel takes BF16 or NVFP4 x only"
 
 
 def test_quantize_kernel_check():
@@ -208,3 +210,5 @@ def test_quantize_kernel_check():
         assert supports(jnp.zeros((3, k), jnp.bfloat16), None) is None, k
         assert supports(jnp.zeros((3, k), jnp.bfloat16), jnp.ones((k,), jnp.bfloat16)) is None, k
     assert supports(jnp.zeros((3, 24), jnp.bfloat16), None) is not None
+    assert supports(jnp.zeros((3, 64), jnp.float32), None) is not None, "the kernel takes BF16 x only"
+    assert supports(jnp.zeros((3, 64), jnp.bfloat16), jnp.ones((32,), jnp.bfloat16)) is not None

@@ -13,7 +13,7 @@ from tests.kernels._gpu import M_VALUES, activations, poison_device_memory
 
 pytestmark = pytest.mark.gpu
 cutlass = pytest.importorskip("cutlass")
-from nvfp4jax.kernels import quantize as kq  # noqa: E402
+from nvfp4jax.kernels import quantize as kq
 
 K_VALUES = (1024, 1536, 4096, 7168, 16384)
 
@@ -67,3 +67,30 @@ def test_quantize_rejects_bad_shapes():
         kq.quantize_nvfp4(jnp.zeros((2, 24), jnp.bfloat16))
     with pytest.raises(TypeError, match="bfloat16"):
         kq.quantize_nvfp4(jnp.zeros((2, 32), jnp.float32))
+
+
+@pytest.mark.parametrize("k", (16, 24, 64, 4096))
+def test_supports_matches_the_kernel(rng, k):
+    """``kq.supports`` (what ops.py consults) accepts exactly what the kernel runs (BF16 x, k % 16 == 0,
+    a BF16 [k] norm weight), and what it accepts comes out bitwise right."""
+    x = jnp.asarray(rng.standard_normal((3, k)), jnp.bfloat16)
+    cases = [(x, None, k % 16 == 0), (x.astype(jnp.float32), None, False),
+             (x, jnp.ones((k + 16,), jnp.bfloat16), False), (x, jnp.ones((k,), jnp.bfloat16), k % 16 == 0)]
+    for xi, norm, ok in cases:
+        case = f"{k=} x {xi.dtype} norm {None if norm is None else norm.shape}"
+        reason = kq.supports(xi, norm)
+        assert (reason is None) == ok, f"{case}: {reason}"
+        if not ok:
+            with pytest.raises((ValueError, TypeError)):
+                kq.quantize_nvfp4(xi, norm)
+        elif norm is None:
+            got = jax.jit(kq.quantize_nvfp4)(xi)
+            codes, scales, gscale = nvfp4_oracle(np.asarray(xi, np.float32), per_row=True)
+            assert_bitwise_equal(got.global_scale, gscale, f"global {case}")
+            assert_bitwise_equal(got.scales, scales, f"scales {case}")
+            assert_bitwise_equal(got.values, codes[:, 0::2] | (codes[:, 1::2] << 4), f"values {case}")
+        else:
+            got = jax.jit(kq.quantize_nvfp4)(xi, norm)
+            normed = np.asarray(ref.rms_norm(xi, norm, 1e-6), np.float32)
+            want = nvfp4_oracle(normed, per_row=True)[2]
+            assert np.all(np.abs(np.asarray(got.global_scale) - want) <= want * 2.0**-7), case
