@@ -3,8 +3,12 @@
 Timing: R back-to-back calls inside one jitted ``lax.fori_loop`` (each iteration's input depends
 on the previous output through a one-element in-place update, so nothing is hoisted), so Python
 dispatch (~45 us per call) is excluded; the median over several repeats of (loop time / R) is
-reported. For memory-bound cases (m <= 64) every iteration also rewrites a 128 MiB buffer to
-flush L2, and the time of that flush-only loop, measured the same way, is subtracted.
+reported. Every loop of our kernels is checked in the compiled HLO: the CuTeDSL call must still be
+there (not eliminated as dead code, as an integer ``* 0`` dependence once let XLA do), else the run
+stops. For memory-bound cases (GEMM m <= 64; quantize whenever its bytes could stay in L2) every
+iteration also rewrites a 128 MiB buffer to flush L2, and the time of that flush-only loop,
+measured the same way, is subtracted. A quantize time below bytes / copy bandwidth is printed as
+INVALID.
 Ceilings measured in the same run: copy bandwidth (read+write of a 2 GiB buffer) and BF16 peak
 (8192^3 ``jnp.dot``). Roofline = max(bytes / copy BW, FLOPs / BF16 peak), bytes counting the
 operands as stored (NVFP4: 0.5625 B per weight) plus the BF16 output.
@@ -34,10 +38,18 @@ from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
 
 M_VALUES = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 FLUSH_BYTES = 128 << 20
+KERNEL_TARGET = 'custom_call_target="CuteDSLRT_NvJaxCutlassCall'  # what cutlass_call lowers to
 
 
-def _loop_time(step, carry, reps: int, flush: bool) -> float:
-    """Median seconds per call of ``carry = step(carry)`` over ``reps`` calls in one fori_loop."""
+def count_kernel_calls(hlo: str) -> int:
+    """CuTeDSL calls left in an optimized HLO module (0: the timed kernel was dead-code eliminated)."""
+    return hlo.count(KERNEL_TARGET)
+
+
+def _loop_time(step, carry, reps: int, flush: bool, kernel_calls: int = 0) -> float:
+    """Median seconds per call of ``carry = step(carry)`` over ``reps`` calls in one fori_loop;
+    ``kernel_calls``: how many CuTeDSL calls one step must leave in the compiled program (the data
+    dependence between iterations keeps them in the loop body)."""
 
     def body(_, c):
         c, buf = c
@@ -47,7 +59,11 @@ def _loop_time(step, carry, reps: int, flush: bool) -> float:
         return c, buf
 
     buf = jnp.zeros((FLUSH_BYTES if flush else 1,), jnp.uint8)
-    run = jax.jit(lambda c, b: jax.lax.fori_loop(0, reps, body, (c, b)))
+    run = jax.jit(lambda c, b: jax.lax.fori_loop(0, reps, body, (c, b))).lower(carry, buf).compile()
+    found = count_kernel_calls(run.as_text())
+    if found < kernel_calls:
+        raise RuntimeError(f"the timed loop holds {found} CuTeDSL calls, expected {kernel_calls}: "
+                           "the kernel was eliminated, the timing would be invalid")
     jax.block_until_ready(run(carry, buf))
     times = []
     for _ in range(3):
@@ -57,8 +73,8 @@ def _loop_time(step, carry, reps: int, flush: bool) -> float:
     return statistics.median(times)
 
 
-def timed(step, carry, flush: bool, reps: int) -> float:
-    t = _loop_time(step, carry, reps, flush)
+def timed(step, carry, flush: bool, reps: int, kernel_calls: int = 0) -> float:
+    t = _loop_time(step, carry, reps, flush, kernel_calls)
     if flush:
         t -= _loop_time(lambda c: c, carry, reps, True)
     return max(t, 1e-9)
@@ -107,8 +123,8 @@ def bench_shape(n: int, k: int, m: int, reps: int):
         return c.at[0, 0].set((c[0, 0].astype(jnp.float32) + y[0, 0].astype(jnp.float32) * 0).astype(c.dtype))
 
     out = {
-        "w4a4": timed(w4a4, xq, flush, reps),
-        "w4a16": timed(w4a16, x, flush, reps),
+        "w4a4": timed(w4a4, xq, flush, reps, kernel_calls=1),
+        "w4a16": timed(w4a16, x, flush, reps, kernel_calls=1),
         "bf16": timed(bf16, x, flush, reps),
         "fp8": timed(fp8, x8, flush, reps),
     }
@@ -116,10 +132,20 @@ def bench_shape(n: int, k: int, m: int, reps: int):
     return out, bytes_w4a4, 2.0 * m * n * k
 
 
-def bench_quantize(m: int, k: int, reps: int):
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((m, k)), jnp.bfloat16)
-    t = timed(lambda c: _poke(c, kq.quantize_nvfp4(c).values), x, False, reps)
-    return t, m * k * (2 + 0.5625) + 4 * m
+def bench_quantize(m: int, k: int, reps: int, fused_norm: bool) -> tuple[float, float]:
+    """Seconds per quantize call (with the fused RMSNorm when ``fused_norm``) and bytes moved."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    norm = jnp.asarray(1 + 0.1 * rng.standard_normal(k), jnp.bfloat16) if fused_norm else None
+    nbytes = m * k * (2 + 0.5625) + 4 * m + (2 * k if fused_norm else 0)
+
+    def step(c):
+        q = kq.quantize_nvfp4(c, norm, 1e-6)
+        # the next input takes an output value (row 0's global scale): a real data dependence that
+        # no algebraic rewrite removes, so the call runs every iteration (checked in the HLO too)
+        return c.at[0, 0].set(q.global_scale[0].astype(c.dtype))
+
+    return timed(step, x, nbytes <= FLUSH_BYTES, reps, kernel_calls=1), nbytes
 
 
 def main():
@@ -154,10 +180,14 @@ def main():
                     f"{t['bf16'] / t['w4a4']:.2f} | {t['bf16'] / t['w4a16']:.2f} |")
             lines.append(line)
             print(line, flush=True)
-    lines += ["", "| quantize m | k | us | % copy BW |", "|---|---|---|---|"]
+    lines += ["", "| quantize m | k | us | % copy BW | fused RMSNorm us | % copy BW |", "|---|---|---|---|---|---|"]
     for m, k in ((1, 4096), (16, 7168), (4096, 4096), (16384, 7168)):
-        t, nbytes = bench_quantize(m, k, 50 if m < 4096 else 10)
-        lines.append(f"| {m} | {k} | {t * 1e6:.1f} | {100 * nbytes / t / bw:.0f} |")
+        cells = []
+        for fused_norm in (False, True):
+            t, nbytes = bench_quantize(m, k, 50 if m < 4096 else 10, fused_norm)
+            pct = 100 * nbytes / t / bw
+            cells += [f"{t * 1e6:.1f}", f"{pct:.0f}" if pct <= 110 else f"{pct:.0f} INVALID (above copy BW)"]
+        lines.append(f"| {m} | {k} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
     if args.out:
         commit = os.environ.get("NVFP4JAX_COMMIT", "")
