@@ -52,7 +52,8 @@ TABLE: dict[str, Op] = {
                          supports={"sm_90a": "nvfp4jax.kernels.quantize:supports"}),
     "nvfp4_gemm": Op(_ref_gemm.nvfp4_gemm, kernels={"sm_90a": "nvfp4jax.kernels.gemm:nvfp4_gemm"},
                      supports={"sm_90a": "nvfp4jax.kernels.gemm:supports"}),
-    "moe_experts": Op(_ref_moe.moe_experts),
+    "moe_experts": Op(_ref_moe.moe_experts, kernels={"sm_90a": "nvfp4jax.kernels.moe:moe_experts"},
+                      supports={"sm_90a": "nvfp4jax.kernels.moe:supports"}),
 }
 
 #: (op, argument shapes) -> reason, for every call that fell back to the reference under ``auto``
@@ -164,5 +165,5 @@ def moe_experts(x, weights, expert_ids, w1, w3, w2, *, swiglu_limit: float, quan
     # split over that axis with all-to-all dispatch (nvfp4jax/model/moe_ep.py); otherwise it is the op itself
     from nvfp4jax.model.moe_ep import moe_experts_in_context
 
-    return moe_experts_in_context(implementation("moe_experts"), x, weights, expert_ids, w1, w3, w2,
+    return moe_experts_in_context(implementation("moe_experts", x, weights, expert_ids, w1, w3, w2), x, weights, expert_ids, w1, w3, w2,
                                   swiglu_limit=swiglu_limit, quantize_activations=quantize_activations)

@@ -357,23 +357,21 @@ def _kernel(cfg: GemmConfig) -> GemmNvfp4Sm90:
     return GemmNvfp4Sm90(cfg)
 
 
-def _check(x, w: NVFP4Tensor) -> tuple[int, int, int]:
+def supports(x, w) -> str | None:
+    """None when the kernel runs ``nvfp4_gemm(x, w)``, else why not (ops falls back / raises)."""
     if not isinstance(w, NVFP4Tensor) or w.values.ndim != 2 or w.global_scale.ndim != 0:
-        raise ValueError("nvfp4_gemm weight must be a 2-D NVFP4Tensor [n, k] with a per-tensor global scale")
+        return "the weight must be a 2-D NVFP4Tensor [n, k] with a per-tensor global scale"
     n, k = w.shape
     if n % 64 or k % 128:
-        raise ValueError(f"nvfp4_gemm kernel needs n % 64 == 0 and k % 128 == 0, got weight shape {w.shape}")
+        return f"the GEMM kernel needs n % 64 == 0 and k % 128 == 0, got weight shape {w.shape}"
     if isinstance(x, NVFP4Tensor):
         if x.values.ndim != 2 or x.shape[1] != k or x.global_scale.shape != (x.shape[0],):
-            raise ValueError(f"nvfp4_gemm: NVFP4 x {x.shape} (global {x.global_scale.shape}) does not match w {w.shape}")
-        m = x.shape[0]
-    else:
-        if x.ndim != 2 or x.shape[1] != k:
-            raise ValueError(f"nvfp4_gemm: x {x.shape} and w {w.shape} disagree on k")
-        if x.dtype != jnp.bfloat16:
-            raise TypeError(f"nvfp4_gemm kernel takes bfloat16 or NVFP4 x, got {x.dtype}")
-        m = x.shape[0]
-    return m, n, k
+            return f"NVFP4 x {x.shape} (global {x.global_scale.shape}) does not match w {w.shape}"
+    elif x.ndim != 2 or x.shape[1] != k:
+        return f"x {x.shape} and w {w.shape} disagree on k"
+    elif x.dtype != jnp.bfloat16:
+        return f"the GEMM kernel takes bfloat16 or NVFP4 x, got {x.dtype}"
+    return None
 
 
 def nvfp4_gemm(
@@ -385,7 +383,10 @@ def nvfp4_gemm(
     ``x``: NVFP4 ``[m, k]`` with per-row global scales, or BF16 ``[m, k]``; any ``m``.
     Returns ``out_dtype`` (BF16 by default) ``[m, n]``; float32 accumulation throughout.
     """
-    m, n, k = _check(x, w)
+    reason = supports(x, w)
+    if reason is not None:
+        raise ValueError(f"nvfp4_gemm kernel: {reason}")
+    m, (n, k) = x.shape[0], w.shape
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
     act_nvfp4 = isinstance(x, NVFP4Tensor)

@@ -147,7 +147,7 @@ def _kernel(cfg: kg.GemmConfig) -> kg.GemmNvfp4Sm90:
     return kg.GemmNvfp4Sm90(cfg)
 
 
-def supports(x, weights, expert_ids, w1, w3, w2, **_) -> str | None:
+def supports(x, weights, expert_ids, w1, w3, w2) -> str | None:
     """None when the kernel runs this call, else why not (the op then uses the reference)."""
     if not all(isinstance(w, NVFP4Tensor) for w in (w1, w3, w2)):
         return "routed experts are not NVFP4 (recipe bf16)"

@@ -146,6 +146,19 @@ def _warps(num_blocks: int) -> int:
     return max(1, min(MAX_THREADS // 32, math.ceil(num_blocks / 32)))
 
 
+def supports(x, norm_weight=None) -> str | None:
+    """None when the kernel runs ``quantize_nvfp4(x, norm_weight)``, else why not."""
+    if x.ndim != 2:
+        return f"the quantize kernel takes [rows, k], got shape {x.shape}"
+    if x.dtype != jnp.bfloat16:
+        return f"the quantize kernel takes bfloat16 x, got {x.dtype}"
+    if not QuantizeNvfp4Sm90.can_implement(x.shape[1]):
+        return f"k must be a positive multiple of {BLOCK}, got shape {x.shape}"
+    if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or norm_weight.dtype != jnp.bfloat16):
+        return f"norm_weight must be bfloat16 [{x.shape[1]}], got {norm_weight.dtype} {norm_weight.shape}"
+    return None
+
+
 @functools.cache
 def _kernel(k: int, fused_norm: bool) -> QuantizeNvfp4Sm90:
     return QuantizeNvfp4Sm90(k, fused_norm)
@@ -161,15 +174,10 @@ def quantize_nvfp4(
     ``norm_weight``: BF16 ``[k]``. Returns values uint8 ``[rows, k/2]``, scales e4m3
     ``[rows, k/16]`` and float32 global scales ``[rows]``.
     """
-    if x.ndim != 2:
-        raise ValueError(f"quantize_nvfp4 takes [rows, k], got shape {x.shape}")
-    if x.dtype != jnp.bfloat16:
-        raise TypeError(f"quantize_nvfp4 kernel takes bfloat16 x, got {x.dtype}")
+    reason = supports(x, norm_weight)
+    if reason is not None:
+        raise ValueError(f"quantize_nvfp4 kernel: {reason}")
     rows, k = x.shape
-    if not QuantizeNvfp4Sm90.can_implement(k):
-        raise ValueError(f"quantize_nvfp4: k must be a positive multiple of {BLOCK}, got shape {x.shape}")
-    if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != jnp.bfloat16):
-        raise ValueError(f"norm_weight must be bfloat16 [{k}], got {norm_weight.dtype} {norm_weight.shape}")
     if rows == 0:
         return NVFP4Tensor(
             jnp.zeros((0, k // 2), jnp.uint8), jnp.zeros((0, k // BLOCK), jnp.float8_e4m3fn), jnp.zeros((0,), jnp.float32)
