@@ -1,0 +1,349 @@
+"""MoE layer benchmark (GPU): ours (recipes nvfp4 and nvfp4-w4a16) vs ``jax.lax.ragged_dot`` in BF16, with rooflines.
+
+Layers: V4-Flash (256 experts, top-6, dim 4096, inter 2048) and V4-Pro (384, 7168, 3072) at
+T in {1, 8, 64, 512, 4096, 16384} tokens. Routing is uniform: router logits are i.i.d. normal, so
+``route`` (zero bias) picks 6 distinct experts per token uniformly, with the weights it computes.
+
+Measured per (model, T):
+* ours: ``nvfp4jax.kernels.moe.moe_experts`` (BF16 ``x``, routing weights and ids -> float32 sum of
+  the 6 expert outputs), recipe ``nvfp4`` (``quantize_activations=True``) and ``nvfp4-w4a16``;
+* route + group (XLA): ``route`` from router logits ``[T, experts]`` (the router GEMM excluded),
+  then the stable sort by expert, per-expert counts and the gather of the token rows, which a
+  ``ragged_dot`` user needs (our kernel call does its own sort/counts and includes them);
+* ``ragged_dot`` BF16: what a JAX user has -- rows sorted by expert, ``ragged_dot`` for w1 and w3
+  (float32 out), SwiGLU with the clamps and routing weight, BF16 ``h``, ``ragged_dot`` for w2, the
+  float32 combine; BF16 weights stored in ``ragged_dot``'s rhs layout (``[experts, dim, inter]``
+  for w1/w3, ``[experts, inter, dim]`` for w2: the math of ``[experts, inter, dim]`` weights with no
+  transpose per call). Pro's BF16 experts are 3 x 384 x 7168 x 3072 x 2 B = 50.7 GB: allocated only
+  when the device reports that much free; "does not fit" / "OOM" / errors are result rows.
+
+Weights are synthetic and made on the device (no host round trip; 25 G NVFP4 weights for Pro would
+not fit as float32): random E2M1 codes, E4M3 block scales drawn from [0.5, 1.875] (codes 0x30..0x3F,
+never NaN), one global scale per expert; BF16 weights ``0.02 * normal``. The values do not change
+the work done.
+
+Timing: ``timed`` of ``benchmarks/gemm.py`` (calls chained in one jitted ``fori_loop``, median over
+repeats, L2 flushed for T <= 64 with the flush time subtracted). Each iteration's ``x`` depends on
+the previous output's full sum (so no part of the layer is dead code), and the routing ids and
+weights are offset by ``x[0, 0] * 0`` so that the sort/grouping is not hoisted out of the loop;
+the compiled loop of ours must hold at least the two grouped-GEMM CuTeDSL calls (``timed`` checks).
+Rooflines, from ceilings measured in the same run (``measure_ceilings``: copy bandwidth, BF16 dense
+peak): bytes = distinct experts hit x 3 x dim x inter x 0.5625 B (NVFP4 expert weights, activations
+not counted); FLOPs = 2 x T x 6 x 3 x dim x inter; roofline = max(bytes / bandwidth, FLOPs / peak).
+
+Phases per model: our weights (14.3 GB for Pro) and our timings, then they are freed and the BF16
+weights made for ``ragged_dot``; after ``ragged_dot`` runs out of memory at some T, larger T are
+recorded as such without being tried.
+
+Usage (GPU machine): ``python benchmarks/moe.py [--quick] [--out benchmarks/RESULTS.md] [--budget-s 480]``
+(``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`` lets Pro's 50.7 GB of BF16 weights fit on an 80 GB card;
+with the default 75% they are recorded as "does not fit").
+``--cpu-smoke``: tiny shapes on CPU with the *reference* MoE in place of the kernel, to exercise the
+weight generation, routing, timing, baseline and failure paths; its numbers mean nothing and it
+refuses ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gemm import _poke, measure_ceilings, timed
+from nvfp4jax.formats.nvfp4 import NVFP4Tensor
+from nvfp4jax.ref import moe as ref
+
+TOPK = 6
+SWIGLU_LIMIT = 10.0
+NVFP4_BYTES = 0.5625  # per weight: 4-bit code + one E4M3 scale per 16
+#: model -> (experts, dim, inter, routed scale)
+MODELS = {"flash": (256, 4096, 2048, 1.5), "pro": (384, 7168, 3072, 2.5)}
+SMOKE_MODELS = {"flash-tiny": (16, 256, 128, 1.5), "pro-tiny": (24, 384, 256, 2.5)}
+T_VALUES = (1, 8, 64, 512, 4096, 16384)
+QUICK_T = (1, 64, 16384)
+SMOKE_T = (1, 8, 64)
+
+
+# --------------------------------------------------------------------------- inputs, made on the device
+@functools.partial(jax.jit, static_argnums=1)
+def random_nvfp4_experts(key, shape: tuple[int, int, int]) -> NVFP4Tensor:
+    """``[experts, rows, k]`` NVFP4 with random codes, valid E4M3 scales in [0.5, 1.875], global 0.02 / 3.
+
+    One expert at a time (``lax.map``), so the random-bit temporaries stay small.
+    """
+    experts, rows, k = shape
+
+    def one(key):
+        kv, ks = jax.random.split(key)
+        values = jax.random.bits(kv, (rows, k // 2), jnp.uint8)
+        scale_codes = jnp.uint8(0x30) | (jax.random.bits(ks, (rows, k // 16), jnp.uint8) & jnp.uint8(0x0F))
+        return values, jax.lax.bitcast_convert_type(scale_codes, jnp.float8_e4m3fn)
+
+    values, scales = jax.lax.map(one, jax.random.split(key, experts))
+    # rms of a uniform random E2M1 code is ~2.9, so weights are ~0.02 rms
+    return NVFP4Tensor(values, scales, jnp.full((experts,), 0.02 / 3, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def random_bf16_experts(key, shape: tuple[int, int, int]) -> jax.Array:
+    """``0.02 * normal`` BF16 ``[experts, a, b]``, one expert at a time."""
+    return jax.lax.map(lambda k: (0.02 * jax.random.normal(k, shape[1:], jnp.float32)).astype(jnp.bfloat16),
+                       jax.random.split(key, shape[0]))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def random_layer_inputs(key, t: int, experts: int, dim: int, routed_scale: float):
+    """BF16 ``x [t, dim]``, router logits ``[t, experts]`` and their uniform routing (weights, ids)."""
+    kx, kl = jax.random.split(key)
+    x = jax.random.normal(kx, (t, dim), jnp.float32).astype(jnp.bfloat16)
+    logits = jax.random.normal(kl, (t, experts), jnp.float32)
+    weights, ids = ref.route(logits, TOPK, routed_scale, bias=jnp.zeros((experts,), jnp.float32))
+    return x, logits, weights, ids
+
+
+# --------------------------------------------------------------------------- the measured computations
+def group_by_expert(x, weights, ids, experts: int):
+    """(order, sizes, x rows in expert order, routing weights in expert order): the grouping a
+    ``ragged_dot`` MoE needs."""
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=experts).astype(jnp.int32)
+    return order, sizes, x[order // ids.shape[1]], weights.reshape(-1)[order]
+
+
+def ragged_dot_moe(x, weights, ids, w1t, w3t, w2t):
+    """Routed experts with ``jax.lax.ragged_dot`` in BF16: ``w1t``/``w3t`` ``[experts, dim, inter]``,
+    ``w2t`` ``[experts, inter, dim]``; float32 ``[t, dim]`` like ``moe_experts``."""
+    t, k = ids.shape
+    order, sizes, xs, ws = group_by_expert(x, weights, ids, w1t.shape[0])
+    gate = jax.lax.ragged_dot(xs, w1t, sizes, preferred_element_type=jnp.float32)
+    up = jax.lax.ragged_dot(xs, w3t, sizes, preferred_element_type=jnp.float32)
+    h = (ref.swiglu(gate, up, SWIGLU_LIMIT) * ws[:, None]).astype(jnp.bfloat16)
+    y = jax.lax.ragged_dot(h, w2t, sizes, preferred_element_type=jnp.float32)
+    return jnp.zeros((t * k, y.shape[1]), jnp.float32).at[order].set(y).reshape(t, k, -1).sum(axis=1)
+
+
+def _in_loop(x, weights, ids):
+    """Routing inputs that depend on this iteration's ``x`` (value unchanged), so XLA cannot hoist
+    the sort/grouping out of the timing loop as loop-invariant."""
+    zero = x[0, 0].astype(jnp.float32) * 0  # a float multiply by 0 is not folded
+    return weights + zero, ids + zero.astype(ids.dtype)
+
+
+def layer_step(moe):
+    """``carry = (x, weights, ids, *experts)`` -> next carry, ``moe(x, weights, ids, *experts)`` computed."""
+
+    def step(c):
+        x, weights, ids, *experts = c
+        y = moe(x, *_in_loop(x, weights, ids), *experts)
+        return (_poke(x, jnp.sum(y).reshape(1, 1)), weights, ids, *experts)
+
+    return step
+
+
+def route_group_step(routed_scale: float, experts: int):
+    """``carry = (logits, x)``: route from the logits, group the rows of ``x``."""
+
+    def step(c):
+        logits, x = c
+        weights, ids = ref.route(logits, TOPK, routed_scale, bias=jnp.zeros((experts,), jnp.float32))
+        _, sizes, xs, ws = group_by_expert(x, weights, ids, experts)
+        total = jnp.sum(xs.astype(jnp.float32)) + jnp.sum(ws) + jnp.sum(sizes).astype(jnp.float32)
+        return _poke(logits, total.reshape(1, 1)), x
+
+    return step
+
+
+# --------------------------------------------------------------------------- measuring
+def describe_failure(e: BaseException) -> str:
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
+        return "OOM"
+    first = msg.strip().splitlines()[0] if msg.strip() else ""
+    return f"error: {type(e).__name__}: {first[:100]}".replace("|", "/")
+
+
+def measure(step, carry, flush: bool, target_s: float, kernel_calls: int = 0) -> float | str:
+    """Seconds per call, or a failure string (the run goes on).
+
+    One untimed call estimates the time, which sets the loop length: about ``target_s`` per loop,
+    between 2 and 200 calls. ``kernel_calls``: CuTeDSL calls the compiled loop must hold (``timed``
+    checks it, so a dead-code-eliminated kernel is an error row, not a fast one).
+    """
+    try:
+        once = jax.jit(step)
+        jax.block_until_ready(once(carry))
+        t0 = time.perf_counter()
+        jax.block_until_ready(once(carry))
+        estimate = time.perf_counter() - t0
+        reps = int(min(200, max(2, target_s / max(estimate, 1e-6))))
+        return timed(step, carry, flush, reps, kernel_calls)
+    except Exception as e:  # noqa: BLE001 -- every failure is a result row
+        traceback.print_exc(limit=2, file=sys.stderr)
+        return describe_failure(e)
+
+
+def free_device_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def _us(v: float | str) -> str:
+    return f"{v * 1e6:.1f}" if isinstance(v, float) else v
+
+
+def _ratio(num: float | str, den: float | str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+    if isinstance(num, float) and isinstance(den, float):
+        return fmt.format(scale * num / den)
+    return "-"
+
+
+# --------------------------------------------------------------------------- one model
+def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadline, target_s, emit):
+    experts, dim, inter, routed_scale = shape
+    key = jax.random.key(sum(map(ord, name)))
+    inputs = {t: random_layer_inputs(jax.random.fold_in(key, t), t, experts, dim, routed_scale) for t in t_values}
+    res = {t: {} for t in t_values}
+
+    def run(label: str, t: int, step, carry, kernel_calls: int = 0) -> None:
+        over = time.time() > deadline
+        res[t][label] = "not run (budget)" if over else measure(step, carry, t <= 64, target_s, kernel_calls)
+        emit(f"  {name} T={t} {label}: {_us(res[t][label])}{' us' if isinstance(res[t][label], float) else ''}")
+
+    kw, kd, k2 = jax.random.split(jax.random.fold_in(key, 1), 3)
+    try:
+        w = (random_nvfp4_experts(kw, (experts, inter, dim)), random_nvfp4_experts(kd, (experts, inter, dim)),
+             random_nvfp4_experts(k2, (experts, dim, inter)))
+        jax.block_until_ready(w)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc(limit=2, file=sys.stderr)
+        w, failed = None, f"weights: {describe_failure(e)}"
+    for t in t_values:
+        x, logits, weights, ids = inputs[t]
+        for recipe, qa in (("nvfp4", True), ("w4a16", False)):
+            if w is None:
+                res[t][recipe] = failed
+            else:
+                moe = functools.partial(ours, swiglu_limit=SWIGLU_LIMIT, quantize_activations=qa)
+                run(recipe, t, layer_step(moe), (x, weights, ids, *w), ours_kernel_calls)
+        run("route+group", t, route_group_step(routed_scale, experts), (logits, x))
+    w = None  # free our weights before the BF16 ones are made
+
+    need = 3 * experts * dim * inter * 2
+    free = free_device_bytes()
+    wb, oom_at = None, None
+    if free is not None and need > 0.95 * free:
+        why = f"does not fit ({need / 1e9:.1f} GB BF16 weights, {free / 1e9:.1f} GB free)"
+    else:
+        try:
+            wb = (random_bf16_experts(kw, (experts, dim, inter)), random_bf16_experts(kd, (experts, dim, inter)),
+                  random_bf16_experts(k2, (experts, inter, dim)))
+            jax.block_until_ready(wb)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc(limit=2, file=sys.stderr)
+            wb, why = None, f"weights: {describe_failure(e)}"
+    for t in t_values:
+        x, _, weights, ids = inputs[t]
+        if wb is None:
+            res[t]["ragged"] = why
+        elif oom_at is not None:
+            res[t]["ragged"] = f"OOM at T={oom_at} (not tried)"
+        else:
+            run("ragged", t, layer_step(ragged_dot_moe), (x, weights, ids, *wb))
+            if res[t]["ragged"] == "OOM":
+                oom_at = t
+    wb = None
+
+    rows = []
+    for t in t_values:
+        r = res[t]
+        hit = int(jnp.sum(jnp.bincount(inputs[t][3].reshape(-1), length=experts) > 0))
+        nbytes = hit * 3 * dim * inter * NVFP4_BYTES
+        flops = 2.0 * t * TOPK * 3 * dim * inter
+        roof = max(nbytes / bw, flops / peak)
+        bound = "memory" if nbytes / bw >= flops / peak else "compute"
+        rows.append(
+            f"| {name} | {experts} | {t} | {hit} | {_us(r['nvfp4'])} | {_us(r['w4a16'])} | {_us(r['route+group'])} | "
+            f"{_us(r['ragged'])} | {roof * 1e6:.1f} | {bound} | {_ratio(roof, r['nvfp4'], 100, '{:.0f}')} | "
+            f"{_ratio(roof, r['w4a16'], 100, '{:.0f}')} | {_ratio(r['ragged'], r['nvfp4'])} | {_ratio(r['ragged'], r['w4a16'])} |"
+        )
+        emit(rows[-1])
+    return rows
+
+
+def smoke_ceilings() -> tuple[float, float]:
+    """Small versions of ``measure_ceilings`` for the CPU smoke run (CPU numbers, meaningless for a GPU)."""
+    x = jnp.ones((1 << 24,), jnp.bfloat16)
+    bw = 2 * 2 * x.size / timed(lambda v: v + jnp.bfloat16(1.0), x, False, 5)
+    a = jnp.ones((512, 512), jnp.bfloat16)
+    t = timed(lambda v: jnp.dot(v, a, preferred_element_type=jnp.float32).astype(jnp.bfloat16), a, False, 5)
+    return bw, 2 * 512**3 / t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help=f"T in {QUICK_T} only")
+    ap.add_argument("--out", default=None, help="append the table to this markdown file (e.g. benchmarks/RESULTS.md)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new measurements after this")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes, the reference MoE in place of the kernel; exercises the script, measures nothing")
+    args = ap.parse_args()
+    if args.cpu_smoke and args.out:
+        ap.error("--cpu-smoke numbers are meaningless; it does not write --out")
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    dev = jax.devices()[0].device_kind
+    lines = []
+
+    def emit(line: str, record: bool = False):
+        print(line, flush=True)
+        if record:
+            lines.append(line)
+
+    if args.cpu_smoke:
+        emit("SMOKE RUN (--cpu-smoke): tiny shapes, the REFERENCE MoE (nvfp4jax.ref.moe) stands in for the kernel; "
+             "no number below measures anything of ours", record=True)
+        models, t_values, ours, kernel_calls, target_s = SMOKE_MODELS, SMOKE_T, ref.moe_experts, 0, 0.02
+        bw, peak = smoke_ceilings()
+    else:
+        from nvfp4jax.kernels import moe as km
+
+        # the two grouped GEMMs (L1, L2) at least must be in every timed loop
+        models, t_values, ours, kernel_calls, target_s = MODELS, QUICK_T if args.quick else T_VALUES, km.moe_experts, 2, 0.2
+        bw, peak = measure_ceilings()
+    emit(f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev})", record=True)
+    emit("", record=True)
+    emit("| model | experts | T | experts hit | ours nvfp4 us | ours w4a16 us | route+group (XLA) us | ragged_dot BF16 us "
+         "| roofline us | bound | nvfp4 % roof | w4a16 % roof | x ragged (nvfp4) | x ragged (w4a16) |", record=True)
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", record=True)
+    for name, shape in models.items():
+        lines.extend(bench_model(name, shape, t_values, ours, kernel_calls, bw, peak, deadline, target_s, emit))
+    if time.time() > deadline:
+        emit(f"\n(time budget of {args.budget_s:.0f} s reached: entries marked 'not run (budget)' were not measured)",
+             record=True)
+    if args.out:
+        commit = os.environ.get("NVFP4JAX_COMMIT", "")
+        if not commit:
+            try:
+                commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+            except OSError:
+                commit = ""
+        head = f"\n## moe_experts (routed experts) — {dev}, {datetime.date.today()}, commit {commit or 'unknown'}\n\n"
+        with open(args.out, "a") as f:
+            f.write(head + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
