@@ -1,17 +1,17 @@
 """The model with its linears on the sm_90a kernels vs the same model on the reference ops (GPU).
 
 Config: the tiny structure widened so every NVFP4 linear meets the GEMM kernel's shape rules
-(n % 64, k % 128): hidden 256, q_lora 128, o_lora 64, expert width 128. Routed experts still run
-the reference MoE (their kernels belong to the MoE issue). The quantize kernel is bitwise and the
-GEMM differs from the reference only in float32 summation order, so the logits agree to within
-BF16 rounding; a discrete choice (top-6 experts, indexer top-k) can flip on a near-tie, hence a
-cosine gate on the logits rather than equality.
+(n % 64, k % 128): hidden 256, q_lora 128, o_lora 64, expert width 128 (routed experts go through
+``ops.moe_experts``, on its kernel where that kernel's ``supports`` accepts them). The quantize
+kernel is bitwise and the GEMM differs from the reference only in float32 summation order, so the
+logits agree to within BF16 rounding; a discrete choice (top-6 experts, indexer top-k) can flip on
+a near-tie, hence a cosine gate on the logits rather than equality.
 
 Under ``NVFP4JAX_BACKEND=auto`` the plain tiny preset (hidden 64), whose linears are all below the
 GEMM kernel's tiles, runs them on the reference (logged fallbacks) and the activation quantize on
-its kernel; a hidden-128 variant mixes both (wq_a and wkv fit the tiles, the rest do not).
+its kernel; a hidden-128 variant mixes both (wq_a and wkv fit the tiles, the rest do not). Their
+routed experts (width 32) are below the MoE kernel's tiles too and fall back the same way.
 """
-
 
 import equinox as eqx
 import jax
@@ -73,7 +73,7 @@ def test_auto_falls_back_on_small_linears(recipe, hidden, monkeypatch):
     fallen = {(key[1][-3][0][0], 2 * key[1][-3][0][1]) for key in ops.fallbacks() if key[0] == "nvfp4_gemm"}
     shapes = _linear_shapes(model)
     assert fallen == {(n, k) for n, k in shapes if n % 64 or k % 128}, (fallen, shapes)
-    assert {key[0] for key in ops.fallbacks()} == {"nvfp4_gemm"}, ops.fallbacks()  # quantize ran its kernel
+    assert {key[0] for key in ops.fallbacks()} == {"nvfp4_gemm", "moe_experts"}, ops.fallbacks()  # quantize ran its kernel
     if hidden == 64:
         assert fallen == shapes
     else:
