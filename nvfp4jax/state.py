@@ -32,7 +32,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
 from nvfp4jax.config import DeepSeekV4Config
-from nvfp4jax.formats.e2m1 import exact_div
+from nvfp4jax.formats.e2m1 import e4m3_to_float, exact_div
 from nvfp4jax.formats.e8m0 import ceil_log2, pow2
 
 KV_BLOCK = 64
@@ -59,7 +59,7 @@ class KVRows(eqx.Module):
 
     def decode(self, dtype) -> Float[Array, "*rows dim"]:
         lead = self.nope.shape[:-1]
-        b = self.nope.astype(jnp.float32).reshape(*lead, self.scale.shape[-1], KV_BLOCK)
+        b = e4m3_to_float(self.nope).reshape(*lead, self.scale.shape[-1], KV_BLOCK)
         nope = (b * pow2(self.scale.astype(jnp.int32) - 127)[..., None]).reshape(self.nope.shape)
         return jnp.concatenate([nope.astype(dtype), self.rope.astype(dtype)], axis=-1)
 

@@ -14,7 +14,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Float8e4m3fn, UInt8
 
-from nvfp4jax.formats.e2m1 import exact_div
+from nvfp4jax.formats.e2m1 import e4m3_to_float, exact_div
 from nvfp4jax.formats.e8m0 import (
     as_e8m0_bytes,
     ceil_log2,
@@ -58,7 +58,7 @@ def decode_fp8_block(weight: ArrayLike, scale: ArrayLike) -> Float[Array, "out i
         raise ValueError(
             f"FP8 weight of shape {w.shape} needs scales of shape {fp8_block_scale_shape(w.shape)}, got {b.shape}"
         )
-    return w.astype(jnp.float32) * _expand_blocks(e8m0_to_float(b), w.shape)
+    return e4m3_to_float(w) * _expand_blocks(e8m0_to_float(b), w.shape)
 
 
 def encode_fp8_block(w: Float[ArrayLike, "out in"]) -> FP8BlockTensor:

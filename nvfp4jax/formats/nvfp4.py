@@ -32,6 +32,7 @@ from jaxtyping import Array, ArrayLike, Float, Float8e4m3fn, UInt8
 from nvfp4jax.formats.e2m1 import (
     E2M1_MAX,
     decode_e2m1,
+    e4m3_to_float,
     encode_e2m1,
     exact_div,
     pack_e2m1,
@@ -108,7 +109,7 @@ def quantize_with_global(x: Float[ArrayLike, "*rows k"], global_scale: Float[Arr
     amax_b = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
     s = jnp.minimum(exact_div(exact_div(amax_b, jnp.float32(E2M1_MAX)), g_b), jnp.float32(E4M3_MAX))
     s = s.astype(jnp.float8_e4m3fn)
-    denom = s.astype(jnp.float32) * g_b
+    denom = e4m3_to_float(s) * g_b
     safe = jnp.where(denom > 0, denom, jnp.float32(1.0))
     codes = jnp.where(denom > 0, encode_e2m1(exact_div(blocks, safe)), jnp.uint8(0))
     return NVFP4Tensor(pack_e2m1(codes.reshape(x.shape)), s[..., 0], g)
@@ -131,7 +132,7 @@ def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> Array:
     """``e2m1 * e4m3 * global`` in float32, then cast to ``dtype``."""
     vals = decode_e2m1(unpack_e2m1(t.values))
     k = vals.shape[-1]
-    blocks = vals.reshape(*vals.shape[:-1], k // BLOCK, BLOCK) * t.scales.astype(jnp.float32)[..., None]
+    blocks = vals.reshape(*vals.shape[:-1], k // BLOCK, BLOCK) * e4m3_to_float(t.scales)[..., None]
     return (blocks * _broadcast_global(t.global_scale, blocks.ndim)).reshape(vals.shape).astype(dtype)
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from nvfp4jax.formats.e2m1 import decode_e2m1, encode_e2m1, exact_div
+from nvfp4jax.formats.e2m1 import decode_e2m1, e4m3_to_float, encode_e2m1, exact_div
 from nvfp4jax.formats.e8m0 import ceil_log2, pow2
 
 
@@ -25,7 +25,7 @@ def fp8_simulate(x: Float[Array, "*rows dim"], block: int = 64) -> Float[Array, 
     xf = x.astype(jnp.float32)
     b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
     s = _pow2_scale(jnp.max(jnp.abs(b), axis=-1, keepdims=True), 1e-4, 448.0)
-    q = jnp.clip(exact_div(b, s), -448.0, 448.0).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    q = e4m3_to_float(jnp.clip(exact_div(b, s), -448.0, 448.0).astype(jnp.float8_e4m3fn))
     return (q * s).reshape(xf.shape).astype(x.dtype)
 
 
