@@ -4,6 +4,7 @@
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +125,7 @@ def test_supports_matches_the_kernel(rng, n, k):
         if reason is None:
             _check(x, w, case)
         else:
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match=re.escape(reason)):
                 kg.nvfp4_gemm(x, w)
 
 
