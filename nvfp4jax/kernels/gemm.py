@@ -64,7 +64,7 @@ class GemmConfig:
 def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
     """(rows per pass, K elements per thread chunk) for 128 threads covering a [rows, tile_k] tile."""
     chunk = elems
-    while THREADS * chunk // tile_k > rows and chunk > 8:
+    while (THREADS * chunk // tile_k > rows or rows % (THREADS * chunk // tile_k)) and chunk > 8:
         chunk //= 2
     return THREADS * chunk // tile_k, chunk
 
@@ -92,7 +92,9 @@ class GemmNvfp4Sm90:
             return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
-        return all(c >= (16 if i == 0 or cfg.act_nvfp4 else 8) and r <= rows
+        # every row of the tile is loaded: whole passes of r rows (a 48-token tile with 32-row
+        # passes once left 16 rows of shared memory unwritten)
+        return all(c >= (16 if i == 0 or cfg.act_nvfp4 else 8) and r <= rows and rows % r == 0
                    for i, ((r, c), rows) in enumerate(zip(chunks, (cfg.tile_w, cfg.tile_t))))
 
     @cute.jit
