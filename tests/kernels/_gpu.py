@@ -17,7 +17,7 @@ PRO_LINEARS = [
     ("indexer.wq_b", 8192, 1536), ("shared.w1/w3", 3072, 7168), ("shared.w2", 7168, 3072),
     ("mtp.e_proj/h_proj", 7168, 7168),
 ]
-M_VALUES = (1, 3, 16, 64, 65, 200, 4096)
+M_VALUES = (1, 3, 16, 40, 64, 65, 200, 4096)
 
 
 def poison_device_memory(nbytes: int = 1 << 30) -> None:
