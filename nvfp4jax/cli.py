@@ -121,7 +121,20 @@ def _generate(args) -> int:
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before loading
     t0 = time.perf_counter()
-    if args.checkpoint:
+    mesh = None
+    if args.devices > 1:
+        import jax
+
+        from nvfp4jax.sharding import make_mesh
+
+        if args.devices > jax.device_count():
+            raise ValueError(f"--devices {args.devices}: only {jax.device_count()} devices are visible")
+        mesh = make_mesh(args.devices, tensor=args.tensor)
+    if args.checkpoint and mesh is not None:  # each weight put on its sharding as its layer is read
+        from nvfp4jax.checkpoint.sharded import load_sharded
+
+        model, _ = load_sharded(args.checkpoint, mesh, recipe=args.recipe)
+    elif args.checkpoint:
         from nvfp4jax.checkpoint import load_model
 
         model, _ = load_model(args.checkpoint, recipe=args.recipe)
@@ -144,16 +157,13 @@ def _generate(args) -> int:
 
     chunk = args.prefill_chunk or (None if args.checkpoint else 1)
     state, mesh_context = None, contextlib.nullcontext()
-    if args.devices > 1:
+    if mesh is not None:
         import jax
 
-        from nvfp4jax.sharding import make_mesh, shard_model, shard_state
+        from nvfp4jax.sharding import shard_model, shard_state
         from nvfp4jax.state import init_state
 
-        if args.devices > jax.device_count():
-            raise ValueError(f"--devices {args.devices}: only {jax.device_count()} devices are visible")
-        mesh = make_mesh(args.devices, tensor=args.tensor)
-        model = shard_model(model, mesh)
+        model = shard_model(model, mesh)  # a no-op for a model loaded by load_sharded
         max_len = args.max_len or max(len(p) for p in prompts) + args.max_new_tokens
         state = shard_state(init_state(model, len(prompts), max_len, args.page_size), mesh)
         mesh_context = jax.set_mesh(mesh)

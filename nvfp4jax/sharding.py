@@ -158,6 +158,22 @@ def tree_shardings(tree, mesh: Mesh, table, rules: ShardingRules = RULES):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def indivisible_dims(tree, mesh: Mesh, table=PARAM_AXES, rules: ShardingRules = RULES):
+    """``(path, dim, size, logical, mesh_axes, ways)`` of every leaf dim whose rule names mesh axes of
+    more than one device that do not divide it (:func:`partition_spec` replicates those; a loader
+    that must not silently replicate checks here first). Leaves need only ``shape`` (e.g. abstract)."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key, shape = jax.tree_util.keystr(path), tuple(leaf.shape)
+        logical = _logical_axes(key, len(shape), table)
+        for dim, name in zip(range(len(shape) - len(logical), len(shape)), logical):
+            axes = rules.mesh_axes(name)
+            ways = _axis_size(mesh, axes)
+            if ways > 1 and shape[dim] % ways:
+                out.append((key, dim, shape[dim], name, axes, ways))
+    return out
+
+
 def _place(tree, shardings):
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
