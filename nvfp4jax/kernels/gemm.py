@@ -21,12 +21,30 @@ also split K over ``split`` CTAs (``grid.z``); each writes float32 partials ``[s
 XLA sums and casts (one small fused reduction) so that enough CTAs stream weights to fill HBM.
 
 Limits: ``n % tile_w == 0`` (64 or 128), ``k % (tile_k * split) == 0`` (tile_k 64 or 128), any m.
+
+Multistage option (``GemmConfig.stages >= 2``; **compiles for sm_90a, not yet run on a GPU**): the
+register prefetch above keeps one K tile of loads in flight per CTA (64 x 128 x 0.5625 B = 4.6 KB),
+far below what HBM latency needs at decode. With ``stages = S`` the raw packed bytes of K tiles
+(weight codes and scale bytes; X codes and scales, or BF16 X) are copied global -> a ring of ``S``
+shared-memory slots with ``cp.async`` (Ampere-style multistage: every thread issues its 16-byte
+``cp.async.cg`` copies -- 8/4-byte ``cp.async.ca`` for the scale rows of a tile -- commits one group
+per tile and waits with ``wait_group(S - 2)``; no producer warp), ``S - 1`` tiles ahead. Each
+iteration the threads read tile i's raw bytes from its slot, decode them as above into the BF16
+stage and issue wgmma. X rows are copied from their own (gathered) rows; rows past ``count`` are
+not copied and are zeroed after decoding, as in the register path. Shared memory (the two BF16
+stages plus the ring) must stay <= ``SMEM_LIMIT`` (two CTAs per SM); ``can_implement`` refuses
+more. ``stages == 0`` generates exactly the register-prefetch kernel. ``choose_config`` and
+``moe.choose_grouped_config`` return ``stages = 0`` unless the environment variable
+``NVFP4JAX_GEMM_STAGES`` (read when a config is chosen, i.e. at trace time) is >= 2; then decode
+configs (token tile <= 64) get that many stages (fewer where shared memory is short) and a smaller
+K split (each CTA keeps >= S K tiles; ~4 CTAs per SM) -- a first guess, to be tuned on the GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +55,7 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 import cuda.bindings.driver as cuda
 from cutlass import BFloat16, Float32, Int32, Uint8
-from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
+from cutlass.cute.nvgpu import LoadCacheMode, OperandMajorMode, cpasync, warpgroup
 from cutlass.jax import TensorSpec, cutlass_call
 from cutlass.utils import LayoutEnum
 
@@ -46,6 +64,8 @@ from nvfp4jax.kernels._cute import dequant_nvfp4_chunk
 
 THREADS = 128
 NUM_SMS = 132  # H100 SXM; only used to pick the K split
+SMEM_LIMIT = 113 * 1024  # per CTA so that two fit in an SM (228 KB, 1 KB reserved per CTA)
+STAGES_ENV = "NVFP4JAX_GEMM_STAGES"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +79,7 @@ class GemmConfig:
     gather: bool = False  # grouped: output row r reads X row rows[r] (else X row r)
     gate_up: bool = False  # grouped L1: rows 0..63 of a CTA from W1, 64..127 from W3 (tile_w 128)
     swiglu_limit: float | None = None  # gate_up with split 1: SwiGLU x routing weight epilogue (BF16 h)
+    stages: int = 0  # 0: register prefetch (GPU-verified); >= 2: cp.async ring of raw K tiles (compiles, not run)
 
 
 def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
@@ -67,6 +88,36 @@ def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
     while (THREADS * chunk // tile_k > rows or rows % (THREADS * chunk // tile_k)) and chunk > 8:
         chunk //= 2
     return THREADS * chunk // tile_k, chunk
+
+
+def _copy_plan(rows: int, row_bytes: int) -> tuple[int, int, int, int]:
+    """cp.async plan for 128 threads copying ``[rows, row_bytes]``: (bytes per copy, copies per row,
+    rows per pass, passes). Thread t copies part ``t % per_row`` of rows ``t // per_row + q * rows_pp``."""
+    size = min(16, row_bytes)
+    per_row = row_bytes // size
+    rows_pp = THREADS // per_row
+    return size, per_row, rows_pp, -(-rows // rows_pp)
+
+
+def _ring_rows(cfg: GemmConfig) -> tuple[tuple[int, int], ...]:
+    """(rows, bytes per row) of one ring slot's planes: W codes, W scales, X codes (or BF16 X), X scales."""
+    if cfg.act_nvfp4:
+        x = ((cfg.tile_t, cfg.tile_k // 2), (cfg.tile_t, cfg.tile_k // BLOCK))
+    else:
+        x = ((cfg.tile_t, 2 * cfg.tile_k),)
+    return ((cfg.tile_w, cfg.tile_k // 2), (cfg.tile_w, cfg.tile_k // BLOCK)) + x
+
+
+def smem_bytes(cfg: GemmConfig) -> int:
+    """Shared memory of a CTA: two BF16 stages of the W and X tiles, plus the raw ring when ``stages``."""
+    bf16 = 2 * 2 * (cfg.tile_w + cfg.tile_t) * cfg.tile_k
+    ring = sum(-(-rows * row_bytes // 128) * 128 for rows, row_bytes in _ring_rows(cfg))
+    return bf16 + cfg.stages * ring
+
+
+def _ring_tensor(mem, rows: int, elems: int, stages: int) -> cute.Tensor:
+    """A ring plane ``[rows, elems, stages]``: slot-major, rows of ``elems`` contiguous elements."""
+    return mem.get_tensor(cute.make_layout((rows, elems, stages), stride=(elems, 1, rows * elems)))
 
 
 class GemmNvfp4Sm90:
@@ -79,6 +130,11 @@ class GemmNvfp4Sm90:
             self.x_rows_pp, self.x_chunk = _chunk(cfg.tile_t, cfg.tile_k, 32)
         else:
             self.x_rows_pp, self.x_chunk = _chunk(cfg.tile_t, cfg.tile_k, 8)
+        if cfg.stages:  # cp.async plans of the ring planes (gate_up: W1 and W3 halves separately)
+            self.w_plan_rows = cfg.tile_w // 2 if cfg.gate_up else cfg.tile_w
+            rows = _ring_rows(cfg)
+            self.w_plans = tuple(_copy_plan(self.w_plan_rows, b) for _, b in rows[:2])
+            self.x_plans = tuple(_copy_plan(r, b) for r, b in rows[2:])
 
     @staticmethod
     def can_implement(cfg: GemmConfig) -> bool:
@@ -89,6 +145,8 @@ class GemmNvfp4Sm90:
         if (cfg.gather or cfg.swiglu_limit is not None) and not cfg.grouped:
             return False
         if cfg.swiglu_limit is not None and (not cfg.gate_up or cfg.split != 1):
+            return False
+        if cfg.stages and (cfg.stages < 2 or smem_bytes(cfg) > SMEM_LIMIT):
             return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
@@ -120,6 +178,8 @@ class GemmNvfp4Sm90:
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
 
         self.shared_storage = SharedStorage
+        if cutlass.const_expr(cfg.stages):
+            self.shared_storage = self._ring_storage(sA_layout, sB_layout)
         if cutlass.const_expr(cfg.grouped):
             n = mWv.shape[1]
             if cutlass.const_expr(cfg.gate_up):
@@ -129,6 +189,28 @@ class GemmNvfp4Sm90:
             grid = [mWv.shape[0] // cfg.tile_w, (mXv.shape[0] + cfg.tile_t - 1) // cfg.tile_t, cfg.split]
         self.kernel(mXv, mXs, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRows, mTiles, mRouteW, mY,
                     tiled_mma, sA_layout, sB_layout).launch(grid=grid, block=[THREADS, 1, 1], stream=stream)
+
+    def _ring_storage(self, sA_layout, sB_layout):
+        """Shared storage with the raw ring: slot-major [stages][rows][bytes] planes after the BF16 stages."""
+        cfg = self.cfg
+        w_bytes = cfg.stages * cfg.tile_w * cfg.tile_k // 2
+        ws_bytes = cfg.stages * cfg.tile_w * cfg.tile_k // BLOCK
+        x_elems = cfg.stages * cfg.tile_t * (cfg.tile_k // 2 if cfg.act_nvfp4 else cfg.tile_k)
+        xs_bytes = cfg.stages * cfg.tile_t * cfg.tile_k // BLOCK
+        x_type = Uint8 if cfg.act_nvfp4 else BFloat16
+
+        align, mem = cute.struct.Align, cute.struct.MemRange
+        fields = {
+            "sA": align[mem[BFloat16, cute.cosize(sA_layout)], 1024],
+            "sB": align[mem[BFloat16, cute.cosize(sB_layout)], 1024],
+            "sWv": align[mem[Uint8, w_bytes], 128],
+            "sWs": align[mem[Uint8, ws_bytes], 128],
+            "sXv": align[mem[x_type, x_elems], 128],
+        }
+        if cfg.act_nvfp4:
+            fields["sXs"] = align[mem[Uint8, xs_bytes], 128]
+        # built from a dict: this module's annotations are strings (postponed evaluation)
+        return cute.struct(type("RingStorage", (), {"__annotations__": fields}))
 
     def _store_copy(self, rows_pp: int, chunk: int):
         """Tiled copy registers -> shared memory: thread t owns row t // (tile_k/chunk), one chunk."""
@@ -230,33 +312,178 @@ class GemmNvfp4Sm90:
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         num_k_blocks = cute.size(tCrA, mode=[2])
 
-        # Tile i's operands are loaded into registers one iteration ahead, while wgmma(i-1) runs;
-        # stage i % 2 is rewritten only after wgmma(i-2), its last reader, has completed.
-        self.load_tile(kt0, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part)
+        if cutlass.const_expr(cfg.stages):
+            self.mainloop_ring(storage, (wv, ws, w3v, w3s), mXv, mXs, mRows, start, count, kt0, k_tiles,
+                               (tWrP, tWrS, tWrD), (tXrP, tXrS, tXrD), tAsA, tBsB, tCrA, tCrB, acc, tiled_mma)
+        else:
+            # Tile i's operands are loaded into registers one iteration ahead, while wgmma(i-1) runs;
+            # stage i % 2 is rewritten only after wgmma(i-2), its last reader, has completed.
+            self.load_tile(kt0, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part)
+            for i in cutlass.range(k_tiles, unroll=1):
+                stage = i % 2
+                warpgroup.wait_group(1)
+                cute.arch.sync_threads()
+                for p in cutlass.range_constexpr(w_passes):
+                    dequant_nvfp4_chunk(tWrP[None, p], tWrS[None, p], tWrD[None, p])
+                    cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, stage])
+                for p in cutlass.range_constexpr(x_passes):
+                    if cutlass.const_expr(cfg.act_nvfp4):
+                        dequant_nvfp4_chunk(tXrP[None, p], tXrS[None, p], tXrD[None, p])
+                    if x_row_in_tile + p * self.x_rows_pp >= count:
+                        tXrD[None, p].fill(0.0)
+                    if x_row_in_tile < cfg.tile_t:
+                        cute.autovec_copy(tXrD[None, p], tBsB[None, p, 0, stage])
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.sync_threads()
+                if i + 1 < k_tiles:
+                    self.load_tile(kt0 + i + 1, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows,
+                                   x_part)
+                warpgroup.fence()
+                for kb in cutlass.range_constexpr(num_k_blocks):
+                    cute.gemm(tiled_mma, acc, tCrA[None, None, kb, stage], tCrB[None, None, kb, stage], acc)
+                warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRows, mRouteW, mY, e, start, count)
+
+    @cute.jit
+    def mainloop_ring(self, storage, w_src, mXv, mXs, mRows, start, count, kt0, k_tiles, w_regs, x_regs,
+                      tAsA, tBsB, tCrA, tCrB, acc, tiled_mma: cute.TiledMma):
+        """K loop of the multistage option: raw K tiles arrive by cp.async ``stages - 1`` tiles ahead.
+
+        Slot ``i % S`` of the ring holds tile i. Iteration i waits for its own copies of tile i
+        (``wait_group(S - 2)``: only the groups of the S - 2 younger tiles may still be pending); the
+        barrier then makes every thread's copies visible, and also ends all reads of slot
+        ``(i - 1) % S`` (done in iteration i - 1), which now receives tile ``i + S - 1``. One group is
+        committed per tile slot, empty past the last tile, so the group count stays uniform. BF16
+        stage ``i % 2`` is rewritten only after wgmma(i - 2) completed, as in the register path.
+        """
+        cfg = self.cfg
+        S = cfg.stages
+        tidx, _, _ = cute.arch.thread_idx()
+        bw, _, _ = cute.arch.block_idx()
+        tWrP, tWrS, tWrD = w_regs
+        tXrP, tXrS, tXrD = x_regs
+        sWv = _ring_tensor(storage.sWv, cfg.tile_w, cfg.tile_k // 2, S)
+        sWs = _ring_tensor(storage.sWs, cfg.tile_w, cfg.tile_k // BLOCK, S)
+        sXv = _ring_tensor(storage.sXv, cfg.tile_t, cfg.tile_k // 2 if cfg.act_nvfp4 else cfg.tile_k, S)
+        sXs = sXv
+        if cutlass.const_expr(cfg.act_nvfp4):
+            sXs = _ring_tensor(storage.sXs, cfg.tile_t, cfg.tile_k // BLOCK, S)
+        rings = (sWv, sWs, sXv, sXs)
+        w_rows = cfg.tile_w // 2 if cutlass.const_expr(cfg.gate_up) else cfg.tile_w
+        w_row0 = bw * w_rows
+        x_src = (self.x_sources(self.x_plans[0], mRows, start, count),
+                 self.x_sources(self.x_plans[-1], mRows, start, count))
+
+        for s in cutlass.range_constexpr(S - 1):
+            if s < k_tiles:
+                self.ring_fill(kt0 + s, s, w_src, rings, mXv, mXs, w_row0, x_src, count)
+            cute.arch.cp_async_commit_group()
+
+        w_per_row = cfg.tile_k // self.w_chunk
+        x_per_row = cfg.tile_k // self.x_chunk
+        x_row_in_tile = tidx // x_per_row
+        num_k_blocks = cute.size(tCrA, mode=[2])
         for i in cutlass.range(k_tiles, unroll=1):
             stage = i % 2
+            slot = i % S
+            cute.arch.cp_async_wait_group(S - 2)
             warpgroup.wait_group(1)
             cute.arch.sync_threads()
-            for p in cutlass.range_constexpr(w_passes):
+            if i + S - 1 < k_tiles:
+                self.ring_fill(kt0 + i + S - 1, (i + S - 1) % S, w_src, rings, mXv, mXs, w_row0, x_src, count)
+            cute.arch.cp_async_commit_group()
+            # raw tile i: shared -> registers -> decoded BF16 stage
+            sWv_i = cute.local_tile(sWv[None, None, slot], (1, self.w_chunk // 2), (None, None))
+            sWs_i = cute.local_tile(sWs[None, None, slot], (1, self.w_chunk // BLOCK), (None, None))
+            for p in cutlass.range_constexpr(cfg.tile_w // self.w_rows_pp):
+                row = tidx // w_per_row + p * self.w_rows_pp
+                cute.autovec_copy(sWv_i[0, None, row, tidx % w_per_row], tWrP[None, p])
+                cute.autovec_copy(sWs_i[0, None, row, tidx % w_per_row], tWrS[None, p])
                 dequant_nvfp4_chunk(tWrP[None, p], tWrS[None, p], tWrD[None, p])
                 cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, stage])
-            for p in cutlass.range_constexpr(x_passes):
+            if cutlass.const_expr(cfg.act_nvfp4):
+                sXv_i = cute.local_tile(sXv[None, None, slot], (1, self.x_chunk // 2), (None, None))
+                sXs_i = cute.local_tile(sXs[None, None, slot], (1, self.x_chunk // BLOCK), (None, None))
+            else:
+                sXv_i = cute.local_tile(sXv[None, None, slot], (1, self.x_chunk), (None, None))
+                sXs_i = sXv_i
+            for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
+                row = x_row_in_tile + p * self.x_rows_pp
                 if cutlass.const_expr(cfg.act_nvfp4):
+                    cute.autovec_copy(sXv_i[0, None, row, tidx % x_per_row], tXrP[None, p])
+                    cute.autovec_copy(sXs_i[0, None, row, tidx % x_per_row], tXrS[None, p])
                     dequant_nvfp4_chunk(tXrP[None, p], tXrS[None, p], tXrD[None, p])
-                if x_row_in_tile + p * self.x_rows_pp >= count:
+                else:
+                    cute.autovec_copy(sXv_i[0, None, row, tidx % x_per_row], tXrD[None, p])
+                if row >= count:  # never copied: zero rows past the tile's rows
                     tXrD[None, p].fill(0.0)
                 if x_row_in_tile < cfg.tile_t:
                     cute.autovec_copy(tXrD[None, p], tBsB[None, p, 0, stage])
             cute.arch.fence_proxy("async.shared", space="cta")
             cute.arch.sync_threads()
-            if i + 1 < k_tiles:
-                self.load_tile(kt0 + i + 1, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part)
             warpgroup.fence()
             for kb in cutlass.range_constexpr(num_k_blocks):
                 cute.gemm(tiled_mma, acc, tCrA[None, None, kb, stage], tCrB[None, None, kb, stage], acc)
             warpgroup.commit_group()
-        warpgroup.wait_group(0)
-        self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRows, mRouteW, mY, e, start, count)
+        cute.arch.cp_async_wait_group(0)
+
+    @cute.jit
+    def x_sources(self, plan, mRows, start, count):
+        """The X row each cp.async pass of this thread reads (clamped to the tile's rows; gathered)."""
+        _, per_row, rows_pp, passes = plan
+        tidx, _, _ = cute.arch.thread_idx()
+        src = cute.make_rmem_tensor((passes,), Int32)
+        for q in cutlass.range_constexpr(passes):
+            pos = start + cutlass.min(tidx // per_row + q * rows_pp, count - 1)
+            if cutlass.const_expr(self.cfg.gather):
+                pos = mRows[pos]
+            src[q] = pos
+        return src
+
+    @cute.jit
+    def ring_fill(self, kt, slot, w_src, rings, mXv, mXs, w_row0, x_src, count):
+        """Issue the cp.async copies of raw K tile ``kt`` into ring ``slot`` (gate_up: W1 rows, then W3 rows)."""
+        cfg = self.cfg
+        wv, ws, w3v, w3s = w_src
+        sWv, sWs, sXv, sXs = rings
+        self.ring_copy(wv, sWv, self.w_plans[0], kt, slot, 0, w_row0, None, None)
+        self.ring_copy(ws, sWs, self.w_plans[1], kt, slot, 0, w_row0, None, None)
+        if cutlass.const_expr(cfg.gate_up):
+            half = cfg.tile_w // 2
+            self.ring_copy(w3v, sWv, self.w_plans[0], kt, slot, half, w_row0, None, None)
+            self.ring_copy(w3s, sWs, self.w_plans[1], kt, slot, half, w_row0, None, None)
+        self.ring_copy(mXv, sXv, self.x_plans[0], kt, slot, 0, None, x_src[0], count)
+        if cutlass.const_expr(cfg.act_nvfp4):
+            self.ring_copy(mXs, sXs, self.x_plans[1], kt, slot, 0, None, x_src[1], count)
+
+    @cute.jit
+    def ring_copy(self, mSrc, sRing, plan, kt, slot, ring_row0: cutlass.Constexpr, src_row0, src_rows, count):
+        """cp.async of K tile ``kt`` of one plane into ring rows ``ring_row0 + r`` of ``slot``.
+
+        Row r comes from global row ``src_row0 + r`` (weights) or ``src_rows[pass]`` (X, rows
+        r < ``count`` only). 16-byte copies bypass L1 (``cp.async.cg``); the 8- or 4-byte scale
+        rows of a tile use ``cp.async.ca`` (``.cg`` exists only for 16 bytes).
+        """
+        size, per_row, rows_pp, passes = plan
+        tidx, _, _ = cute.arch.thread_idx()
+        mode = LoadCacheMode.GLOBAL if size == 16 else LoadCacheMode.ALWAYS
+        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=mode), mSrc.element_type, num_bits_per_copy=8 * size)
+        elems = size * 8 // mSrc.element_type.width
+        gS = cute.local_tile(mSrc, (1, elems), (None, None))
+        sD = cute.local_tile(sRing[None, None, slot], (1, elems), (None, None))
+        part = tidx % per_row
+        chunk = kt * per_row + part
+        for q in cutlass.range_constexpr(passes):
+            r = tidx // per_row + q * rows_pp
+            if cutlass.const_expr(src_rows is not None):
+                if r < count:
+                    cute.copy(atom, gS[0, None, src_rows[q], chunk], sD[0, None, ring_row0 + r, part])
+            elif cutlass.const_expr(self.w_plan_rows % rows_pp == 0):
+                cute.copy(atom, gS[0, None, src_row0 + r, chunk], sD[0, None, ring_row0 + r, part])
+            else:  # more threads than copies: a partial pass
+                if r < self.w_plan_rows:
+                    cute.copy(atom, gS[0, None, src_row0 + r, chunk], sD[0, None, ring_row0 + r, part])
 
     @cute.jit
     def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRows, mRouteW, mY, e, start, count):
@@ -348,7 +575,29 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     split = 1
     while ctas * split * 2 <= 16 * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
-    return GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4)
+    return with_env_stages(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
+
+
+def with_env_stages(cfg: GemmConfig, ctas: int, k_tiles: int, stages: int | None = None) -> GemmConfig:
+    """``cfg`` with the multistage ring when ``stages`` (default: ``$NVFP4JAX_GEMM_STAGES``, else 0) >= 2.
+
+    Only decode configs (token tile <= 64) change. The K split shrinks until each of the ``ctas *
+    split`` CTAs has >= ``stages`` K tiles and there are <= ~4 CTAs per SM (the ring, not CTA count,
+    now hides latency); the depth drops until the shared memory fits (``can_implement``). Unmeasured
+    first guess (module docstring); returns ``cfg`` unchanged when nothing fits.
+    """
+    if stages is None:
+        stages = int(os.environ.get(STAGES_ENV, "0") or 0)
+    if stages < 2 or cfg.tile_t > 64:
+        return cfg
+    split = cfg.split
+    while split > 1 and (ctas * split > 4 * NUM_SMS or k_tiles // split < stages):
+        split //= 2
+    for depth in range(stages, 1, -1):
+        staged = dataclasses.replace(cfg, split=split, stages=depth)
+        if GemmNvfp4Sm90.can_implement(staged):
+            return staged
+    return cfg
 
 
 _NO_GROUPS = (None,) * 6  # W3 (values, scales, global), rows, tiles, routing weights

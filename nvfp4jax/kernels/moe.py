@@ -62,8 +62,9 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
     split = 1
     while ctas * split * 2 <= 16 * kg.NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * tile_t * 16 <= k:
         split *= 2
-    return kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, grouped=True, gather=gate_up, gate_up=gate_up,
-                         swiglu_limit=swiglu_limit if gate_up and split == 1 else None)
+    cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, grouped=True, gather=gate_up, gate_up=gate_up,
+                        swiglu_limit=swiglu_limit if gate_up and split == 1 else None)
+    return kg.with_env_stages(cfg, ctas, k_tiles)  # $NVFP4JAX_GEMM_STAGES (default 0: unchanged)
 
 
 def num_tiles(rows: int, experts: int, tile_t: int) -> int:
