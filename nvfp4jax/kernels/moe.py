@@ -64,7 +64,10 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
         split *= 2
     cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, grouped=True, gather=gate_up, gate_up=gate_up,
                         swiglu_limit=swiglu_limit if gate_up and split == 1 else None)
-    return kg.with_env_stages(cfg, ctas, k_tiles)  # $NVFP4JAX_GEMM_STAGES (default 0: unchanged)
+    cfg = kg.with_env_stages(cfg, ctas, k_tiles)  # $NVFP4JAX_GEMM_STAGES (default 0: unchanged)
+    if gate_up and cfg.split == 1:  # the ring may have dropped the split: keep the fused SwiGLU
+        cfg = dataclasses.replace(cfg, swiglu_limit=swiglu_limit)
+    return cfg
 
 
 def num_tiles(rows: int, experts: int, tile_t: int) -> int:

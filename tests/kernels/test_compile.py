@@ -162,8 +162,9 @@ def _decode_case(case, stages_env, monkeypatch):
         m, n, k = 1, 4096, 4096
         cfg = kg.choose_config(m, n, k, case == "dense_w4a4")
         return (cfg, *_dense_io(cfg, m, n, k))
-    experts, inter, d, t = 16, 2048, 4096, 1  # V4-Flash expert shapes, one decode token (6 rows)
-    gate_up = case == "moe_l1_gate_up"
+    experts, inter, d = 16, 2048, 4096  # V4-Flash expert shapes; 1 or 4 decode tokens (6 or 24 rows)
+    t = 4 if case == "moe_l1_swiglu" else 1
+    gate_up = case.startswith("moe_l1")
     n, k = (inter, d) if gate_up else (d, inter)
     cfg = km.choose_grouped_config(6 * t, experts, 2 * n if gate_up else n, k, True, gate_up=gate_up, swiglu_limit=10.0)
     return (cfg, *_grouped_io(cfg, t, 6 * t, experts, n, k, gate_up))
@@ -179,7 +180,7 @@ def _expected_copies(cfg) -> tuple[int, int]:
     return cfg.stages * cg, cfg.stages * ca
 
 
-CASES = ["dense_w4a4", "dense_w4a16", "moe_l1_gate_up", "moe_l2"]
+CASES = ["dense_w4a4", "dense_w4a16", "moe_l1_gate_up", "moe_l1_swiglu", "moe_l2"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -191,6 +192,8 @@ def test_gemm_multistage_compiles_sm90a(tmp_path, monkeypatch, case, stages):
     assert kg.smem_bytes(cfg) <= kg.SMEM_LIMIT
     if case == "moe_l1_gate_up":
         assert cfg.split > 1 and cfg.gate_up and cfg.gather, cfg
+    if case == "moe_l1_swiglu":  # the ring's split 1 keeps the fused SwiGLU epilogue
+        assert cfg.split == 1 and cfg.swiglu_limit == 10.0, cfg
     ptx = compile_ptx(kg._kernel(cfg), ins, outs, spec, tmp_path)
     ops = opcodes(ptx)
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
@@ -201,6 +204,7 @@ def test_gemm_multistage_compiles_sm90a(tmp_path, monkeypatch, case, stages):
     assert (ptx.count("cp.async.cg.shared.global"), ptx.count("cp.async.ca.shared.global")) == (cg, ca)
     assert ptx.count("cp.async.commit_group") == stages  # stages - 1 in the prologue, one per iteration
     assert sorted(int(w) for w in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)) == [0, stages - 2]
+    assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None)
 
 
 @pytest.mark.parametrize("case", CASES)
