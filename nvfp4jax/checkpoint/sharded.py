@@ -5,15 +5,15 @@ leaves, bitwise, on the same ``NamedSharding`` s (:data:`nvfp4jax.sharding.PARAM
 without ever holding the whole model on one device:
 
 1. Before reading a weight, the model's shapes are derived (``jax.eval_shape`` of each block built
-   from zero tensors), every sharded dimension is checked to divide over its mesh axes (one error
-   names every tensor, dimension and axis that does not), and each stacked segment leaf gets its
-   sharding.
-2. Each segment position's stack ``[repeats, ...]`` is allocated on its sharding; layers are then
-   read in order: one block is decoded (``Checkpoint.get``, one tensor in host memory at a time),
-   built and checked exactly as :func:`~nvfp4jax.model.weights.model_from_tensors` does, put on
-   the per-layer sharding (``jax.device_put`` per leaf) and written into its stack slot by a donated
-   update (in place). The MTP block is placed as soon as it is built; the embedding, head, norms
-   and mHC head last.
+   from zero tensors) and every sharded dimension is checked to divide over its mesh axes
+   (:func:`check_divisible`: one error names every tensor, dimension and axis that does not;
+   ``shard_model`` would silently replicate them).
+2. Layers are read in order: one block is decoded (``Checkpoint.get``, one tensor in host memory at
+   a time) and built and checked exactly as :func:`~nvfp4jax.model.weights.model_from_tensors`
+   does, put on the per-layer sharding (``jax.device_put`` per leaf) and written into its slot of
+   the segment position's stack ``[repeats, ...]`` (allocated on its sharding when the position's
+   first layer arrives) by a donated, in-place update. The MTP block is placed as soon as it is
+   built, the embedding and head as they are read, the small norms and mHC head last.
 
 Memory: host, about one tensor (the reader maps only that tensor's bytes); the default device, one
 layer's leaves transiently (the routed experts of a layer are stacked there before they are put on
@@ -38,11 +38,18 @@ from nvfp4jax.checkpoint.reader import Checkpoint, open_checkpoint
 from nvfp4jax.checkpoint.schema import F32, I64, block_schema, global_schema, mtp_schema
 from nvfp4jax.config import DeepSeekV4Config
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
-from nvfp4jax.model.mhc import HyperHead
 from nvfp4jax.model.layers import Linear
+from nvfp4jax.model.mhc import HyperHead
 from nvfp4jax.model.transformer import MTP, Segment, Transformer, segment_schedule
 from nvfp4jax.model.weights import _Checked, build_block, compute_dtype, is_big_linear
-from nvfp4jax.sharding import PARAM_AXES, RULES, ShardingRules, indivisible_dims, shard_model, tree_shardings
+from nvfp4jax.sharding import (
+    PARAM_AXES,
+    RULES,
+    ShardingRules,
+    indivisible_dims,
+    shard_model,
+    tree_shardings,
+)
 
 #: leaves named by their checkpoint tensors, for error messages (model path -> official name)
 _OFFICIAL = ((r"\.ffn\.w([123])$", r".ffn.experts.*.w\1.weight"), (r"\.shared\.", ".shared_experts."),
@@ -172,9 +179,10 @@ def load_sharded(path: str | os.PathLike, mesh: Mesh, *, rules: ShardingRules = 
                     layer = first + r * period + k
                     block = build_block(cfg, layer, f"layers.{layer}", g)
                     if stacks[k] is None:  # the stack of this position, allocated on its sharding
-                        shardings = tree_shardings(_stacked(block, repeats), mesh, PARAM_AXES, rules)
+                        shapes = _stacked(block, repeats)
+                        shardings = tree_shardings(shapes, mesh, PARAM_AXES, rules)
                         layer_shardings[k] = jax.tree.map(_unstacked, shardings)
-                        stacks[k] = jax.jit(lambda b=block: jax.tree.map(lambda x: jnp.zeros((repeats, *x.shape), x.dtype), b),
+                        stacks[k] = jax.jit(lambda shapes=shapes: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
                                             out_shardings=shardings)()
                         inserts[k] = _insert_fn(shardings)
                     block = _place(block, layer_shardings[k])
