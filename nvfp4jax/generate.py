@@ -144,9 +144,9 @@ def _step(fixed, state: DecodeState, tokens: Int[Array, "batch chunk"], num_new:
     """
     model, params = fixed
     lengths = state.lengths
-    logits, hidden, state = model.step(state, tokens, num_new)
     last = jnp.maximum(num_new - 1, 0)
-    last_logits = _take(logits, last)
+    logits, hidden, state = model.step(state, tokens, num_new, logits_at=last[:, None])  # head at one position
+    last_logits = logits[:, 0]
     nxt = sample_tokens(last_logits, params, lengths + num_new, greedy=greedy)
     return nxt, last_logits, _take(hidden, last), hidden, state
 

@@ -104,6 +104,20 @@ def test_chunked_prefill_equals_one_prefill(model, rng):
     assert _rel(a, b) < TOL
 
 
+def test_logits_at_selected_positions(model, rng):
+    """``step(..., logits_at=...)`` projects only the asked positions (what generate uses): the same
+    logits as the full step at those positions, per slot, and the same state."""
+    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 9)))
+    num_new = jnp.array([9, 4])
+    at = jnp.array([[8, 0], [3, 2]], jnp.int32)
+    full, _, s_full = _step(model, init_state(model, 2, 32, page_size=4), ids, num_new)
+    some, _, s_some = eqx.filter_jit(lambda m, s, t, n, a: m.step(s, t, n, logits_at=a))(
+        model, init_state(model, 2, 32, page_size=4), ids, num_new, at)
+    assert some.shape == (2, 2, CFG.vocab_size)
+    assert _rel(some, jnp.take_along_axis(full, at[:, :, None], axis=1)) < 1e-6
+    assert all(bool(jnp.array_equal(a, b, equal_nan=True)) for a, b in zip(jax.tree.leaves(s_some), jax.tree.leaves(s_full)))
+
+
 def test_reused_slot_is_unaffected_by_the_previous_sequence(model, rng):
     first = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 138)))
     second = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 7)))

@@ -151,13 +151,16 @@ class Transformer(eqx.Module):
         x, _ = self.hidden(token_ids)
         return self.logits(x)
 
-    def step(self, state, token_ids: Int[Array, "batch chunk"], num_new: Int[Array, " batch"] | None = None):
+    def step(self, state, token_ids: Int[Array, "batch chunk"], num_new: Int[Array, " batch"] | None = None,
+             *, logits_at: Int[Array, "batch n"] | None = None):
         """Process a chunk of new tokens for every slot; returns ``(logits, hidden, state)``.
 
         Slot b continues from ``state.lengths[b]``; only its first ``num_new[b]`` tokens (default:
         all) are real — the rest is padding, computed but never stored, and ``num_new[b] = 0``
-        leaves the slot untouched. ``logits`` are float32 ``[batch, chunk, vocab]``, ``hidden`` the
-        residual stream before the head ``[batch, chunk, streams, dim]`` (the MTP block's input).
+        leaves the slot untouched. ``logits`` are float32 ``[batch, chunk, vocab]``, or only at the
+        chunk positions ``logits_at[b]`` (``[batch, n, vocab]``: a long prefill then skips the
+        vocabulary projection of every other position), ``hidden`` the residual stream before the
+        head ``[batch, chunk, streams, dim]`` (the MTP block's input).
         Capacity is not checked here (inside jit); call ``state.check_capacity`` first.
         """
         from nvfp4jax.state import DecodeState, allocate_pages
@@ -178,6 +181,8 @@ class Transformer(eqx.Module):
             new_layers.append(seg_state)
         state = DecodeState(state.lengths + num_new, tuple(new_layers), state.mtp, state.mtp_lengths, tables, frees,
                             state.max_len, state.page_size)
+        if logits_at is not None:
+            return self.logits(jnp.take_along_axis(x, logits_at[:, :, None, None], axis=1)), x, state
         return self.logits(x), x, state
 
     def mtp_step(self, state, hidden, next_ids: Int[Array, "batch chunk"], num_new: Int[Array, " batch"] | None = None):
