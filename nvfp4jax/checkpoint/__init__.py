@@ -5,9 +5,10 @@ from nvfp4jax.checkpoint.decode import Conversion
 from nvfp4jax.checkpoint.inspect import InspectReport, format_report, inspect_checkpoint
 from nvfp4jax.checkpoint.reader import Checkpoint, load_model, open_checkpoint
 from nvfp4jax.checkpoint.safetensors_io import CheckpointError
+from nvfp4jax.checkpoint.sharded import load_sharded
 from nvfp4jax.checkpoint.synthetic import write_checkpoint
 
 __all__ = [
     "Checkpoint", "CheckpointError", "Conversion", "InspectReport", "convert_checkpoint", "format_report",
-    "inspect_checkpoint", "load_model", "open_checkpoint", "write_checkpoint",
+    "inspect_checkpoint", "load_model", "load_sharded", "open_checkpoint", "write_checkpoint",
 ]
