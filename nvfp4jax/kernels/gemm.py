@@ -20,7 +20,17 @@ TMA is not used: the operands must pass through registers to be decoded anyway. 
 also split K over ``split`` CTAs (``grid.z``); each writes float32 partials ``[split, m, n]`` that
 XLA sums and casts (one small fused reduction) so that enough CTAs stream weights to fill HBM.
 
-Limits: ``n % tile_w == 0`` (64 or 128), ``k % (tile_k * split) == 0`` (tile_k 64 or 128), any m.
+Grouped modes (the MoE GEMMs of :mod:`nvfp4jax.kernels.moe`, same kernel class): ``grouped``
+takes ``W [experts, n, k]`` and a tile table with one int32 row ``(expert, first row, rows)`` per
+CTA column (``grid.y``), so a CTA multiplies one expert's weights by a run of rows sorted by
+expert; CTAs whose row has 0 rows exit at once. ``gather``: output row r reads X row ``rows[r]``
+(the L1 input is the per-token activation, never copied per (token, expert)). ``gate_up``: a CTA's
+128 weight rows are 64 rows of ``W1`` and the same 64 rows of ``W3``, so gate and up of a row land
+in the same thread (wgmma M blocks 0 and 1); with ``swiglu_limit`` the epilogue rounds both to
+BF16 (as the reference does), clamps them and writes ``silu(gate) * up * routing weight`` as BF16.
+
+Limits: ``n % tile_w == 0`` (64 or 128), ``k % (tile_k * split) == 0`` (tile_k 64 or 128), any m;
+the load passes of a thread block tile the token rows exactly (``can_implement``).
 
 Multistage option (``GemmConfig.stages >= 2``; **compiles for sm_90a, not yet run on a GPU**): the
 register prefetch above keeps one K tile of loads in flight per CTA (64 x 128 x 0.5625 B = 4.6 KB),
