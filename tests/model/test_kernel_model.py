@@ -16,7 +16,7 @@ of 0.999 therefore cannot be met by any implementation that is not bitwise equal
 relative to the model's own sensitivity, measured in the same test: the kernel model may be no
 further from the reference than the reference is from itself under that 1e-6 perturbation, up to
 a margin (mean cosine 0.005, minimum 0.03). A real error is much larger: the reference quantizer
-with 9.5% wrong E2M1 codes (an XLA excess-precision bug, fixed) gave a minimum of 0.927 here.
+with 4.9% wrong E2M1 codes (an XLA excess-precision bug, fixed) gave a minimum of 0.927 here.
 
 Under ``NVFP4JAX_BACKEND=auto`` the plain tiny preset (hidden 64), whose linears are all below the
 GEMM kernel's tiles, runs them on the reference (logged fallbacks) and the activation quantize on
