@@ -38,10 +38,15 @@ from nvfp4jax.checkpoint.reader import Checkpoint, open_checkpoint
 from nvfp4jax.checkpoint.schema import F32, I64, block_schema, global_schema, mtp_schema
 from nvfp4jax.config import DeepSeekV4Config
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
-from nvfp4jax.model.layers import Linear
-from nvfp4jax.model.mhc import HyperHead
-from nvfp4jax.model.transformer import MTP, Segment, Transformer, segment_schedule
-from nvfp4jax.model.weights import _Checked, build_block, compute_dtype, is_big_linear
+from nvfp4jax.model.transformer import Segment, Transformer, segment_schedule
+from nvfp4jax.model.weights import (
+    _Checked,
+    build_block,
+    build_head_mix,
+    build_mtp,
+    compute_dtype,
+    is_big_linear,
+)
 from nvfp4jax.sharding import (
     PARAM_AXES,
     RULES,
@@ -189,16 +194,11 @@ def load_sharded(path: str | os.PathLike, mesh: Mesh, *, rules: ShardingRules = 
                     stacks[k] = inserts[k](stacks[k], block, jnp.int32(r))
                     del block
             segments.append(Segment(tuple(stacks), first))
-        eps = cfg.rms_norm_eps
         mtp = None
         if with_mtp:
-            p = "mtp.0"
-            mtp = MTP(Linear(g(f"{p}.e_proj.weight"), cfg.recipe), Linear(g(f"{p}.h_proj.weight"), cfg.recipe),
-                      g(f"{p}.enorm.weight"), g(f"{p}.hnorm.weight"), g(f"{p}.norm.weight"),
-                      HyperHead(g(f"{p}.hc_head_fn"), g(f"{p}.hc_head_base"), g(f"{p}.hc_head_scale"), eps, cfg.hc_eps),
-                      build_block(cfg, cfg.num_layers, p, g), eps)
+            mtp = build_mtp(cfg, g)
             mtp = _place(mtp, tree_shardings(mtp, mesh, PARAM_AXES, rules))
-        head_mix = HyperHead(g("hc_head_fn"), g("hc_head_base"), g("hc_head_scale"), eps, cfg.hc_eps)
+        head_mix = build_head_mix(cfg, g)
         vocab = tree_shardings(_vocab_shapes(cfg), mesh, PARAM_AXES, rules)
         embed = jax.device_put(g("embed.weight"), vocab.embed)
         head = jax.device_put(g("head.weight"), vocab.head)

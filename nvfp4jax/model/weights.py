@@ -147,16 +147,22 @@ def model_from_tensors(cfg: DeepSeekV4Config, get: Getter, *, include_mtp: bool 
                 if progress is not None:
                     progress(layer)
         segments.append(Segment(tuple(_stack(blocks) for blocks in per_position), first))
-    eps = cfg.rms_norm_eps
-    mtp = None
-    if with_mtp:
-        p = "mtp.0"
-        mtp = MTP(Linear(g(f"{p}.e_proj.weight"), cfg.recipe), Linear(g(f"{p}.h_proj.weight"), cfg.recipe),
-                  g(f"{p}.enorm.weight"), g(f"{p}.hnorm.weight"), g(f"{p}.norm.weight"),
-                  HyperHead(g(f"{p}.hc_head_fn"), g(f"{p}.hc_head_base"), g(f"{p}.hc_head_scale"), eps, cfg.hc_eps),
-                  build_block(cfg, cfg.num_layers, p, g), eps)
-    head_mix = HyperHead(g("hc_head_fn"), g("hc_head_base"), g("hc_head_scale"), eps, cfg.hc_eps)
-    return Transformer(g("embed.weight"), tuple(segments), head_mix, g("norm.weight"), g("head.weight"), mtp, cfg)
+    mtp = build_mtp(cfg, g) if with_mtp else None
+    return Transformer(g("embed.weight"), tuple(segments), build_head_mix(cfg, g), g("norm.weight"), g("head.weight"), mtp, cfg)
+
+
+def build_head_mix(cfg: DeepSeekV4Config, g: Getter, prefix: str = "") -> HyperHead:
+    """The mHC head (``{prefix}hc_head_*``) that mixes the residual streams before a norm and head."""
+    return HyperHead(g(f"{prefix}hc_head_fn"), g(f"{prefix}hc_head_base"), g(f"{prefix}hc_head_scale"),
+                     cfg.rms_norm_eps, cfg.hc_eps)
+
+
+def build_mtp(cfg: DeepSeekV4Config, g: Getter) -> MTP:
+    """The MTP block ``mtp.0``: its projections, norms, mHC head and one more decoder block."""
+    p = "mtp.0"
+    return MTP(Linear(g(f"{p}.e_proj.weight"), cfg.recipe), Linear(g(f"{p}.h_proj.weight"), cfg.recipe),
+               g(f"{p}.enorm.weight"), g(f"{p}.hnorm.weight"), g(f"{p}.norm.weight"), build_head_mix(cfg, g, f"{p}."),
+               build_block(cfg, cfg.num_layers, p, g), cfg.rms_norm_eps)
 
 
 @jax.jit
