@@ -8,11 +8,6 @@ official layout (MXFP4 experts and FP8 linears converted to NVFP4 while loading)
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,28 +20,15 @@ from nvfp4jax.checkpoint.sharded import load_sharded
 from nvfp4jax.checkpoint.synthetic import write_checkpoint
 from nvfp4jax.config import preset
 from nvfp4jax.sharding import make_mesh, shard_batch, shard_model
+from tests._fake_devices import NUM_DEVICES, run_on_fake_devices
 
-NUM_DEVICES = 8
 on_eight = pytest.mark.skipif(len(jax.devices()) < NUM_DEVICES, reason="runs in the 8-fake-device subprocess")
 
 
 def test_cases_on_eight_fake_cpu_devices(tmp_path):
     if len(jax.devices()) >= NUM_DEVICES:
         pytest.skip("this process already has the devices; the cases run directly")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={NUM_DEVICES}"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    report = tmp_path / "report.xml"
-    r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-p", "no:cacheprovider",
-                        "-p", "no:warnings", "-k", "not eight_fake_cpu_devices", f"--junitxml={report}"],
-                       check=False, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    tail = r.stdout[-6000:] + r.stderr[-2000:]
-    assert r.returncode == 0, tail
-    suite = ET.parse(report).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    tests, failed = int(suite.get("tests")), int(suite.get("failures")) + int(suite.get("errors"))
-    skipped = int(suite.get("skipped"))
-    assert tests > 0 and failed == 0 and skipped == 0, f"{tests=} {failed=} {skipped=}\n{tail}"
+    run_on_fake_devices(__file__, tmp_path, timeout=900)
 
 
 @pytest.fixture(scope="module")
