@@ -22,11 +22,11 @@ not fit as float32): random E2M1 codes, E4M3 block scales drawn from [0.5, 1.875
 never NaN), one global scale per expert; BF16 weights ``0.02 * normal``. The values do not change
 the work done.
 
-Timing: ``timed`` of ``benchmarks/gemm.py`` (calls chained in one jitted ``fori_loop``, median over
-repeats, L2 flushed for T <= 64 with the flush time subtracted). Each iteration's ``x`` depends on
-the previous output's full sum (so no part of the layer is dead code), and the routing ids and
-weights are offset by ``x[0, 0] * 0`` so that the sort/grouping is not hoisted out of the loop;
-the compiled loop of ours must hold at least the two grouped-GEMM CuTeDSL calls (``timed`` checks).
+Timing (``benchmarks/_timing.py``): device kernel time of single jitted calls from the JAX
+profiler's trace, median of 5, L2 flushed before every call: the sum of the call's kernels (the
+"us" columns) and, for ours, the span from its first kernel's start to its last kernel's end (launch
+gaps between its ~20 kernels included). Each timed call of ours must show at least the two
+grouped-GEMM CuTeDSL kernels in the trace, else the entry is an error.
 Rooflines, from ceilings measured in the same run (``measure_ceilings``: copy bandwidth, BF16 dense
 peak): bytes = distinct experts hit x 3 x dim x inter x 0.5625 B (NVFP4 expert weights, activations
 not counted); FLOPs = 2 x T x 6 x 3 x dim x inter; roofline = max(bytes / bandwidth, FLOPs / peak).
@@ -59,7 +59,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.gemm import _poke, measure_ceilings, timed
+from benchmarks._timing import count_cutedsl, device_times
+from benchmarks.gemm import measure_ceilings
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
 from nvfp4jax.ref import moe as ref
 
@@ -133,35 +134,19 @@ def ragged_dot_moe(x, weights, ids, w1t, w3t, w2t):
     return jnp.zeros((t * k, y.shape[1]), jnp.float32).at[order].set(y).reshape(t, k, -1).sum(axis=1)
 
 
-def _in_loop(x, weights, ids):
-    """Routing inputs that depend on this iteration's ``x`` (value unchanged), so XLA cannot hoist
-    the sort/grouping out of the timing loop as loop-invariant."""
-    zero = x[0, 0].astype(jnp.float32) * 0  # a float multiply by 0 is not folded
-    return weights + zero, ids + zero.astype(ids.dtype)
+def layer_call(moe):
+    """``(x, weights, ids, *experts) -> moe(x, weights, ids, *experts)``."""
+    return lambda x, weights, ids, *experts: moe(x, weights, ids, *experts)
 
 
-def layer_step(moe):
-    """``carry = (x, weights, ids, *experts)`` -> next carry, ``moe(x, weights, ids, *experts)`` computed."""
+def route_group_call(routed_scale: float, experts: int):
+    """``(logits, x)``: route from the logits, group the rows of ``x`` (what a ``ragged_dot`` user needs)."""
 
-    def step(c):
-        x, weights, ids, *experts = c
-        y = moe(x, *_in_loop(x, weights, ids), *experts)
-        return (_poke(x, jnp.sum(y).reshape(1, 1)), weights, ids, *experts)
-
-    return step
-
-
-def route_group_step(routed_scale: float, experts: int):
-    """``carry = (logits, x)``: route from the logits, group the rows of ``x``."""
-
-    def step(c):
-        logits, x = c
+    def call(logits, x):
         weights, ids = ref.route(logits, TOPK, routed_scale, bias=jnp.zeros((experts,), jnp.float32))
-        _, sizes, xs, ws = group_by_expert(x, weights, ids, experts)
-        total = jnp.sum(xs.astype(jnp.float32)) + jnp.sum(ws) + jnp.sum(sizes).astype(jnp.float32)
-        return _poke(logits, total.reshape(1, 1)), x
+        return group_by_expert(x, weights, ids, experts)
 
-    return step
+    return call
 
 
 # --------------------------------------------------------------------------- measuring
@@ -173,24 +158,18 @@ def describe_failure(e: BaseException) -> str:
     return f"error: {type(e).__name__}: {first[:100]}".replace("|", "/")
 
 
-def measure(step, carry, flush: bool, target_s: float, kernel_calls: int = 0) -> float | str:
-    """Seconds per call, or a failure string (the run goes on).
-
-    One untimed call estimates the time, which sets the loop length: about ``target_s`` per loop,
-    between 2 and 200 calls. ``kernel_calls``: CuTeDSL calls the compiled loop must hold (``timed``
-    checks it, so a dead-code-eliminated kernel is an error row, not a fast one).
-    """
-    try:
-        once = jax.jit(step)
-        jax.block_until_ready(once(carry))
-        t0 = time.perf_counter()
-        jax.block_until_ready(once(carry))
-        estimate = time.perf_counter() - t0
-        reps = int(min(200, max(2, target_s / max(estimate, 1e-6))))
-        return timed(step, carry, flush, reps, kernel_calls)
-    except Exception as e:  # noqa: BLE001 -- every failure is a result row
-        traceback.print_exc(limit=2, file=sys.stderr)
-        return describe_failure(e)
+def measure(fn, args, kernel_calls: int = 0) -> tuple[float | str, float | str]:
+    """(kernel seconds, span seconds) of one call, or failure strings (the run goes on).
+    ``kernel_calls``: CuTeDSL kernels the call must show in the trace."""
+    r = device_times({"case": (fn, args)})["case"]
+    if "error" in r:
+        traceback.print_exception(r["error"], limit=2, file=sys.stderr)
+        why = describe_failure(r["error"])
+        return why, why
+    if count_cutedsl(r["names"]) < kernel_calls:
+        why = f"error: {count_cutedsl(r['names'])} CuTeDSL kernels in the trace, expected >= {kernel_calls}"
+        return why, why
+    return r["kernels"], r["span"]
 
 
 def free_device_bytes() -> int | None:
@@ -211,16 +190,17 @@ def _ratio(num: float | str, den: float | str, scale: float = 1.0, fmt: str = "{
 
 
 # --------------------------------------------------------------------------- one model
-def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadline, target_s, emit):
+def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadline, emit):
     experts, dim, inter, routed_scale = shape
     key = jax.random.key(sum(map(ord, name)))
     inputs = {t: random_layer_inputs(jax.random.fold_in(key, t), t, experts, dim, routed_scale) for t in t_values}
     res = {t: {} for t in t_values}
 
-    def run(label: str, t: int, step, carry, kernel_calls: int = 0) -> None:
+    def run(label: str, t: int, fn, args, kernel_calls: int = 0) -> None:
         over = time.time() > deadline
-        res[t][label] = "not run (budget)" if over else measure(step, carry, t <= 64, target_s, kernel_calls)
-        emit(f"  {name} T={t} {label}: {_us(res[t][label])}{' us' if isinstance(res[t][label], float) else ''}")
+        res[t][label], res[t][label + " span"] = ("not run (budget)",) * 2 if over else measure(fn, args, kernel_calls)
+        emit(f"  {name} T={t} {label}: {_us(res[t][label])}{' us' if isinstance(res[t][label], float) else ''} "
+             f"(span {_us(res[t][label + ' span'])})")
 
     kw, kd, k2 = jax.random.split(jax.random.fold_in(key, 1), 3)
     try:
@@ -237,8 +217,8 @@ def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadli
                 res[t][recipe] = failed
             else:
                 moe = functools.partial(ours, swiglu_limit=SWIGLU_LIMIT, quantize_activations=qa)
-                run(recipe, t, layer_step(moe), (x, weights, ids, *w), ours_kernel_calls)
-        run("route+group", t, route_group_step(routed_scale, experts), (logits, x))
+                run(recipe, t, layer_call(moe), (x, weights, ids, *w), ours_kernel_calls)
+        run("route+group", t, route_group_call(routed_scale, experts), (logits, x))
     w = None  # free our weights before the BF16 ones are made
 
     need = 3 * experts * dim * inter * 2
@@ -261,7 +241,7 @@ def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadli
         elif oom_at is not None:
             res[t]["ragged"] = f"OOM at T={oom_at} (not tried)"
         else:
-            run("ragged", t, layer_step(ragged_dot_moe), (x, weights, ids, *wb))
+            run("ragged", t, layer_call(ragged_dot_moe), (x, weights, ids, *wb))
             if res[t]["ragged"] == "OOM":
                 oom_at = t
     wb = None
@@ -275,7 +255,8 @@ def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadli
         roof = max(nbytes / bw, flops / peak)
         bound = "memory" if nbytes / bw >= flops / peak else "compute"
         rows.append(
-            f"| {name} | {experts} | {t} | {hit} | {_us(r['nvfp4'])} | {_us(r['w4a16'])} | {_us(r['route+group'])} | "
+            f"| {name} | {experts} | {t} | {hit} | {_us(r['nvfp4'])} | {_us(r['nvfp4 span'])} | {_us(r['w4a16'])} | "
+            f"{_us(r['route+group'])} | "
             f"{_us(r['ragged'])} | {roof * 1e6:.1f} | {bound} | {_ratio(roof, r['nvfp4'], 100, '{:.0f}')} | "
             f"{_ratio(roof, r['w4a16'], 100, '{:.0f}')} | {_ratio(r['ragged'], r['nvfp4'])} | {_ratio(r['ragged'], r['w4a16'])} |"
         )
@@ -286,10 +267,10 @@ def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadli
 def smoke_ceilings() -> tuple[float, float]:
     """Small versions of ``measure_ceilings`` for the CPU smoke run (CPU numbers, meaningless for a GPU)."""
     x = jnp.ones((1 << 24,), jnp.bfloat16)
-    bw = 2 * 2 * x.size / timed(lambda v: v + jnp.bfloat16(1.0), x, False, 5)
     a = jnp.ones((512, 512), jnp.bfloat16)
-    t = timed(lambda v: jnp.dot(v, a, preferred_element_type=jnp.float32).astype(jnp.bfloat16), a, False, 5)
-    return bw, 2 * 512**3 / t
+    t = device_times({"copy": (lambda v: v + jnp.bfloat16(1.0), (x,)),
+                      "dot": (lambda v: jnp.dot(v, v, preferred_element_type=jnp.float32).astype(jnp.bfloat16), (a,))})
+    return 2 * 2 * x.size / t["copy"]["kernels"], 2 * 512**3 / t["dot"]["kernels"]
 
 
 def main():
@@ -315,21 +296,22 @@ def main():
     if args.cpu_smoke:
         emit("SMOKE RUN (--cpu-smoke): tiny shapes, the REFERENCE MoE (nvfp4jax.ref.moe) stands in for the kernel; "
              "no number below measures anything of ours", record=True)
-        models, t_values, ours, kernel_calls, target_s = SMOKE_MODELS, SMOKE_T, ref.moe_experts, 0, 0.02
+        models, t_values, ours, kernel_calls = SMOKE_MODELS, SMOKE_T, ref.moe_experts, 0
         bw, peak = smoke_ceilings()
     else:
         from nvfp4jax.kernels import moe as km
 
-        # the two grouped GEMMs (L1, L2) at least must be in every timed loop
-        models, t_values, ours, kernel_calls, target_s = MODELS, QUICK_T if args.quick else T_VALUES, km.moe_experts, 2, 0.2
+        # the two grouped GEMMs (L1, L2) at least must be in every timed call
+        models, t_values, ours, kernel_calls = MODELS, QUICK_T if args.quick else T_VALUES, km.moe_experts, 2
         bw, peak = measure_ceilings()
     emit(f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev})", record=True)
     emit("", record=True)
-    emit("| model | experts | T | experts hit | ours nvfp4 us | ours w4a16 us | route+group (XLA) us | ragged_dot BF16 us "
-         "| roofline us | bound | nvfp4 % roof | w4a16 % roof | x ragged (nvfp4) | x ragged (w4a16) |", record=True)
-    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", record=True)
+    emit("| model | experts | T | experts hit | ours nvfp4 us | nvfp4 span us | ours w4a16 us | route+group (XLA) us "
+         "| ragged_dot BF16 us | roofline us | bound | nvfp4 % roof | w4a16 % roof | x ragged (nvfp4) | x ragged (w4a16) |",
+         record=True)
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", record=True)
     for name, shape in models.items():
-        lines.extend(bench_model(name, shape, t_values, ours, kernel_calls, bw, peak, deadline, target_s, emit))
+        lines.extend(bench_model(name, shape, t_values, ours, kernel_calls, bw, peak, deadline, emit))
     if time.time() > deadline:
         emit(f"\n(time budget of {args.budget_s:.0f} s reached: entries marked 'not run (budget)' were not measured)",
              record=True)

@@ -4,8 +4,8 @@ Everything here is ``@cute.jit`` code called from inside a ``@cute.kernel``:
 
 * warp / CTA reductions (butterfly shuffles, one shared-memory slot per warp);
 * the exact E2M1 encoder of design §3 (ties to even, saturating, sign from the sign bit);
-* the exact E2M1 x E4M3 -> BF16 decoder used by the GEMM (no tables: bit moves and one
-  hardware FP8 conversion).
+* the exact E2M1 x E4M3 -> BF16 decoder used by the GEMM (no tables, no conversion
+  instructions: bit moves and BF16x2 multiplies, in inline PTX).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Uint32
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
 
 WARP = 32
 FP4_MAX = 6.0
@@ -81,46 +83,92 @@ def e2m1_code(q: Float32) -> Int32:
     return code | sign
 
 
-@cute.jit
-def e2m1x4_to_e4m3x4(packed: Uint32) -> tuple:
-    """Four packed E2M1 codes per 16 bits -> E4M3 bytes of ``value * 2**-6``, exactly.
+#: The decoded operands are ``e2m1 * e4m3 * 2**-DECODE_SHIFT`` (exact in BF16); the GEMM epilogue
+#: multiplies by ``2**DECODE_SHIFT`` per NVFP4 operand (a power of two: exact in float32).
+DECODE_SHIFT = 8
+_BF16X2_2_119 = 0x7B007B00  # BF16 2**119 in both halves
+PAIR_SPREAD = 0x1040  # p * 0x1040 == (p << 6) | (p << 12) for p with bits only in 0..3 and 16..19
+PAIR_MASK = 0x81C081C0  # sign bits 15/31, exponent-low + mantissa-top bits 6..8 / 22..24
 
-    An E2M1 code ``s e1 e0 m`` placed into an E4M3 byte as ``s 0 0 e1 e0 m 0 0`` is the E2M1
-    value times 2**-6 (E4M3's bias 7 vs E2M1's bias 1; the E2M1 subnormal 0.5 lands on the
-    E4M3 subnormal 2**-7). ``packed`` holds 8 codes (4 bytes, low nibble = even element);
-    returns two words whose bytes are the E4M3 images of elements (0, 2, 4, 6) and (1, 3, 5, 7).
+
+def pair_selector(byte: int) -> int:
+    """``prmt`` selector: out byte 0 = lo byte ``byte``, 2 = hi byte ``byte``, 1 and 3 = 0 (sign
+    replication of a ``lo`` byte, whose top bit is 0)."""
+    return (8 | byte) << 12 | (4 + byte) << 8 | (8 | byte) << 4 | byte
+
+
+def _asm_u32(args, ptx: str, loc=None, ip=None) -> Uint32:
+    """One inline-PTX block with a single .b32 result ``$0`` and .b32 operands ``$1..``; pure."""
+    return Uint32(llvm.inline_asm(
+        T.i32(), [Uint32(a).ir_value(loc=loc, ip=ip) for a in args], ptx, "=r" + ",r" * len(args),
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def e4m3_scale_bf16x2(scale_byte: Uint32, *, loc=None, ip=None) -> Uint32:
+    """An E4M3 scale byte ``s`` -> BF16x2 ``(s * 2**118, s * 2**118)``, exactly, with no conversions.
+
+    The byte ``S EEEE MMM`` placed into BF16 as ``S 000 EEEE MMM 0000`` is ``s * 2**-120`` (biases 7
+    vs 127; an E4M3 subnormal lands on a BF16 subnormal with the same ratio); two exact multiplies
+    by ``2**119`` give ``s * 2**118`` (<= 448 * 2**118 < BF16 max; >= 2**-9 * 2**118, normal).
     """
-    lo = packed & Uint32(0x0F0F0F0F)
-    hi = (packed >> Uint32(4)) & Uint32(0x0F0F0F0F)
-    lo = ((lo & Uint32(0x07070707)) << Uint32(2)) | ((lo & Uint32(0x08080808)) << Uint32(4))
-    hi = ((hi & Uint32(0x07070707)) << Uint32(2)) | ((hi & Uint32(0x08080808)) << Uint32(4))
-    return lo, hi
+    return _asm_u32(
+        [scale_byte],
+        "{\n\t.reg .b32 t, u, c;\n\t"
+        f"mov.b32 c, {_BF16X2_2_119:#x};\n\t"
+        "mul.lo.u32 t, $1, 0x10001;\n\t"  # the byte (zero-extended) into bytes 0 and 2
+        "and.b32 u, t, 0x00800080;\n\t"
+        "and.b32 t, t, 0x007F007F;\n\t"
+        "shl.b32 t, t, 4;\n\t"
+        "shl.b32 u, u, 8;\n\t"
+        "or.b32 t, t, u;\n\t"
+        "mul.rn.bf16x2 t, t, c;\n\t"
+        "mul.rn.bf16x2 $0, t, c;\n\t}",
+        loc, ip)
+
+
+@dsl_user_op
+def e2m1_pair_bf16x2(lo: Uint32, hi: Uint32, byte: cutlass.Constexpr, scale: Uint32, *, loc=None, ip=None) -> Uint32:
+    """Elements ``2*byte`` and ``2*byte + 1`` of a packed word as BF16x2 ``e2m1 * s * 2**-8``, exactly.
+
+    ``lo`` / ``hi``: the word's low / high nibbles (``& 0x0F0F0F0F``, ``>> 4 & 0x0F0F0F0F``), ``scale``:
+    :func:`e4m3_scale_bf16x2` of the block. ``prmt`` puts code ``2*byte`` in bits 0..3 and code
+    ``2*byte + 1`` in bits 16..19 (the other bytes 0: replicated sign bits of ``lo`` bytes, which are
+    0). An E2M1 code ``s e1 e0 m`` moved to BF16 bits ``s 0000000 e1 e0 m 000000`` is ``e2m1 * 2**-126``
+    (biases 1 vs 127; the E2M1 subnormal 0.5 lands on the BF16 subnormal 2**-127): one multiply
+    ``* 0x1040`` (= ``(p << 6) | (p << 12)``, no overlapping bits) and one mask do both halves. The
+    BF16 product with ``s * 2**118`` is ``e2m1 * s * 2**-8``: at most 6 significant bits, in
+    [2**-18, 10.5], so exact. 3 integer ops + 1 ``mul.bf16x2`` per pair; no conversion instructions.
+    """
+    return _asm_u32(
+        [lo, hi, scale],
+        "{\n\t.reg .b32 p;\n\t"
+        f"prmt.b32 p, $1, $2, {pair_selector(byte):#x};\n\t"
+        f"mul.lo.u32 p, p, {PAIR_SPREAD:#x};\n\t"
+        f"and.b32 p, p, {PAIR_MASK:#x};\n\t"
+        "mul.rn.bf16x2 $0, p, $3;\n\t}",
+        loc, ip)
 
 
 @cute.jit
 def dequant_nvfp4_chunk(tPrP: cute.Tensor, tPrS: cute.Tensor, tPrD: cute.Tensor):
-    """Exact NVFP4 -> BF16 decode of one chunk held in registers: ``e2m1 * e4m3`` (no global scale).
+    """Exact NVFP4 -> BF16 decode of one chunk held in registers: ``e2m1 * e4m3 * 2**-DECODE_SHIFT``.
 
     ``tPrP``: uint8 ``[kc/2]`` packed codes; ``tPrS``: uint8 ``[kc/16]`` E4M3 scale bytes;
-    ``tPrD``: BF16 ``[kc]`` destination in natural K order. The product has at most 6
-    significant bits and lies in [2^-10, 2688], so the float32 multiply and the BF16 cast are
-    exact. Cost per 8 values: ~10 integer ops, 4 ``cvt.f16x2.e4m3x2``, 8 ``cvt.f32.f16``,
-    8 ``mul`` and 4 ``cvt.bf16x2.f32``.
+    ``tPrD``: BF16 ``[kc]`` destination in natural K order (the caller's epilogue multiplies by
+    ``2**DECODE_SHIFT``). Bit moves and BF16x2 multiplies only (:func:`e2m1_pair_bf16x2`): per 8
+    values 15 integer ops and 4 ``mul.bf16x2``, plus 6 + 2 per 16-value block for the scale. The
+    previous decoder (``cvt.f16x2.e4m3x2`` + ``cvt.f32.f16`` + ``cvt.bf16x2.f32``, 2 conversions per
+    value) was bound by the conversion pipe (16 per clock per SM on sm_90).
     """
     kc = cute.size(tPrD)
     words = cute.recast_tensor(tPrP, Uint32)
-    scales = cute.recast_tensor(tPrS, cutlass.Float8E4M3FN).load().to(Float32)
-    e4m3 = cute.make_rmem_tensor((2,), Uint32)
-    vals = cute.make_rmem_tensor((8,), Float32)
-    for w in cutlass.range_constexpr(kc // 8):
-        lo, hi = e2m1x4_to_e4m3x4(words[w])
-        e4m3[0] = lo
-        e4m3[1] = hi
-        # elements in the order 0, 2, 4, 6, 1, 3, 5, 7; times 2^6 undoes the E4M3 bias shift
-        f = cute.recast_tensor(e4m3, cutlass.Float8E4M3FN).load().to(Float32) * (scales[w // 2] * Float32(64.0))
-        for j in cutlass.range_constexpr(4):
-            vals[2 * j] = f[j]
-            vals[2 * j + 1] = f[4 + j]
-        out = vals.load().to(cutlass.BFloat16)
-        for j in cutlass.range_constexpr(8):
-            tPrD[w * 8 + j] = out[j]
+    out = cute.recast_tensor(tPrD, Uint32)
+    for b in cutlass.range_constexpr(kc // 16):
+        scale = e4m3_scale_bf16x2(Uint32(tPrS[b]))
+        for h in cutlass.range_constexpr(2):
+            w = words[2 * b + h]
+            lo = w & Uint32(0x0F0F0F0F)
+            hi = (w >> Uint32(4)) & Uint32(0x0F0F0F0F)
+            for j in cutlass.range_constexpr(4):
+                out[(2 * b + h) * 4 + j] = e2m1_pair_bf16x2(lo, hi, j, scale)

@@ -70,7 +70,7 @@ from cutlass.jax import TensorSpec, cutlass_call
 from cutlass.utils import LayoutEnum
 
 from nvfp4jax.formats.nvfp4 import BLOCK, NVFP4Tensor
-from nvfp4jax.kernels._cute import dequant_nvfp4_chunk
+from nvfp4jax.kernels._cute import DECODE_SHIFT, dequant_nvfp4_chunk
 
 THREADS = 128
 NUM_SMS = 132  # H100 SXM; only used to pick the K split
@@ -509,10 +509,12 @@ class GemmNvfp4Sm90:
         if cutlass.const_expr(cfg.split > 1):
             mYt = mY[None, None, bz]
         cC = thr_mma.partition_C(cute.make_identity_tensor((cfg.tile_w, cfg.tile_t)))
-        gw = mWg[e]
+        # the decoded operands carry 2**-DECODE_SHIFT each (_cute.dequant_nvfp4_chunk): undone here
+        unscale = Float32(2.0 ** (DECODE_SHIFT * (2 if cfg.act_nvfp4 else 1)))
+        gw = mWg[e] * unscale
         gw3 = gw
         if cutlass.const_expr(cfg.gate_up):
-            gw3 = mW3g[e]
+            gw3 = mW3g[e] * unscale
         if cutlass.const_expr(cfg.swiglu_limit is not None):
             limit = Float32(cfg.swiglu_limit)
             half = cute.size(acc, mode=[0])

@@ -85,7 +85,9 @@ def tile_table(sizes: Int[Array, " experts"], tile_t: int, tiles: int) -> Int[Ar
     ends = jnp.cumsum(per)
     row0 = jnp.cumsum(sizes) - sizes
     j = jnp.arange(tiles, dtype=jnp.int32)
-    ex = jnp.searchsorted(ends, j, side="right").astype(jnp.int32)
+    # compare_all: one fused comparison; the default binary-search loop launched ~27 tiny kernels (~25 us
+    # of a T = 1 MoE call on an H100)
+    ex = jnp.searchsorted(ends, j, side="right", method="compare_all").astype(jnp.int32)
     e = jnp.minimum(ex, experts - 1)
     local = j - (ends - per)[e]
     count = jnp.clip(sizes[e] - local * tile_t, 0, tile_t)

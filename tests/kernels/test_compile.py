@@ -38,6 +38,14 @@ def compile_ptx(launcher, inputs, outputs, out_spec, dump_dir) -> str:
     return compiled.__ptx__
 
 
+def decodes_without_conversions(ops: collections.Counter) -> bool:
+    """The NVFP4 -> BF16 decode is inline PTX (prmt, mul.lo, bf16x2 multiplies) with no conversion from
+    FP8/FP16 left in the kernel (those once bounded it: 16 per clock per SM; the epilogue's f32 -> bf16
+    output conversions remain)."""
+    return (ops["prmt.b32"] > 0 and ops["mul.rn.bf16x2"] > 0
+            and not any(op.startswith("cvt") and op.endswith((".f16", ".e4m3x2")) for op in ops))
+
+
 def opcodes(ptx: str) -> collections.Counter:
     lines = (line.split() for line in ptx.splitlines())
     return collections.Counter(w[0] for w in lines if w and not w[0].startswith(("/", ".", "{", "}", "$", "@", ")")))
@@ -72,7 +80,7 @@ def test_gemm_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
     ops = opcodes(compile_ptx(kg._kernel(cfg), ins, outs, spec, tmp_path))
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
     assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
-    assert ops["cvt.rn.f16x2.e4m3x2"] > 0 and ops["st.shared.v4.b32"] > 0 and ops["ld.global.v4.b32"] > 0
+    assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["ld.global.v4.b32"] > 0
 
 
 def test_choose_config_covers_v4_shapes():
@@ -115,7 +123,7 @@ def test_grouped_gemm_compiles_sm90a(tmp_path, t, act_nvfp4, stage):
     ops = opcodes(compile_ptx(km._kernel(cfg), ins, outs, spec, tmp_path))
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
     assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
-    assert ops["cvt.rn.f16x2.e4m3x2"] > 0 and ops["ld.global.v4.b32"] > 0
+    assert decodes_without_conversions(ops) and ops["ld.global.v4.b32"] > 0
     assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None), "SwiGLU epilogue (exp) iff fused"
 
 
@@ -198,7 +206,7 @@ def test_gemm_multistage_compiles_sm90a(tmp_path, monkeypatch, case, stages):
     ops = opcodes(ptx)
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
     assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
-    assert ops["cvt.rn.f16x2.e4m3x2"] > 0 and ops["st.shared.v4.b32"] > 0 and ops["ld.shared.v4.b32"] > 0
+    assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["ld.shared.v4.b32"] > 0
     assert ops["ld.global.v4.b32"] == 0, "operands must arrive through cp.async, not register loads"
     cg, ca = _expected_copies(cfg)
     assert (ptx.count("cp.async.cg.shared.global"), ptx.count("cp.async.ca.shared.global")) == (cg, ca)

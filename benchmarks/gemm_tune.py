@@ -1,0 +1,117 @@
+"""Decode-config sweep of the NVFP4 GEMM (GPU): time each (tile, K split, stages) candidate per shape.
+
+For every decode shape (m <= 64) it times ``nvfp4_gemm`` with each candidate ``GemmConfig``
+(forced by replacing ``choose_config`` for that trace), the XLA BF16 dot, and prints us and % of
+the measured copy bandwidth on the bytes moved, marking the config ``choose_config`` picks. Timing
+as in ``benchmarks/gemm.py`` (device kernel time from the profiler trace, L2 flushed). The numbers
+choose the heuristics in ``choose_config``; they are not the reported results (``gemm.py`` is).
+
+Usage (GPU): ``python benchmarks/gemm_tune.py [--shapes flash|pro|all] [--m 1,16] [--budget-s 400]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gemm import measure_ceilings, timed_cases  # noqa: E402
+from nvfp4jax.formats.nvfp4 import quantize  # noqa: E402
+from nvfp4jax.kernels import gemm as kg, quantize as kq  # noqa: E402
+from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
+
+
+def candidates(m: int, n: int, k: int, act_nvfp4: bool, tile_ws=(64, 128), tile_ks=(128,),
+               splits=(1, 2, 4, 8, 16), stage_list=(0, 3, 5)):
+    tile_t = max(16, -(-m // 16) * 16)
+    for tile_w in tile_ws:
+        if n % tile_w:
+            continue
+        for tile_k in tile_ks:
+            for split in splits:
+                if (k // tile_k) % split:
+                    continue
+                for stages in stage_list:
+                    cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, stages=stages)
+                    if stages and k // tile_k // split < stages:
+                        continue
+                    if kg.GemmNvfp4Sm90.can_implement(cfg):
+                        yield cfg
+
+
+def run_cfg(cfg, x, w):
+    orig = kg.choose_config
+    kg.choose_config = lambda *a, **kw: cfg
+    try:  # compiled inside device_times, while the forced config is in place
+        return timed_cases({"c": (lambda x, w: kg.nvfp4_gemm(x, w), (x, w))}, {"c"})["c"]
+    finally:
+        kg.choose_config = orig
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="all")
+    ap.add_argument("--m", default="1,16")
+    ap.add_argument("--names", default="", help="comma list of linear names to keep (default all)")
+    ap.add_argument("--recipes", default="w4a16,w4a4")
+    ap.add_argument("--budget-s", type=float, default=400)
+    ap.add_argument("--tile-w", default="64,128")
+    ap.add_argument("--tile-k", default="128")
+    ap.add_argument("--splits", default="1,2,4,8,16")
+    ap.add_argument("--stages", default="0,3,5")
+    args = ap.parse_args()
+    t0 = time.time()
+    bw, _ = measure_ceilings()
+    print(f"copy BW {bw / 1e12:.2f} TB/s ({jax.devices()[0].device_kind})", flush=True)
+    shapes = []
+    if args.shapes in ("flash", "all"):
+        shapes += [("flash", *s) for s in FLASH_LINEARS]
+    if args.shapes in ("pro", "all"):
+        shapes += [("pro", *s) for s in PRO_LINEARS]
+    keep = set(filter(None, args.names.split(",")))
+    rng = np.random.default_rng(0)
+    for model, name, n, k in shapes:
+        if keep and name not in keep:
+            continue
+        w = jax.jit(quantize)(jnp.asarray(rng.standard_normal((n, k)).astype(np.float32) * 0.02))
+        wb = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
+        for m in map(int, args.m.split(",")):
+            x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+            bf16 = timed_cases({"b": (lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32)
+                                      .astype(jnp.bfloat16), (x, wb))})["b"]
+            print(f"\n{model} {name} n={n} k={k} m={m}: XLA BF16 {bf16 * 1e6:.1f} us "
+                  f"({100 * (2 * n * k) / bf16 / bw:.0f}% BW)", flush=True)
+            for recipe in args.recipes.split(","):
+                act = recipe == "w4a4"
+                xin = kq.quantize_nvfp4(x) if act else x
+                nbytes = n * k * 0.5625 + m * k * (0.5625 if act else 2) + 2 * m * n
+                chosen = kg.choose_config(m, n, k, act)
+                res = []
+                ints = lambda v: tuple(map(int, v.split(",")))  # noqa: E731
+                for cfg in candidates(m, n, k, act, ints(args.tile_w), ints(args.tile_k), ints(args.splits),
+                                      ints(args.stages)):
+                    if time.time() - t0 > args.budget_s:
+                        print("  (time budget reached)", flush=True)
+                        return
+                    try:
+                        t = run_cfg(cfg, xin, w)
+                    except Exception as e:  # noqa: BLE001 - a sweep records failures and goes on
+                        print(f"  {recipe} {cfg}: FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
+                        continue
+                    res.append((t, cfg))
+                res.sort(key=lambda r: r[0])
+                for t, cfg in res[:6] + [r for r in res[6:] if r[1] == chosen]:
+                    mark = " <- chosen" if cfg == chosen else ""
+                    print(f"  {recipe} w{cfg.tile_w} k{cfg.tile_k} split{cfg.split} stages{cfg.stages}: "
+                          f"{t * 1e6:.1f} us {100 * nbytes / t / bw:.0f}% BW, x{bf16 / t:.2f} BF16{mark}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
