@@ -12,7 +12,6 @@ Usage (GPU): ``python benchmarks/gemm_tune.py [--shapes flash|pro|all] [--m 1,16
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
 
 
 def candidates(m: int, n: int, k: int, act_nvfp4: bool, tile_ws=(64, 128), tile_ks=(128,),
-               splits=(1, 2, 4, 8, 16), stage_list=(0, 3, 5)):
+               splits=(1, 2, 4, 8, 16), stage_list=(0, 3, 5), prefetch_list=(1, 2, 3)):
     tile_t = max(16, -(-m // 16) * 16)
     for tile_w in tile_ws:
         if n % tile_w:
@@ -39,11 +38,12 @@ def candidates(m: int, n: int, k: int, act_nvfp4: bool, tile_ws=(64, 128), tile_
                 if (k // tile_k) % split:
                     continue
                 for stages in stage_list:
-                    cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, stages=stages)
-                    if stages and k // tile_k // split < stages:
-                        continue
-                    if kg.GemmNvfp4Sm90.can_implement(cfg):
-                        yield cfg
+                    for prefetch in prefetch_list:
+                        cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, stages=stages, prefetch=prefetch)
+                        if (stages and k // tile_k // split < stages) or k // tile_k // split < prefetch:
+                            continue
+                        if kg.GemmNvfp4Sm90.can_implement(cfg):
+                            yield cfg
 
 
 def run_cfg(cfg, x, w):
@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--tile-k", default="128")
     ap.add_argument("--splits", default="1,2,4,8,16")
     ap.add_argument("--stages", default="0,3,5")
+    ap.add_argument("--prefetch", default="1,2,3")
     args = ap.parse_args()
     t0 = time.time()
     bw, _ = measure_ceilings()
@@ -96,7 +97,7 @@ def main():
                 res = []
                 ints = lambda v: tuple(map(int, v.split(",")))  # noqa: E731
                 for cfg in candidates(m, n, k, act, ints(args.tile_w), ints(args.tile_k), ints(args.splits),
-                                      ints(args.stages)):
+                                      ints(args.stages), ints(args.prefetch)):
                     if time.time() - t0 > args.budget_s:
                         print("  (time budget reached)", flush=True)
                         return
@@ -109,7 +110,8 @@ def main():
                 res.sort(key=lambda r: r[0])
                 for t, cfg in res[:6] + [r for r in res[6:] if r[1] == chosen]:
                     mark = " <- chosen" if cfg == chosen else ""
-                    print(f"  {recipe} w{cfg.tile_w} k{cfg.tile_k} split{cfg.split} stages{cfg.stages}: "
+                    print(f"  {recipe} w{cfg.tile_w} k{cfg.tile_k} split{cfg.split} stages{cfg.stages} "
+                          f"prefetch{cfg.prefetch}: "
                           f"{t * 1e6:.1f} us {100 * nbytes / t / bw:.0f}% BW, x{bf16 / t:.2f} BF16{mark}", flush=True)
 
 

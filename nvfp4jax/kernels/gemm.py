@@ -3,10 +3,12 @@
 Math (that of :func:`nvfp4jax.ref.gemm.nvfp4_gemm`): ``W`` NVFP4 ``[n, k]`` with a per-tensor
 global scale; ``X`` NVFP4 ``[m, k]`` with per-row global scales (recipe ``nvfp4``) or BF16
 (recipe ``nvfp4-w4a16``). Both operands are decoded in registers to BF16 -- exact, since
-``e2m1 * e4m3`` has at most 6 significant bits and lies in BF16's range -- written to swizzled
-shared memory and multiplied by wgmma with float32 accumulation. The epilogue applies
-``acc * gx[m] * gw`` in float32 and casts to BF16. The result equals the reference up to the
-float32 summation order.
+``e2m1 * e4m3`` has at most 6 significant bits and lies in BF16's range; the decoder
+(:func:`nvfp4jax.kernels._cute.dequant_nvfp4_chunk`, bit moves and BF16x2 multiplies, no conversion
+instructions) yields ``e2m1 * e4m3 * 2**-8`` -- written to swizzled shared memory and multiplied by
+wgmma with float32 accumulation. The epilogue applies ``acc * gx[m] * gw`` times ``2**8`` per NVFP4
+operand (exact) in float32 and casts to BF16. The result equals the reference up to the float32
+summation order.
 
 Swap-AB: the kernel computes ``Y^T = W X^T``: weight rows are wgmma's M (64 per instruction,
 ``tile_w`` per CTA) and tokens are its N (``tile_t`` = 16..256), so decode (m = 1..64) still fills
@@ -32,7 +34,24 @@ BF16 (as the reference does), clamps them and writes ``silu(gate) * up * routing
 Limits: ``n % tile_w == 0`` (64 or 128), ``k % (tile_k * split) == 0`` (tile_k 64 or 128), any m;
 the load passes of a thread block tile the token rows exactly (``can_implement``).
 
-Multistage option (``GemmConfig.stages >= 2``; **compiles for sm_90a, not yet run on a GPU**): the
+Measured (H100, ``benchmarks/RESULTS.md``): decode streams weights at ~1 TB/s (a third of copy
+bandwidth) whatever the K split or tile; the decode arithmetic is not the limit (removing its
+conversion instructions changed nothing at m = 1, +6-7% at m = 4096). Each CTA has one K tile of
+loads in flight and issues the next tile's loads only after decoding the current one, and at most
+5 decode CTAs fit per SM (two BF16 stages: 40 KB of shared memory), so ~23 KB per SM are in flight
+against HBM latency. Two opt-in options attack that; neither is the default:
+
+Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; **compiles for
+sm_90a, not yet run on a GPU**): the register path with P register buffers, so P K tiles of loads
+are in flight per CTA while one is decoded (:meth:`GemmNvfp4Sm90.mainloop_prefetch`). Registers
+(ptxas, sm_90a, m = 1): 48-56 by default, 70-79 with P = 2 (still 5 CTAs per SM: shared memory
+bounds them), 95-127 with P = 3. ``choose_config`` / ``moe.choose_grouped_config`` apply it to decode
+configs only (token tile <= 64), with a K split leaving each CTA >= 2P tiles.
+
+Multistage option (``GemmConfig.stages >= 2``; on the H100 in session 3, before the decoder change:
+the first 9 quick dense cases with 4 stages and 5 quick MoE cases with 3 stages passed before that
+run's time limit, and a config sweep showed no speed-up -- the shared-memory ring costs occupancy,
+3 CTAs per SM with 3 slots, so it adds few bytes in flight): the
 register prefetch above keeps one K tile of loads in flight per CTA (64 x 128 x 0.5625 B = 4.6 KB),
 far below what HBM latency needs at decode. With ``stages = S`` the raw packed bytes of K tiles
 (weight codes and scale bytes; X codes and scales, or BF16 X) are copied global -> a ring of ``S``
@@ -76,6 +95,7 @@ THREADS = 128
 NUM_SMS = 132  # H100 SXM; only used to pick the K split
 SMEM_LIMIT = 113 * 1024  # per CTA so that two fit in an SM (228 KB, 1 KB reserved per CTA)
 STAGES_ENV = "NVFP4JAX_GEMM_STAGES"
+PREFETCH_ENV = "NVFP4JAX_GEMM_PREFETCH"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +110,7 @@ class GemmConfig:
     gate_up: bool = False  # grouped L1: rows 0..63 of a CTA from W1, 64..127 from W3 (tile_w 128)
     swiglu_limit: float | None = None  # gate_up with split 1: SwiGLU x routing weight epilogue (BF16 h)
     stages: int = 0  # 0: register prefetch (GPU-verified); >= 2: cp.async ring of raw K tiles (compiles, not run)
+    prefetch: int = 1  # register path: K tiles of loads in flight per CTA (1: GPU-verified; 2-4: compiles, not run)
 
 
 def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
@@ -157,6 +178,8 @@ class GemmNvfp4Sm90:
         if cfg.swiglu_limit is not None and (not cfg.gate_up or cfg.split != 1):
             return False
         if cfg.stages and (cfg.stages < 2 or smem_bytes(cfg) > SMEM_LIMIT):
+            return False
+        if not 1 <= cfg.prefetch <= 4 or (cfg.prefetch > 1 and cfg.stages):
             return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
@@ -325,6 +348,9 @@ class GemmNvfp4Sm90:
         if cutlass.const_expr(cfg.stages):
             self.mainloop_ring(storage, (wv, ws, w3v, w3s), mXv, mXs, mRows, start, count, kt0, k_tiles,
                                (tWrP, tWrS, tWrD), (tXrP, tXrS, tXrD), tAsA, tBsB, tCrA, tCrB, acc, tiled_mma)
+        elif cutlass.const_expr(cfg.prefetch > 1):
+            self.mainloop_prefetch(kt0, k_tiles, count, gW, gW3, w_row0, w_part, gX, x_rows, x_part, x_row_in_tile,
+                                   tWrD, tXrD, tAsA, tBsB, tCrA, tCrB, acc, tiled_mma)
         else:
             # Tile i's operands are loaded into registers one iteration ahead, while wgmma(i-1) runs;
             # stage i % 2 is rewritten only after wgmma(i-2), its last reader, has completed.
@@ -354,6 +380,67 @@ class GemmNvfp4Sm90:
                 warpgroup.commit_group()
         warpgroup.wait_group(0)
         self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRows, mRouteW, mY, e, start, count)
+
+    @cute.jit
+    def mainloop_prefetch(self, kt0, k_tiles, count, gW, gW3, w_row0, w_part, gX, x_rows, x_part, x_row_in_tile,
+                          tWrD, tXrD, tAsA, tBsB, tCrA, tCrB, acc, tiled_mma: cute.TiledMma):
+        """K loop of the register path with ``prefetch = P`` tiles of loads in flight per CTA.
+
+        ``P`` register buffers (raw W codes/scales; X codes/scales, or BF16 X); tile i lives in
+        buffer ``i % P`` -- static, because the loop advances P tiles per trip and unrolls them.
+        Tile i is decoded into BF16 stage ``i % 2`` (after wgmma(i-2), its last reader, completed:
+        ``wait_group(1)``), then its buffer is refilled with tile ``i + P`` before wgmma(i) is
+        issued, so P tiles' loads are in flight while a tile is decoded. With P = 1 this is the
+        default loop; decode CTAs (48-56 registers, 40 KB of shared memory: 5 per SM) have the
+        registers for P <= 4 without losing occupancy.
+        """
+        cfg = self.cfg
+        P = cfg.prefetch
+        w_passes = cfg.tile_w // self.w_rows_pp
+        x_passes = cfg.tile_t // self.x_rows_pp
+        bufs = []
+        for _ in cutlass.range_constexpr(P):
+            wp = cute.make_rmem_tensor((self.w_chunk // 2, w_passes), Uint8)
+            ws = cute.make_rmem_tensor((self.w_chunk // BLOCK, w_passes), Uint8)
+            if cutlass.const_expr(cfg.act_nvfp4):
+                xp = cute.make_rmem_tensor((self.x_chunk // 2, x_passes), Uint8)
+                xs = cute.make_rmem_tensor((self.x_chunk // BLOCK, x_passes), Uint8)
+                xd = tXrD  # decoded X: one shared temporary
+            else:
+                xd = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)  # BF16 X: loaded = decoded
+                xp, xs = xd, xd
+            bufs.append((wp, ws, xp, xs, xd))
+        for j in cutlass.range_constexpr(P):
+            wp, ws, xp, xs, xd = bufs[j]
+            if j < k_tiles:
+                self.load_tile(kt0 + j, gW, gW3, wp, ws, w_row0, w_part, gX, xp, xs, xd, x_rows, x_part)
+        num_k_blocks = cute.size(tCrA, mode=[2])
+        for i0 in cutlass.range(0, k_tiles, P, unroll=1):
+            for j in cutlass.range_constexpr(P):
+                wp, ws, xp, xs, xd = bufs[j]
+                i = i0 + j
+                if i < k_tiles:
+                    stage = i % 2
+                    warpgroup.wait_group(1)
+                    cute.arch.sync_threads()
+                    for p in cutlass.range_constexpr(w_passes):
+                        dequant_nvfp4_chunk(wp[None, p], ws[None, p], tWrD[None, p])
+                        cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, stage])
+                    for p in cutlass.range_constexpr(x_passes):
+                        if cutlass.const_expr(cfg.act_nvfp4):
+                            dequant_nvfp4_chunk(xp[None, p], xs[None, p], xd[None, p])
+                        if x_row_in_tile + p * self.x_rows_pp >= count:
+                            xd[None, p].fill(0.0)
+                        if x_row_in_tile < cfg.tile_t:
+                            cute.autovec_copy(xd[None, p], tBsB[None, p, 0, stage])
+                    cute.arch.fence_proxy("async.shared", space="cta")
+                    cute.arch.sync_threads()
+                    if i + P < k_tiles:
+                        self.load_tile(kt0 + i + P, gW, gW3, wp, ws, w_row0, w_part, gX, xp, xs, xd, x_rows, x_part)
+                    warpgroup.fence()
+                    for kb in cutlass.range_constexpr(num_k_blocks):
+                        cute.gemm(tiled_mma, acc, tCrA[None, None, kb, stage], tCrB[None, None, kb, stage], acc)
+                    warpgroup.commit_group()
 
     @cute.jit
     def mainloop_ring(self, storage, w_src, mXv, mXs, mRows, start, count, kt0, k_tiles, w_regs, x_regs,
@@ -587,7 +674,8 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     split = 1
     while ctas * split * 2 <= 16 * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
-    return with_env_stages(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
+    cfg = with_env_stages(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
+    return with_env_prefetch(cfg, ctas, k_tiles)
 
 
 def with_env_stages(cfg: GemmConfig, ctas: int, k_tiles: int, stages: int | None = None) -> GemmConfig:
@@ -610,6 +698,25 @@ def with_env_stages(cfg: GemmConfig, ctas: int, k_tiles: int, stages: int | None
         if GemmNvfp4Sm90.can_implement(staged):
             return staged
     return cfg
+
+
+def with_env_prefetch(cfg: GemmConfig, ctas: int, k_tiles: int, prefetch: int | None = None) -> GemmConfig:
+    """``cfg`` with ``prefetch`` (default ``$NVFP4JAX_GEMM_PREFETCH``, else 1) register-prefetched K tiles.
+
+    Only decode configs (token tile <= 64) on the register path (``stages == 0``) change: the K split
+    shrinks while a CTA would have fewer than ``2 * prefetch`` K tiles or there would be more than
+    ~8 CTAs per SM (the deeper prefetch, not the CTA count, now keeps bytes in flight). Unmeasured
+    first guess for a GPU A/B (``benchmarks/gemm_tune.py``).
+    """
+    if prefetch is None:
+        prefetch = int(os.environ.get(PREFETCH_ENV, "1") or 1)
+    if prefetch < 2 or cfg.tile_t > 64 or cfg.stages:
+        return cfg
+    prefetch = min(prefetch, 4)
+    split = cfg.split
+    while split > 1 and (k_tiles // split < 2 * prefetch or ctas * split > 8 * NUM_SMS):
+        split //= 2
+    return dataclasses.replace(cfg, split=split, prefetch=prefetch)
 
 
 _NO_GROUPS = (None,) * 6  # W3 (values, scales, global), rows, tiles, routing weights

@@ -65,7 +65,8 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
     cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, grouped=True, gather=gate_up, gate_up=gate_up,
                         swiglu_limit=swiglu_limit if gate_up and split == 1 else None)
     cfg = kg.with_env_stages(cfg, ctas, k_tiles)  # $NVFP4JAX_GEMM_STAGES (default 0: unchanged)
-    if gate_up and cfg.split == 1:  # the ring may have dropped the split: keep the fused SwiGLU
+    cfg = kg.with_env_prefetch(cfg, ctas, k_tiles)  # $NVFP4JAX_GEMM_PREFETCH (default 1: unchanged)
+    if gate_up and cfg.split == 1:  # the ring or the prefetch may have dropped the split: keep the fused SwiGLU
         cfg = dataclasses.replace(cfg, swiglu_limit=swiglu_limit)
     return cfg
 

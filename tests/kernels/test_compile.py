@@ -51,85 +51,6 @@ def opcodes(ptx: str) -> collections.Counter:
     return collections.Counter(w[0] for w in lines if w and not w[0].startswith(("/", ".", "{", "}", "$", "@", ")")))
 
 
-@pytest.mark.parametrize("k,fused", [(1024, False), (7168, False), (4096, True), (16384, True)])
-def test_quantize_compiles_sm90a(tmp_path, k, fused):
-    m = 5
-    ins = (S((m, k), jnp.bfloat16), S((k,), jnp.bfloat16) if fused else None, S((1,), jnp.float32) if fused else None)
-    outs = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
-    ops = opcodes(compile_ptx(kq._kernel(k, fused), ins, outs, None, tmp_path))
-    assert ops["div.rn.f32"] >= 16, "quantize must use correctly rounded division"
-    assert not any(op.startswith(("div.approx", "div.full", "rcp.approx")) for op in ops), ops
-    assert ops["cvt.rn.satfinite.e4m3x2.f32"] >= 1 and ops["ld.global.v4.b32"] >= 2
-    assert (ops["rsqrt.approx.f32"] >= 1) == fused
-
-
-@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (64, 1536, 7168), (200, 512, 4096), (4096, 4096, 4096)])
-@pytest.mark.parametrize("act_nvfp4", [True, False])
-def test_gemm_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
-    cfg = kg.choose_config(m, n, k, act_nvfp4)
-    assert kg.GemmNvfp4Sm90.can_implement(cfg), cfg
-    if act_nvfp4:
-        ins = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
-    else:
-        ins = (S((m, k), jnp.bfloat16), None, None)
-    ins += (S((n, k // 2), jnp.uint8), S((n, k // 16), jnp.uint8), S((1,), jnp.float32)) + kg._NO_GROUPS
-    if cfg.split > 1:
-        outs, spec = (S((cfg.split, m, n), jnp.float32),), TensorSpec(mode=(2, 1, 0))
-    else:
-        outs, spec = (S((m, n), jnp.bfloat16),), TensorSpec(mode=(1, 0))
-    ops = opcodes(compile_ptx(kg._kernel(cfg), ins, outs, spec, tmp_path))
-    wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
-    assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
-    assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["ld.global.v4.b32"] > 0
-
-
-def test_choose_config_covers_v4_shapes():
-    from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
-
-    for _, n, k in FLASH_LINEARS + PRO_LINEARS:
-        for m in (1, 3, 16, 64, 65, 200, 4096, 16384):
-            for act in (True, False):
-                cfg = kg.choose_config(m, n, k, act)
-                assert kg.GemmNvfp4Sm90.can_implement(cfg), (m, n, k, cfg)
-                assert n % cfg.tile_w == 0 and k % (cfg.tile_k * cfg.split) == 0, (m, n, k, cfg)
-
-
-@pytest.mark.parametrize("t,act_nvfp4", [(1, True), (64, False), (4096, True)])
-@pytest.mark.parametrize("stage", ["L1", "L2"])
-def test_grouped_gemm_compiles_sm90a(tmp_path, t, act_nvfp4, stage):
-    """The MoE GEMMs (V4-Flash expert shapes, 16 experts): decode split-K and prefill SwiGLU variants."""
-    from nvfp4jax.kernels import moe as km
-
-    experts, inter, d = 16, 2048, 4096
-    rows, gate_up = 6 * t, stage == "L1"
-    n, k = (inter, d) if gate_up else (d, inter)
-    n_out = 2 * n if gate_up else n
-    cfg = km.choose_grouped_config(rows, experts, n_out, k, act_nvfp4, gate_up=gate_up, swiglu_limit=10.0)
-    x_rows = t if gate_up else rows
-    if act_nvfp4:
-        ins = (S((x_rows, k // 2), jnp.uint8), S((x_rows, k // 16), jnp.uint8), S((x_rows,), jnp.float32))
-    else:
-        ins = (S((x_rows, k), jnp.bfloat16), None, None)
-    w = (S((experts, n, k // 2), jnp.uint8), S((experts, n, k // 16), jnp.uint8), S((experts,), jnp.float32))
-    ins += w + (w if gate_up else (None,) * 3)
-    ins += (S((rows,), jnp.int32) if gate_up else None, S((km.num_tiles(rows, experts, cfg.tile_t), 3), jnp.int32),
-            S((rows,), jnp.float32) if gate_up else None)
-    if cfg.swiglu_limit is not None:
-        outs, spec = (S((rows, n), jnp.bfloat16),), TensorSpec(mode=(1, 0))
-    elif cfg.split > 1:
-        outs, spec = (S((cfg.split, rows, n_out), jnp.float32),), TensorSpec(mode=(2, 1, 0))
-    else:
-        outs, spec = (S((rows, n_out), jnp.bfloat16),), TensorSpec(mode=(1, 0))
-    ops = opcodes(compile_ptx(km._kernel(cfg), ins, outs, spec, tmp_path))
-    wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
-    assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
-    assert decodes_without_conversions(ops) and ops["ld.global.v4.b32"] > 0
-    assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None), "SwiGLU epilogue (exp) iff fused"
-
-
-# ---- multistage option (GemmConfig.stages >= 2): compiles for sm_90a, not yet run on a GPU ----------
-
-
 def _dense_io(cfg, m, n, k):
     if cfg.act_nvfp4:
         ins = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
@@ -159,6 +80,62 @@ def _grouped_io(cfg, t, rows, experts, n, k, gate_up):
     if cfg.split > 1:
         return ins, (S((cfg.split, rows, n_out), jnp.float32),), TensorSpec(mode=(2, 1, 0))
     return ins, (S((rows, n_out), jnp.bfloat16),), TensorSpec(mode=(1, 0))
+
+
+@pytest.mark.parametrize("k,fused", [(1024, False), (7168, False), (4096, True), (16384, True)])
+def test_quantize_compiles_sm90a(tmp_path, k, fused):
+    m = 5
+    ins = (S((m, k), jnp.bfloat16), S((k,), jnp.bfloat16) if fused else None, S((1,), jnp.float32) if fused else None)
+    outs = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
+    ops = opcodes(compile_ptx(kq._kernel(k, fused), ins, outs, None, tmp_path))
+    assert ops["div.rn.f32"] >= 16, "quantize must use correctly rounded division"
+    assert not any(op.startswith(("div.approx", "div.full", "rcp.approx")) for op in ops), ops
+    assert ops["cvt.rn.satfinite.e4m3x2.f32"] >= 1 and ops["ld.global.v4.b32"] >= 2
+    assert (ops["rsqrt.approx.f32"] >= 1) == fused
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (64, 1536, 7168), (200, 512, 4096), (4096, 4096, 4096)])
+@pytest.mark.parametrize("act_nvfp4", [True, False])
+def test_gemm_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
+    cfg = kg.choose_config(m, n, k, act_nvfp4)
+    assert kg.GemmNvfp4Sm90.can_implement(cfg), cfg
+    ops = opcodes(compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path))
+    wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
+    assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
+    assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["ld.global.v4.b32"] > 0
+
+
+def test_choose_config_covers_v4_shapes():
+    from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
+
+    for _, n, k in FLASH_LINEARS + PRO_LINEARS:
+        for m in (1, 3, 16, 64, 65, 200, 4096, 16384):
+            for act in (True, False):
+                cfg = kg.choose_config(m, n, k, act)
+                assert kg.GemmNvfp4Sm90.can_implement(cfg), (m, n, k, cfg)
+                assert n % cfg.tile_w == 0 and k % (cfg.tile_k * cfg.split) == 0, (m, n, k, cfg)
+
+
+@pytest.mark.parametrize("t,act_nvfp4", [(1, True), (64, False), (4096, True)])
+@pytest.mark.parametrize("stage", ["L1", "L2"])
+def test_grouped_gemm_compiles_sm90a(tmp_path, t, act_nvfp4, stage):
+    """The MoE GEMMs (V4-Flash expert shapes, 16 experts): decode split-K and prefill SwiGLU variants."""
+    from nvfp4jax.kernels import moe as km
+
+    experts, inter, d = 16, 2048, 4096
+    rows, gate_up = 6 * t, stage == "L1"
+    n, k = (inter, d) if gate_up else (d, inter)
+    n_out = 2 * n if gate_up else n
+    cfg = km.choose_grouped_config(rows, experts, n_out, k, act_nvfp4, gate_up=gate_up, swiglu_limit=10.0)
+    ins, outs, spec = _grouped_io(cfg, t, rows, experts, n, k, gate_up)
+    ops = opcodes(compile_ptx(km._kernel(cfg), ins, outs, spec, tmp_path))
+    wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
+    assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
+    assert decodes_without_conversions(ops) and ops["ld.global.v4.b32"] > 0
+    assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None), "SwiGLU epilogue (exp) iff fused"
+
+
+# ---- multistage option (GemmConfig.stages >= 2): compiles for sm_90a, not yet run on a GPU ----------
 
 
 def _decode_case(case, stages_env, monkeypatch):
@@ -265,8 +242,61 @@ def test_stages_config_choice(monkeypatch):
                 assert cfg.split == 1 or k // (cfg.tile_k * cfg.split) >= cfg.stages, cfg
 
 
+# ---- register prefetch depth (GemmConfig.prefetch >= 2): compiles for sm_90a, not yet run on a GPU ----
+
+
+@pytest.mark.parametrize("case", ["dense_w4a16", "moe_l1_swiglu", "moe_l2"])
+@pytest.mark.parametrize("prefetch", [2, 3])
+def test_gemm_prefetch_compiles_sm90a(tmp_path, monkeypatch, case, prefetch):
+    """P register buffers: P tiles of 128-bit loads in the prologue and P refill sites in the loop body
+    (the default has 1 + 1), no cp.async, the same wgmma and conversion-free decode."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "prefetch").mkdir()
+    base_cfg, ins, outs, spec = _decode_case(case, 0, monkeypatch)
+    base = opcodes(compile_ptx(kg._kernel(base_cfg), ins, outs, spec, tmp_path / "base"))
+    monkeypatch.setenv(kg.PREFETCH_ENV, str(prefetch))
+    cfg, ins, outs, spec = _decode_case(case, 0, monkeypatch)
+    assert cfg.prefetch == prefetch and cfg.stages == 0 and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
+    assert dataclasses.replace(cfg, prefetch=1, split=base_cfg.split, swiglu_limit=base_cfg.swiglu_limit) == base_cfg
+    ptx = compile_ptx(kg._kernel(cfg), ins, outs, spec, tmp_path / "prefetch")
+    ops = opcodes(ptx)
+    assert [op for op in ops if op.startswith("wgmma.mma_async")] == [
+        f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"]
+    assert decodes_without_conversions(ops) and "cp.async" not in ptx
+    assert ops["ld.global.v4.b32"] == prefetch * base["ld.global.v4.b32"], (ops["ld.global.v4.b32"], base["ld.global.v4.b32"])
+    if case == "moe_l1_swiglu":  # a split dropped to 1 keeps the fused SwiGLU epilogue
+        assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None) == (cfg.split == 1)
+
+
+def test_prefetch_config_choice(monkeypatch):
+    """$NVFP4JAX_GEMM_PREFETCH: decode configs get the depth and a K split leaving each CTA >= 2P K tiles
+    (or split 1); prefill configs, the ring and the default stay unchanged."""
+    from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
+
+    assert not kg.GemmNvfp4Sm90.can_implement(kg.GemmConfig(64, 16, 128, 1, True, prefetch=5))
+    assert not kg.GemmNvfp4Sm90.can_implement(kg.GemmConfig(64, 16, 128, 1, True, stages=3, prefetch=2))
+    for _, n, k in FLASH_LINEARS + PRO_LINEARS:
+        for m in (1, 3, 16, 64, 65, 4096):
+            for act in (True, False):
+                monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)
+                base = kg.choose_config(m, n, k, act)
+                assert base.prefetch == 1
+                monkeypatch.setenv(kg.PREFETCH_ENV, "3")
+                cfg = kg.choose_config(m, n, k, act)
+                if m > 64:
+                    assert cfg == base
+                    continue
+                assert cfg.prefetch == 3 and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
+                assert cfg.split <= base.split and k % (cfg.tile_k * cfg.split) == 0, cfg
+                assert cfg.split == 1 or k // (cfg.tile_k * cfg.split) >= 6, cfg
+                assert dataclasses.replace(cfg, split=base.split, prefetch=1) == base
+    monkeypatch.setenv(kg.STAGES_ENV, "4")  # the ring takes precedence: no prefetch on top of it
+    assert kg.choose_config(1, 4096, 4096, True).prefetch == 1
+
+
 @pytest.fixture(autouse=True)
 def _no_stages_env(monkeypatch):
-    """The tests above check the default kernels: a $NVFP4JAX_GEMM_STAGES set for a GPU A/B run must
-    not change them (tests that want the ring set it themselves)."""
+    """The tests above check the default kernels: a $NVFP4JAX_GEMM_STAGES / $NVFP4JAX_GEMM_PREFETCH
+    set for a GPU A/B run must not change them (tests that want them set them themselves)."""
     monkeypatch.delenv(kg.STAGES_ENV, raising=False)
+    monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)
