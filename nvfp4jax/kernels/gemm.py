@@ -46,7 +46,9 @@ sm_90a, not yet run on a GPU**): the register path with P register buffers, so P
 are in flight per CTA while one is decoded (:meth:`GemmNvfp4Sm90.mainloop_prefetch`). Registers
 (ptxas, sm_90a, m = 1): 48-56 by default, 70-79 with P = 2 (still 5 CTAs per SM: shared memory
 bounds them), 95-127 with P = 3. ``choose_config`` / ``moe.choose_grouped_config`` apply it to decode
-configs only (token tile <= 64), with a K split leaving each CTA >= 2P tiles.
+configs (token tile <= 64), with a K split leaving each CTA >= 2P tiles, and P = 2 to prefill configs
+(128 x 128 x 64: 245-250 registers, no spills at P = 2), whose one K tile of cover is also short of
+HBM latency.
 
 Multistage option (``GemmConfig.stages >= 2``; on the H100 in session 3, before the decoder change:
 the first 9 quick dense cases with 4 stages and 5 quick MoE cases with 3 stages passed before that
@@ -703,15 +705,18 @@ def with_env_stages(cfg: GemmConfig, ctas: int, k_tiles: int, stages: int | None
 def with_env_prefetch(cfg: GemmConfig, ctas: int, k_tiles: int, prefetch: int | None = None) -> GemmConfig:
     """``cfg`` with ``prefetch`` (default ``$NVFP4JAX_GEMM_PREFETCH``, else 1) register-prefetched K tiles.
 
-    Only decode configs (token tile <= 64) on the register path (``stages == 0``) change: the K split
+    Register-path configs only (``stages == 0``). Decode configs (token tile <= 64): the K split
     shrinks while a CTA would have fewer than ``2 * prefetch`` K tiles or there would be more than
-    ~8 CTAs per SM (the deeper prefetch, not the CTA count, now keeps bytes in flight). Unmeasured
-    first guess for a GPU A/B (``benchmarks/gemm_tune.py``).
+    ~8 CTAs per SM (the deeper prefetch, not the CTA count, now keeps bytes in flight). Prefill
+    configs (128 x 128 x 64, 245-250 registers): depth 2 at most (ptxas: no spills at 2, spills at 3),
+    split unchanged. Unmeasured first guess for a GPU A/B (``benchmarks/gemm_tune.py``).
     """
     if prefetch is None:
         prefetch = int(os.environ.get(PREFETCH_ENV, "1") or 1)
-    if prefetch < 2 or cfg.tile_t > 64 or cfg.stages:
+    if prefetch < 2 or cfg.stages:
         return cfg
+    if cfg.tile_t > 64:
+        return dataclasses.replace(cfg, prefetch=2)
     prefetch = min(prefetch, 4)
     split = cfg.split
     while split > 1 and (k_tiles // split < 2 * prefetch or ctas * split > 8 * NUM_SMS):

@@ -268,9 +268,24 @@ def test_gemm_prefetch_compiles_sm90a(tmp_path, monkeypatch, case, prefetch):
         assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None) == (cfg.split == 1)
 
 
+def test_gemm_prefetch_prefill_tile_compiles_sm90a(tmp_path, monkeypatch):
+    """Depth 2 on a 128 x 128 x 64 prefill tile (W4A4): twice the 128-bit load sites, same wgmma."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "prefetch").mkdir()
+    m, n, k = 200, 512, 4096
+    base_cfg = kg.choose_config(m, n, k, True)
+    base = opcodes(compile_ptx(kg._kernel(base_cfg), *_dense_io(base_cfg, m, n, k), tmp_path / "base"))
+    monkeypatch.setenv(kg.PREFETCH_ENV, "2")
+    cfg = kg.choose_config(m, n, k, True)
+    assert cfg == dataclasses.replace(base_cfg, prefetch=2) and (cfg.tile_w, cfg.tile_t) == (128, 128)
+    ops = opcodes(compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path / "prefetch"))
+    assert ops["ld.global.v4.b32"] == 2 * base["ld.global.v4.b32"] and decodes_without_conversions(ops)
+    assert ops["wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"] > 0
+
+
 def test_prefetch_config_choice(monkeypatch):
     """$NVFP4JAX_GEMM_PREFETCH: decode configs get the depth and a K split leaving each CTA >= 2P K tiles
-    (or split 1); prefill configs, the ring and the default stay unchanged."""
+    (or split 1), prefill configs depth 2; the ring and the default stay unchanged."""
     from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
 
     assert not kg.GemmNvfp4Sm90.can_implement(kg.GemmConfig(64, 16, 128, 1, True, prefetch=5))
@@ -283,8 +298,8 @@ def test_prefetch_config_choice(monkeypatch):
                 assert base.prefetch == 1
                 monkeypatch.setenv(kg.PREFETCH_ENV, "3")
                 cfg = kg.choose_config(m, n, k, act)
-                if m > 64:
-                    assert cfg == base
+                if m > 64:  # prefill tiles: depth 2 at most (ptxas spills at 3), nothing else changes
+                    assert cfg == dataclasses.replace(base, prefetch=2)
                     continue
                 assert cfg.prefetch == 3 and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
                 assert cfg.split <= base.split and k % (cfg.tile_k * cfg.split) == 0, cfg
