@@ -345,7 +345,6 @@ class GemmNvfp4Sm90:
         acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((cfg.tile_w, cfg.tile_t)), Float32)
         acc.fill(0.0)
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-        num_k_blocks = cute.size(tCrA, mode=[2])
 
         if cutlass.const_expr(cfg.stages):
             self.mainloop_ring(storage, (wv, ws, w3v, w3s), mXv, mXs, mRows, start, count, kt0, k_tiles,
@@ -359,27 +358,11 @@ class GemmNvfp4Sm90:
             self.load_tile(kt0, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part)
             for i in cutlass.range(k_tiles, unroll=1):
                 stage = i % 2
-                warpgroup.wait_group(1)
-                cute.arch.sync_threads()
-                for p in cutlass.range_constexpr(w_passes):
-                    dequant_nvfp4_chunk(tWrP[None, p], tWrS[None, p], tWrD[None, p])
-                    cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, stage])
-                for p in cutlass.range_constexpr(x_passes):
-                    if cutlass.const_expr(cfg.act_nvfp4):
-                        dequant_nvfp4_chunk(tXrP[None, p], tXrS[None, p], tXrD[None, p])
-                    if x_row_in_tile + p * self.x_rows_pp >= count:
-                        tXrD[None, p].fill(0.0)
-                    if x_row_in_tile < cfg.tile_t:
-                        cute.autovec_copy(tXrD[None, p], tBsB[None, p, 0, stage])
-                cute.arch.fence_proxy("async.shared", space="cta")
-                cute.arch.sync_threads()
+                self.stage_tile(stage, (tWrP, tWrS, tWrD), (tXrP, tXrS, tXrD), tAsA, tBsB, x_row_in_tile, count)
                 if i + 1 < k_tiles:
                     self.load_tile(kt0 + i + 1, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows,
                                    x_part)
-                warpgroup.fence()
-                for kb in cutlass.range_constexpr(num_k_blocks):
-                    cute.gemm(tiled_mma, acc, tCrA[None, None, kb, stage], tCrB[None, None, kb, stage], acc)
-                warpgroup.commit_group()
+                self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
         warpgroup.wait_group(0)
         self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRows, mRouteW, mY, e, start, count)
 
@@ -416,33 +399,46 @@ class GemmNvfp4Sm90:
             wp, ws, xp, xs, xd = bufs[j]
             if j < k_tiles:
                 self.load_tile(kt0 + j, gW, gW3, wp, ws, w_row0, w_part, gX, xp, xs, xd, x_rows, x_part)
-        num_k_blocks = cute.size(tCrA, mode=[2])
         for i0 in cutlass.range(0, k_tiles, P, unroll=1):
             for j in cutlass.range_constexpr(P):
                 wp, ws, xp, xs, xd = bufs[j]
                 i = i0 + j
                 if i < k_tiles:
                     stage = i % 2
-                    warpgroup.wait_group(1)
-                    cute.arch.sync_threads()
-                    for p in cutlass.range_constexpr(w_passes):
-                        dequant_nvfp4_chunk(wp[None, p], ws[None, p], tWrD[None, p])
-                        cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, stage])
-                    for p in cutlass.range_constexpr(x_passes):
-                        if cutlass.const_expr(cfg.act_nvfp4):
-                            dequant_nvfp4_chunk(xp[None, p], xs[None, p], xd[None, p])
-                        if x_row_in_tile + p * self.x_rows_pp >= count:
-                            xd[None, p].fill(0.0)
-                        if x_row_in_tile < cfg.tile_t:
-                            cute.autovec_copy(xd[None, p], tBsB[None, p, 0, stage])
-                    cute.arch.fence_proxy("async.shared", space="cta")
-                    cute.arch.sync_threads()
+                    self.stage_tile(stage, (wp, ws, tWrD), (xp, xs, xd), tAsA, tBsB, x_row_in_tile, count)
                     if i + P < k_tiles:
                         self.load_tile(kt0 + i + P, gW, gW3, wp, ws, w_row0, w_part, gX, xp, xs, xd, x_rows, x_part)
-                    warpgroup.fence()
-                    for kb in cutlass.range_constexpr(num_k_blocks):
-                        cute.gemm(tiled_mma, acc, tCrA[None, None, kb, stage], tCrB[None, None, kb, stage], acc)
-                    warpgroup.commit_group()
+                    self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
+
+    @cute.jit
+    def stage_tile(self, stage, w_regs, x_regs, tAsA, tBsB, x_row_in_tile, count):
+        """Register tile -> BF16 stage ``stage``: wait for wgmma(i-2) (the stage's last reader), decode W
+        (and NVFP4 X) into shared memory, zero X rows past ``count``, make it visible to wgmma."""
+        cfg = self.cfg
+        wp, ws, wd = w_regs
+        xp, xs, xd = x_regs
+        warpgroup.wait_group(1)
+        cute.arch.sync_threads()
+        for p in cutlass.range_constexpr(cfg.tile_w // self.w_rows_pp):
+            dequant_nvfp4_chunk(wp[None, p], ws[None, p], wd[None, p])
+            cute.autovec_copy(wd[None, p], tAsA[None, p, 0, stage])
+        for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
+            if cutlass.const_expr(cfg.act_nvfp4):
+                dequant_nvfp4_chunk(xp[None, p], xs[None, p], xd[None, p])
+            if x_row_in_tile + p * self.x_rows_pp >= count:
+                xd[None, p].fill(0.0)
+            if x_row_in_tile < cfg.tile_t:
+                cute.autovec_copy(xd[None, p], tBsB[None, p, 0, stage])
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.sync_threads()
+
+    @cute.jit
+    def issue_mma(self, stage, tCrA, tCrB, acc, tiled_mma: cute.TiledMma):
+        """wgmma over BF16 stage ``stage`` (one commit group)."""
+        warpgroup.fence()
+        for kb in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
+            cute.gemm(tiled_mma, acc, tCrA[None, None, kb, stage], tCrB[None, None, kb, stage], acc)
+        warpgroup.commit_group()
 
     @cute.jit
     def mainloop_ring(self, storage, w_src, mXv, mXs, mRows, start, count, kt0, k_tiles, w_regs, x_regs,
@@ -482,7 +478,6 @@ class GemmNvfp4Sm90:
         w_per_row = cfg.tile_k // self.w_chunk
         x_per_row = cfg.tile_k // self.x_chunk
         x_row_in_tile = tidx // x_per_row
-        num_k_blocks = cute.size(tCrA, mode=[2])
         for i in cutlass.range(k_tiles, unroll=1):
             stage = i % 2
             slot = i % S
@@ -521,10 +516,7 @@ class GemmNvfp4Sm90:
                     cute.autovec_copy(tXrD[None, p], tBsB[None, p, 0, stage])
             cute.arch.fence_proxy("async.shared", space="cta")
             cute.arch.sync_threads()
-            warpgroup.fence()
-            for kb in cutlass.range_constexpr(num_k_blocks):
-                cute.gemm(tiled_mma, acc, tCrA[None, None, kb, stage], tCrB[None, None, kb, stage], acc)
-            warpgroup.commit_group()
+            self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
         cute.arch.cp_async_wait_group(0)
 
     @cute.jit

@@ -213,10 +213,22 @@ def test_gemm_multistage_prefill_tile_compiles_sm90a(tmp_path):
     assert opcodes(ptx)["wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"] > 0
 
 
+def _env_choices(monkeypatch, var: str, value: str):
+    """(m, n, k, act, default config, config with ``$var = value``) for every V4 linear, decode and prefill m."""
+    from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
+
+    for _, n, k in FLASH_LINEARS + PRO_LINEARS:
+        for m in (1, 3, 16, 64, 65, 4096):
+            for act in (True, False):
+                monkeypatch.delenv(var, raising=False)
+                base = kg.choose_config(m, n, k, act)
+                monkeypatch.setenv(var, value)
+                yield m, n, k, act, base, kg.choose_config(m, n, k, act)
+
+
 def test_stages_config_choice(monkeypatch):
     """$NVFP4JAX_GEMM_STAGES: decode configs get the ring (fewer stages where shared memory is short)
     and a split leaving each CTA >= stages K tiles; prefill configs and the default stay unchanged."""
-    from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
 
     # shared memory by hand: 2 BF16 stages of (64 + 16) x 128 + 4 slots x (64 x 64 + 64 x 8 + 16 x 64 + 16 x 8)
     assert kg.smem_bytes(kg.GemmConfig(64, 16, 128, 8, True, stages=4)) == 2 * 2 * 80 * 128 + 4 * 5760
@@ -225,21 +237,15 @@ def test_stages_config_choice(monkeypatch):
     assert not kg.GemmNvfp4Sm90.can_implement(dataclasses.replace(l1, stages=4))
     assert kg.with_env_stages(l1, 32, 32, stages=4).stages == 3
     assert not kg.GemmNvfp4Sm90.can_implement(dataclasses.replace(l1, stages=1))
-    for _, n, k in FLASH_LINEARS + PRO_LINEARS:
-        for m in (1, 3, 16, 64, 65, 4096):
-            for act in (True, False):
-                monkeypatch.delenv(kg.STAGES_ENV, raising=False)
-                base = kg.choose_config(m, n, k, act)
-                assert base.stages == 0
-                monkeypatch.setenv(kg.STAGES_ENV, "4")
-                cfg = kg.choose_config(m, n, k, act)
-                if m > 64:
-                    assert cfg == base
-                    continue
-                assert cfg.stages in (2, 3, 4) and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
-                assert kg.smem_bytes(cfg) <= kg.SMEM_LIMIT and k % (cfg.tile_k * cfg.split) == 0, cfg
-                assert cfg.split <= base.split and dataclasses.replace(cfg, split=base.split, stages=0) == base
-                assert cfg.split == 1 or k // (cfg.tile_k * cfg.split) >= cfg.stages, cfg
+    for m, _, k, _, base, cfg in _env_choices(monkeypatch, kg.STAGES_ENV, "4"):
+        assert base.stages == 0
+        if m > 64:
+            assert cfg == base
+            continue
+        assert cfg.stages in (2, 3, 4) and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
+        assert kg.smem_bytes(cfg) <= kg.SMEM_LIMIT and k % (cfg.tile_k * cfg.split) == 0, cfg
+        assert cfg.split <= base.split and dataclasses.replace(cfg, split=base.split, stages=0) == base
+        assert cfg.split == 1 or k // (cfg.tile_k * cfg.split) >= cfg.stages, cfg
 
 
 # ---- register prefetch depth (GemmConfig.prefetch >= 2): compiles for sm_90a, not yet run on a GPU ----
@@ -286,25 +292,18 @@ def test_gemm_prefetch_prefill_tile_compiles_sm90a(tmp_path, monkeypatch):
 def test_prefetch_config_choice(monkeypatch):
     """$NVFP4JAX_GEMM_PREFETCH: decode configs get the depth and a K split leaving each CTA >= 2P K tiles
     (or split 1), prefill configs depth 2; the ring and the default stay unchanged."""
-    from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
 
     assert not kg.GemmNvfp4Sm90.can_implement(kg.GemmConfig(64, 16, 128, 1, True, prefetch=5))
     assert not kg.GemmNvfp4Sm90.can_implement(kg.GemmConfig(64, 16, 128, 1, True, stages=3, prefetch=2))
-    for _, n, k in FLASH_LINEARS + PRO_LINEARS:
-        for m in (1, 3, 16, 64, 65, 4096):
-            for act in (True, False):
-                monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)
-                base = kg.choose_config(m, n, k, act)
-                assert base.prefetch == 1
-                monkeypatch.setenv(kg.PREFETCH_ENV, "3")
-                cfg = kg.choose_config(m, n, k, act)
-                if m > 64:  # prefill tiles: depth 2 at most (ptxas spills at 3), nothing else changes
-                    assert cfg == dataclasses.replace(base, prefetch=2)
-                    continue
-                assert cfg.prefetch == 3 and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
-                assert cfg.split <= base.split and k % (cfg.tile_k * cfg.split) == 0, cfg
-                assert cfg.split == 1 or k // (cfg.tile_k * cfg.split) >= 6, cfg
-                assert dataclasses.replace(cfg, split=base.split, prefetch=1) == base
+    for m, _, k, _, base, cfg in _env_choices(monkeypatch, kg.PREFETCH_ENV, "3"):
+        assert base.prefetch == 1
+        if m > 64:  # prefill tiles: depth 2 at most (ptxas spills at 3), nothing else changes
+            assert cfg == dataclasses.replace(base, prefetch=2)
+            continue
+        assert cfg.prefetch == 3 and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
+        assert cfg.split <= base.split and k % (cfg.tile_k * cfg.split) == 0, cfg
+        assert cfg.split == 1 or k // (cfg.tile_k * cfg.split) >= 6, cfg
+        assert dataclasses.replace(cfg, split=base.split, prefetch=1) == base
     monkeypatch.setenv(kg.STAGES_ENV, "4")  # the ring takes precedence: no prefetch on top of it
     assert kg.choose_config(1, 4096, 4096, True).prefetch == 1
 
