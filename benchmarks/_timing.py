@@ -22,6 +22,7 @@ Without a GPU (``--cpu-smoke`` runs) it returns wall-clock seconds per call inst
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import statistics
 import tempfile
@@ -117,3 +118,18 @@ def _kernels_per_window(path: Path) -> dict[str, list]:
 def count_cutedsl(names: list[str]) -> int:
     """CuTeDSL kernels among a call's kernel names (their symbols start ``kernel_cutlass``)."""
     return sum(n.startswith("kernel_cutlass") for n in names)
+
+
+def source_fingerprint(root: Path | None = None) -> str:
+    """12 hex digits of SHA-1 over ``nvfp4jax/**/*.py`` (paths and bytes) under ``root`` (the repo).
+
+    Recorded beside the commit in benchmark headers: on the GPU machine the working tree arrives as a
+    copy whose git metadata can be stale, so ``git rev-parse`` there may name an older commit. Match a
+    result to a commit with ``python -c "from benchmarks._timing import source_fingerprint as f; print(f())"``
+    on a checkout of it.
+    """
+    root = Path(__file__).resolve().parents[1] if root is None else Path(root)
+    h = hashlib.sha1()
+    for path in sorted((root / "nvfp4jax").rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import count_cutedsl, device_times  # noqa: E402
+from benchmarks._timing import count_cutedsl, device_times, source_fingerprint  # noqa: E402
 from nvfp4jax.formats.nvfp4 import quantize  # noqa: E402
 from nvfp4jax.kernels import gemm as kg, quantize as kq  # noqa: E402
 from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
@@ -149,7 +149,7 @@ def main():
                 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
             except OSError:
                 commit = ""
-        head = f"\n## nvfp4_gemm / quantize_nvfp4 — {dev}, {datetime.date.today()}, commit {commit or 'unknown'}\n\n"
+        head = f"\n## nvfp4_gemm / quantize_nvfp4 — {dev}, {datetime.date.today()}, commit {commit or 'unknown'}, source {source_fingerprint()}\n\n"
         with open(args.out, "a") as f:
             f.write(head + "\n".join(lines) + "\n")
 

@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import count_cutedsl, device_times
+from benchmarks._timing import count_cutedsl, device_times, source_fingerprint
 from benchmarks.gemm import measure_ceilings
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
 from nvfp4jax.ref import moe as ref
@@ -322,7 +322,7 @@ def main():
                 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
             except OSError:
                 commit = ""
-        head = f"\n## moe_experts (routed experts) — {dev}, {datetime.date.today()}, commit {commit or 'unknown'}\n\n"
+        head = f"\n## moe_experts (routed experts) — {dev}, {datetime.date.today()}, commit {commit or 'unknown'}, source {source_fingerprint()}\n\n"
         with open(args.out, "a") as f:
             f.write(head + "\n".join(lines) + "\n")
 

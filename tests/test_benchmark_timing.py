@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import _kernels_per_window, count_cutedsl, device_times  # noqa: E402
+from benchmarks._timing import _kernels_per_window, count_cutedsl, device_times, source_fingerprint  # noqa: E402
 
 
 def _meta(pid, name, tid=None):
@@ -55,3 +55,15 @@ def test_device_times_without_a_gpu_reports_wall_time_and_errors():
     res = device_times({"ok": (lambda x: x + 1, (jnp.ones(4),)), "bad": (broken, (jnp.ones(4),))}, reps=3)
     assert res["ok"]["kernels"] > 0 and res["ok"]["span"] == res["ok"]["kernels"]
     assert isinstance(res["bad"]["error"], ValueError)
+
+
+def test_source_fingerprint_follows_the_package_sources(tmp_path):
+    pkg = tmp_path / "nvfp4jax" / "kernels"
+    pkg.mkdir(parents=True)
+    (pkg / "gemm.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("not a source\n")
+    first = source_fingerprint(tmp_path)
+    (tmp_path / "README.md").write_text("changed\n")
+    assert source_fingerprint(tmp_path) == first and len(first) == 12
+    (pkg / "gemm.py").write_text("x = 2\n")
+    assert source_fingerprint(tmp_path) != first
