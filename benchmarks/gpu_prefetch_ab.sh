@@ -12,9 +12,14 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
 P="python3 -m pytest -o addopts= -q -x -m gpu -p no:warnings --tb=short -rf"
 for d in 2 3; do
-  NVFP4JAX_GEMM_PREFETCH=$d XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick timeout 240 \
-    $P tests/kernels/test_gemm.py -k "w4a4 or w4a16" tests/kernels/test_moe.py > "$out/tests_prefetch$d.log" 2>&1
-  echo "prefetch $d: $(tail -1 "$out/tests_prefetch$d.log")"
+  for t in "tests/kernels/test_gemm.py -k w4a4_or_w4a16" "tests/kernels/test_moe.py"; do
+    set -- $t
+    name=$(basename "$1" .py)
+    sel=(); [ $# -gt 2 ] && sel=(-k "$(echo "$3" | sed 's/_or_/ or /')")
+    NVFP4JAX_GEMM_PREFETCH=$d XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick timeout 150 \
+      $P "$1" "${sel[@]}" > "$out/${name}_prefetch$d.log" 2>&1
+    echo "prefetch $d $name: $(tail -1 "$out/${name}_prefetch$d.log")"
+  done
 done
 timeout 300 python3 benchmarks/gemm_tune.py --names wq_b,wo_b,shared.w1/w3 --m 1,16 --stages 0 \
   --splits 1,2,4,8 --prefetch 1,2,3 --budget-s 240 > "$out/tune.log" 2>&1
