@@ -54,7 +54,7 @@ Multistage option (``GemmConfig.stages >= 2``; on the H100 in session 3, before 
 the first 9 quick dense cases with 4 stages and 5 quick MoE cases with 3 stages passed before that
 run's time limit, and a config sweep showed no speed-up -- the shared-memory ring costs occupancy,
 3 CTAs per SM with 3 slots, so it adds few bytes in flight): the
-register prefetch above keeps one K tile of loads in flight per CTA (64 x 128 x 0.5625 B = 4.6 KB),
+default register path keeps one K tile of loads in flight per CTA (64 x 128 x 0.5625 B = 4.6 KB),
 far below what HBM latency needs at decode. With ``stages = S`` the raw packed bytes of K tiles
 (weight codes and scale bytes; X codes and scales, or BF16 X) are copied global -> a ring of ``S``
 shared-memory slots with ``cp.async`` (Ampere-style multistage: every thread issues its 16-byte
@@ -64,7 +64,7 @@ iteration the threads read tile i's raw bytes from its slot, decode them as abov
 stage and issue wgmma. X rows are copied from their own (gathered) rows; rows past ``count`` are
 not copied and are zeroed after decoding, as in the register path. Shared memory (the two BF16
 stages plus the ring) must stay <= ``SMEM_LIMIT`` (two CTAs per SM); ``can_implement`` refuses
-more. ``stages == 0`` generates exactly the register-prefetch kernel. ``choose_config`` and
+more. ``stages == 0`` generates exactly the register-path kernel. ``choose_config`` and
 ``moe.choose_grouped_config`` return ``stages = 0`` unless the environment variable
 ``NVFP4JAX_GEMM_STAGES`` (read when a config is chosen, i.e. at trace time) is >= 2; then decode
 configs (token tile <= 64) get that many stages (fewer where shared memory is short) and a smaller
@@ -111,7 +111,7 @@ class GemmConfig:
     gather: bool = False  # grouped: output row r reads X row rows[r] (else X row r)
     gate_up: bool = False  # grouped L1: rows 0..63 of a CTA from W1, 64..127 from W3 (tile_w 128)
     swiglu_limit: float | None = None  # gate_up with split 1: SwiGLU x routing weight epilogue (BF16 h)
-    stages: int = 0  # 0: register prefetch (GPU-verified); >= 2: cp.async ring of raw K tiles (compiles, not run)
+    stages: int = 0  # 0: register path (GPU-verified); >= 2: opt-in cp.async ring of raw K tiles (partly GPU-tested)
     prefetch: int = 1  # register path: K tiles of loads in flight per CTA (1: GPU-verified; 2-4: compiles, not run)
 
 
@@ -412,13 +412,18 @@ class GemmNvfp4Sm90:
 
     @cute.jit
     def stage_tile(self, stage, w_regs, x_regs, tAsA, tBsB, x_row_in_tile, count):
-        """Register tile -> BF16 stage ``stage``: wait for wgmma(i-2) (the stage's last reader), decode W
-        (and NVFP4 X) into shared memory, zero X rows past ``count``, make it visible to wgmma."""
+        """Register tile -> BF16 stage ``stage`` once wgmma(i-2), the stage's last reader, completed."""
+        warpgroup.wait_group(1)
+        cute.arch.sync_threads()
+        self.decode_to_stage(stage, w_regs, x_regs, tAsA, tBsB, x_row_in_tile, count)
+
+    @cute.jit
+    def decode_to_stage(self, stage, w_regs, x_regs, tAsA, tBsB, x_row_in_tile, count):
+        """Decode the raw register tile (W, and NVFP4 X) into BF16 stage ``stage``, zero X rows past
+        ``count``, and make the stage visible to wgmma (proxy fence + barrier)."""
         cfg = self.cfg
         wp, ws, wd = w_regs
         xp, xs, xd = x_regs
-        warpgroup.wait_group(1)
-        cute.arch.sync_threads()
         for p in cutlass.range_constexpr(cfg.tile_w // self.w_rows_pp):
             dequant_nvfp4_chunk(wp[None, p], ws[None, p], wd[None, p])
             cute.autovec_copy(wd[None, p], tAsA[None, p, 0, stage])
@@ -487,15 +492,13 @@ class GemmNvfp4Sm90:
             if i + S - 1 < k_tiles:
                 self.ring_fill(kt0 + i + S - 1, (i + S - 1) % S, w_src, rings, mXv, mXs, w_row0, x_src, count)
             cute.arch.cp_async_commit_group()
-            # raw tile i: shared -> registers -> decoded BF16 stage
+            # raw tile i: shared -> registers, then decoded into the BF16 stage as in the register path
             sWv_i = cute.local_tile(sWv[None, None, slot], (1, self.w_chunk // 2), (None, None))
             sWs_i = cute.local_tile(sWs[None, None, slot], (1, self.w_chunk // BLOCK), (None, None))
             for p in cutlass.range_constexpr(cfg.tile_w // self.w_rows_pp):
                 row = tidx // w_per_row + p * self.w_rows_pp
                 cute.autovec_copy(sWv_i[0, None, row, tidx % w_per_row], tWrP[None, p])
                 cute.autovec_copy(sWs_i[0, None, row, tidx % w_per_row], tWrS[None, p])
-                dequant_nvfp4_chunk(tWrP[None, p], tWrS[None, p], tWrD[None, p])
-                cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, stage])
             if cutlass.const_expr(cfg.act_nvfp4):
                 sXv_i = cute.local_tile(sXv[None, None, slot], (1, self.x_chunk // 2), (None, None))
                 sXs_i = cute.local_tile(sXs[None, None, slot], (1, self.x_chunk // BLOCK), (None, None))
@@ -507,15 +510,10 @@ class GemmNvfp4Sm90:
                 if cutlass.const_expr(cfg.act_nvfp4):
                     cute.autovec_copy(sXv_i[0, None, row, tidx % x_per_row], tXrP[None, p])
                     cute.autovec_copy(sXs_i[0, None, row, tidx % x_per_row], tXrS[None, p])
-                    dequant_nvfp4_chunk(tXrP[None, p], tXrS[None, p], tXrD[None, p])
                 else:
                     cute.autovec_copy(sXv_i[0, None, row, tidx % x_per_row], tXrD[None, p])
-                if row >= count:  # never copied: zero rows past the tile's rows
-                    tXrD[None, p].fill(0.0)
-                if x_row_in_tile < cfg.tile_t:
-                    cute.autovec_copy(tXrD[None, p], tBsB[None, p, 0, stage])
-            cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.sync_threads()
+            # rows past count were never copied: decode_to_stage zeroes them
+            self.decode_to_stage(stage, (tWrP, tWrS, tWrD), (tXrP, tXrS, tXrD), tAsA, tBsB, x_row_in_tile, count)
             self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
         cute.arch.cp_async_wait_group(0)
 
