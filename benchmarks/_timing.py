@@ -10,7 +10,7 @@ call's annotation are that call's kernels. Per case it returns the medians over 
   kernel measure; excludes launch gaps between the kernels of one XLA program), and
 * ``span``: first kernel start to last kernel end (includes those gaps),
 
-plus the kernel names of the median run. Timing a loop of calls instead (the method used before)
+plus the (name, seconds) of each kernel of the median run. Timing a loop of calls instead (the method used before)
 was distorted: the 128 MiB flush inside the loop left L2 full of dirty lines that the next kernel
 had to write back (XLA's BF16 m=1 GEMV measured 55.8 us in the loop vs 32.0 us of kernel time),
 and each iteration's glue ops were counted.
@@ -21,10 +21,13 @@ Without a GPU (``--cpu-smoke`` runs) it returns wall-clock seconds per call inst
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import hashlib
 import json
+import os
 import statistics
+import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -41,7 +44,7 @@ def _on_gpu() -> bool:
 
 
 def device_times(cases: dict, reps: int = 5) -> dict[str, dict]:
-    """``{name: {"kernels": s, "span": s, "names": [...]}}`` (seconds); see the module docstring.
+    """``{name: {"kernels": s, "span": s, "per_kernel": [(kernel name, s), ...]}}``; see the module docstring.
 
     A case whose compile or run raises is returned as ``{"error": exception}``.
     """
@@ -60,7 +63,7 @@ def device_times(cases: dict, reps: int = 5) -> dict[str, dict]:
                 t = time.perf_counter()
                 jax.block_until_ready(f(*args))
                 ts.append(time.perf_counter() - t)
-            out[name] = {"kernels": statistics.median(ts), "span": statistics.median(ts), "names": []}
+            out[name] = {"kernels": statistics.median(ts), "span": statistics.median(ts), "per_kernel": []}
         return out
     flush = jax.jit(lambda b: b + jnp.uint8(1))
     buf = flush(jnp.zeros((FLUSH_BYTES,), jnp.uint8))
@@ -89,8 +92,19 @@ def device_times(cases: dict, reps: int = 5) -> dict[str, dict]:
         spans = [max(t + d for _, t, d in ks) - min(t for _, t, _ in ks) for ks in reps_k]
         median_run = reps_k[sorted(range(reps), key=lambda i: sums[i])[reps // 2]]
         out[name] = {"kernels": statistics.median(sums) * 1e-6, "span": statistics.median(spans) * 1e-6,
-                     "names": [n for n, _, _ in median_run]}
+                     "per_kernel": [(n, d * 1e-6) for n, _, d in median_run]}
     return out
+
+
+def checked(result: dict, min_cutedsl: int = 0) -> dict:
+    """A ``device_times`` result, or raise: its error, or a RuntimeError when the call ran fewer than
+    ``min_cutedsl`` CuTeDSL kernels (a timing of ours without our kernel would be invalid)."""
+    if "error" in result:
+        raise result["error"]
+    names = [n for n, _ in result["per_kernel"]]
+    if count_cutedsl(names) < min_cutedsl:
+        raise RuntimeError(f"{count_cutedsl(names)} CuTeDSL kernels in the trace, expected >= {min_cutedsl}: {names}")
+    return result
 
 
 def _kernels_per_window(path: Path) -> dict[str, list]:
@@ -133,3 +147,21 @@ def source_fingerprint(root: Path | None = None) -> str:
     for path in sorted((root / "nvfp4jax").rglob("*.py")):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:12]
+
+
+def append_results(path: str, title: str, lines: list[str]) -> None:
+    """Append a result table to ``path`` under ``## title — card, date, commit, source fingerprint``.
+
+    The commit is ``$NVFP4JAX_COMMIT``, else ``git rev-parse`` (may be stale on the GPU machine: the
+    source fingerprint is what identifies the code)."""
+    commit = os.environ.get("NVFP4JAX_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=False).stdout.strip()
+        except OSError:
+            commit = ""
+    head = (f"\n## {title} — {jax.devices()[0].device_kind}, {datetime.date.today()}, commit {commit or 'unknown'}, "
+            f"source {source_fingerprint()}\n\n")
+    with open(path, "a") as f:
+        f.write(head + "\n".join(lines) + "\n")

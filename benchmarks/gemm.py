@@ -15,9 +15,6 @@ Usage (GPU machine): ``python benchmarks/gemm.py [--quick] [--out benchmarks/RES
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import count_cutedsl, device_times, source_fingerprint  # noqa: E402
+from benchmarks._timing import append_results, checked, device_times  # noqa: E402
 from nvfp4jax.formats.nvfp4 import quantize  # noqa: E402
 from nvfp4jax.kernels import gemm as kg, quantize as kq  # noqa: E402
 from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
@@ -36,25 +33,21 @@ M_VALUES = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 
 
 def timed_cases(cases: dict, ours: set[str] = frozenset()) -> dict[str, float]:
-    """Kernel seconds per case; the cases in ``ours`` must have run a CuTeDSL kernel."""
-    res = device_times(cases)
-    out = {}
-    for name, r in res.items():
-        if "error" in r:
-            raise RuntimeError(f"{name}: {r['error']}") from r["error"]
-        if name in ours and not count_cutedsl(r["names"]):
-            raise RuntimeError(f"{name}: no CuTeDSL kernel in the trace ({r['names']}): timing would be invalid")
-        out[name] = r["kernels"]
-    return out
+    """Kernel seconds per case; the cases in ``ours`` must have run a CuTeDSL kernel (else it raises)."""
+    return {name: checked(r, 1 if name in ours else 0)["kernels"] for name, r in device_times(cases).items()}
 
 
-def measure_ceilings() -> tuple[float, float]:
-    n = 1 << 30
+def xla_dot(x, w):
+    """XLA's ``x @ w^T`` with float32 accumulation, BF16 out (the BF16 and FP8 baselines)."""
+    return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
+def measure_ceilings(n: int = 1 << 30, d: int = 8192) -> tuple[float, float]:
+    """(copy bandwidth: read + write of ``n`` BF16, BF16 peak: a ``d^3`` dot), in bytes/s and FLOP/s."""
     x = jnp.ones((n,), jnp.bfloat16)
-    a = jnp.ones((8192, 8192), jnp.bfloat16)
-    t = timed_cases({"copy": (lambda v: v + jnp.bfloat16(1.0), (x,)),
-                     "dot": (lambda v: jnp.dot(v, v, preferred_element_type=jnp.float32).astype(jnp.bfloat16), (a,))})
-    return 2 * 2 * n / t["copy"], 2 * 8192**3 / t["dot"]
+    a = jnp.ones((d, d), jnp.bfloat16)
+    t = timed_cases({"copy": (lambda v: v + jnp.bfloat16(1.0), (x,)), "dot": (xla_dot, (a, a))})
+    return 2 * 2 * n / t["copy"], 2 * d**3 / t["dot"]
 
 
 def bench_shape(n: int, k: int, ms) -> dict:
@@ -70,10 +63,8 @@ def bench_shape(n: int, k: int, ms) -> dict:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         cases[f"{m}:w4a4"] = (kg.nvfp4_gemm, (kq.quantize_nvfp4(x), w))
         cases[f"{m}:w4a16"] = (kg.nvfp4_gemm, (x, w))
-        cases[f"{m}:bf16"] = (lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
-                              (x, wb))
-        cases[f"{m}:fp8"] = (lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
-                             (x.astype(jnp.float8_e4m3fn), w8))
+        cases[f"{m}:bf16"] = (xla_dot, (x, wb))
+        cases[f"{m}:fp8"] = (xla_dot, (x.astype(jnp.float8_e4m3fn), w8))
         ours |= {f"{m}:w4a4", f"{m}:w4a16"}
     t = timed_cases(cases, ours)
     return {m: ({r: t[f"{m}:{r}"] for r in ("w4a4", "w4a16", "bf16", "fp8")},
@@ -143,15 +134,7 @@ def main():
             lines.append(line)
             print(line, flush=True)
     if args.out:
-        commit = os.environ.get("NVFP4JAX_COMMIT", "")
-        if not commit:
-            try:
-                commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-            except OSError:
-                commit = ""
-        head = f"\n## nvfp4_gemm / quantize_nvfp4 — {dev}, {datetime.date.today()}, commit {commit or 'unknown'}, source {source_fingerprint()}\n\n"
-        with open(args.out, "a") as f:
-            f.write(head + "\n".join(lines) + "\n")
+        append_results(args.out, "nvfp4_gemm / quantize_nvfp4", lines)
 
 
 if __name__ == "__main__":

@@ -46,10 +46,7 @@ refuses ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import os
-import subprocess
 import sys
 import time
 import traceback
@@ -59,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import count_cutedsl, device_times, source_fingerprint
+from benchmarks._timing import append_results, checked, device_times
 from benchmarks.gemm import measure_ceilings
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
 from nvfp4jax.ref import moe as ref
@@ -134,11 +131,6 @@ def ragged_dot_moe(x, weights, ids, w1t, w3t, w2t):
     return jnp.zeros((t * k, y.shape[1]), jnp.float32).at[order].set(y).reshape(t, k, -1).sum(axis=1)
 
 
-def layer_call(moe):
-    """``(x, weights, ids, *experts) -> moe(x, weights, ids, *experts)``."""
-    return lambda x, weights, ids, *experts: moe(x, weights, ids, *experts)
-
-
 def route_group_call(routed_scale: float, experts: int):
     """``(logits, x)``: route from the logits, group the rows of ``x`` (what a ``ragged_dot`` user needs)."""
 
@@ -161,13 +153,11 @@ def describe_failure(e: BaseException) -> str:
 def measure(fn, args, kernel_calls: int = 0) -> tuple[float | str, float | str]:
     """(kernel seconds, span seconds) of one call, or failure strings (the run goes on).
     ``kernel_calls``: CuTeDSL kernels the call must show in the trace."""
-    r = device_times({"case": (fn, args)})["case"]
-    if "error" in r:
-        traceback.print_exception(r["error"], limit=2, file=sys.stderr)
-        why = describe_failure(r["error"])
-        return why, why
-    if count_cutedsl(r["names"]) < kernel_calls:
-        why = f"error: {count_cutedsl(r['names'])} CuTeDSL kernels in the trace, expected >= {kernel_calls}"
+    try:
+        r = checked(device_times({"case": (fn, args)})["case"], kernel_calls)
+    except Exception as e:  # noqa: BLE001 -- every failure is a result row
+        traceback.print_exception(e, limit=2, file=sys.stderr)
+        why = describe_failure(e)
         return why, why
     return r["kernels"], r["span"]
 
@@ -217,7 +207,7 @@ def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadli
                 res[t][recipe] = failed
             else:
                 moe = functools.partial(ours, swiglu_limit=SWIGLU_LIMIT, quantize_activations=qa)
-                run(recipe, t, layer_call(moe), (x, weights, ids, *w), ours_kernel_calls)
+                run(recipe, t, moe, (x, weights, ids, *w), ours_kernel_calls)
         run("route+group", t, route_group_call(routed_scale, experts), (logits, x))
     w = None  # free our weights before the BF16 ones are made
 
@@ -241,7 +231,7 @@ def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadli
         elif oom_at is not None:
             res[t]["ragged"] = f"OOM at T={oom_at} (not tried)"
         else:
-            run("ragged", t, layer_call(ragged_dot_moe), (x, weights, ids, *wb))
+            run("ragged", t, ragged_dot_moe, (x, weights, ids, *wb))
             if res[t]["ragged"] == "OOM":
                 oom_at = t
     wb = None
@@ -262,15 +252,6 @@ def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadli
         )
         emit(rows[-1])
     return rows
-
-
-def smoke_ceilings() -> tuple[float, float]:
-    """Small versions of ``measure_ceilings`` for the CPU smoke run (CPU numbers, meaningless for a GPU)."""
-    x = jnp.ones((1 << 24,), jnp.bfloat16)
-    a = jnp.ones((512, 512), jnp.bfloat16)
-    t = device_times({"copy": (lambda v: v + jnp.bfloat16(1.0), (x,)),
-                      "dot": (lambda v: jnp.dot(v, v, preferred_element_type=jnp.float32).astype(jnp.bfloat16), (a,))})
-    return 2 * 2 * x.size / t["copy"]["kernels"], 2 * 512**3 / t["dot"]["kernels"]
 
 
 def main():
@@ -297,7 +278,7 @@ def main():
         emit("SMOKE RUN (--cpu-smoke): tiny shapes, the REFERENCE MoE (nvfp4jax.ref.moe) stands in for the kernel; "
              "no number below measures anything of ours", record=True)
         models, t_values, ours, kernel_calls = SMOKE_MODELS, SMOKE_T, ref.moe_experts, 0
-        bw, peak = smoke_ceilings()
+        bw, peak = measure_ceilings(1 << 24, 512)  # CPU numbers: meaningless for a GPU
     else:
         from nvfp4jax.kernels import moe as km
 
@@ -316,16 +297,7 @@ def main():
         emit(f"\n(time budget of {args.budget_s:.0f} s reached: entries marked 'not run (budget)' were not measured)",
              record=True)
     if args.out:
-        commit = os.environ.get("NVFP4JAX_COMMIT", "")
-        if not commit:
-            try:
-                commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-            except OSError:
-                commit = ""
-        head = f"\n## moe_experts (routed experts) — {dev}, {datetime.date.today()}, commit {commit or 'unknown'}, source {source_fingerprint()}\n\n"
-        with open(args.out, "a") as f:
-            f.write(head + "\n".join(lines) + "\n")
-
+        append_results(args.out, "moe_experts (routed experts)", lines)
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import _kernels_per_window, count_cutedsl, device_times, source_fingerprint  # noqa: E402
+from benchmarks._timing import _kernels_per_window, checked, count_cutedsl, device_times, source_fingerprint  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _meta(pid, name, tid=None):
@@ -55,6 +56,20 @@ def test_device_times_without_a_gpu_reports_wall_time_and_errors():
     res = device_times({"ok": (lambda x: x + 1, (jnp.ones(4),)), "bad": (broken, (jnp.ones(4),))}, reps=3)
     assert res["ok"]["kernels"] > 0 and res["ok"]["span"] == res["ok"]["kernels"]
     assert isinstance(res["bad"]["error"], ValueError)
+    with pytest.raises(ValueError, match="no kernel for this shape"):
+        checked(res["bad"])
+
+
+def test_checked_requires_our_kernels_in_the_call():
+    ours = {"kernels": 2e-5, "span": 2.1e-5, "per_kernel": [("kernel_cutlass_kernel_gemm", 1.9e-5),
+                                                             ("loop_reduce_fusion", 1e-6)]}
+    assert checked(ours, 1) is ours
+    with pytest.raises(RuntimeError, match="1 CuTeDSL kernels in the trace, expected >= 2"):
+        checked(ours, 2)
+    xla_only = {"kernels": 3e-5, "span": 3e-5, "per_kernel": [("gemm_fusion_dot_1", 3e-5)]}
+    assert checked(xla_only) is xla_only
+    with pytest.raises(RuntimeError, match="0 CuTeDSL kernels"):
+        checked(xla_only, 1)
 
 
 def test_source_fingerprint_follows_the_package_sources(tmp_path):
