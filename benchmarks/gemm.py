@@ -34,7 +34,14 @@ M_VALUES = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 
 def timed_cases(cases: dict, ours: set[str] = frozenset()) -> dict[str, float]:
     """Kernel seconds per case; the cases in ``ours`` must have run a CuTeDSL kernel (else it raises)."""
-    return {name: checked(r, 1 if name in ours else 0)["kernels"] for name, r in device_times(cases).items()}
+    out = {}
+    for name, r in device_times(cases).items():
+        try:
+            out[name] = checked(r, 1 if name in ours else 0)["kernels"]
+        except Exception as e:
+            e.add_note(f"benchmark case {name}")
+            raise
+    return out
 
 
 def xla_dot(x, w):
