@@ -1,4 +1,4 @@
-"""Decode-config sweep of the NVFP4 GEMM (GPU): time each (tile, K split, stages) candidate per shape.
+"""Decode-config sweep of the NVFP4 GEMM (GPU): time each (tile, K split, prefetch depth) candidate per shape.
 
 For every decode shape (m <= 64) it times ``nvfp4_gemm`` with each candidate ``GemmConfig``
 (forced by replacing ``choose_config`` for that trace), the XLA BF16 dot, and prints us and % of
@@ -28,7 +28,7 @@ from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
 
 
 def candidates(m: int, n: int, k: int, act_nvfp4: bool, tile_ws=(64, 128), tile_ks=(128,),
-               splits=(1, 2, 4, 8, 16), stage_list=(0, 3, 5), prefetch_list=(1, 2, 3)):
+               splits=(1, 2, 4, 8, 16), prefetch_list=(1, 2, 3)):
     tile_t = max(16, -(-m // 16) * 16)
     for tile_w in tile_ws:
         if n % tile_w:
@@ -37,13 +37,10 @@ def candidates(m: int, n: int, k: int, act_nvfp4: bool, tile_ws=(64, 128), tile_
             for split in splits:
                 if (k // tile_k) % split:
                     continue
-                for stages in stage_list:
-                    for prefetch in prefetch_list:
-                        cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, stages=stages, prefetch=prefetch)
-                        if (stages and k // tile_k // split < stages) or k // tile_k // split < prefetch:
-                            continue
-                        if kg.GemmNvfp4Sm90.can_implement(cfg):
-                            yield cfg
+                for prefetch in prefetch_list:
+                    cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, prefetch=prefetch)
+                    if k // tile_k // split >= prefetch and kg.GemmNvfp4Sm90.can_implement(cfg):
+                        yield cfg
 
 
 def run_cfg(cfg, x, w):
@@ -65,7 +62,6 @@ def main():
     ap.add_argument("--tile-w", default="64,128")
     ap.add_argument("--tile-k", default="128")
     ap.add_argument("--splits", default="1,2,4,8,16")
-    ap.add_argument("--stages", default="0,3,5")
     ap.add_argument("--prefetch", default="1,2,3")
     args = ap.parse_args()
     t0 = time.time()
@@ -81,7 +77,7 @@ def main():
     for model, name, n, k in shapes:
         if keep and name not in keep:
             continue
-        w = jax.jit(quantize)(jnp.asarray(rng.standard_normal((n, k)).astype(np.float32) * 0.02))
+        w = kg.as_tiled(jax.jit(quantize)(jnp.asarray(rng.standard_normal((n, k)).astype(np.float32) * 0.02)))
         wb = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
         for m in map(int, args.m.split(",")):
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -96,7 +92,7 @@ def main():
                 res = []
                 ints = lambda v: tuple(map(int, v.split(",")))  # noqa: E731
                 for cfg in candidates(m, n, k, act, ints(args.tile_w), ints(args.tile_k), ints(args.splits),
-                                      ints(args.stages), ints(args.prefetch)):
+                                      ints(args.prefetch)):
                     if time.time() - t0 > args.budget_s:
                         print("  (time budget reached)", flush=True)
                         return
@@ -109,7 +105,7 @@ def main():
                 res.sort(key=lambda r: r[0])
                 for t, cfg in res[:6] + [r for r in res[6:] if r[1] == chosen]:
                     mark = " <- chosen" if cfg == chosen else ""
-                    print(f"  {recipe} w{cfg.tile_w} k{cfg.tile_k} split{cfg.split} stages{cfg.stages} "
+                    print(f"  {recipe} w{cfg.tile_w} k{cfg.tile_k} split{cfg.split} "
                           f"prefetch{cfg.prefetch}: "
                           f"{t * 1e6:.1f} us {100 * nbytes / t / bw:.0f}% BW, x{bf16 / t:.2f} BF16{mark}", flush=True)
 

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._timing import append_results, checked, device_times
 from benchmarks.gemm import measure_ceilings
-from nvfp4jax.formats.nvfp4 import NVFP4Tensor
+from nvfp4jax.formats.nvfp4 import TILE_K, TILE_ROWS, NVFP4Tensor
 from nvfp4jax.ref import moe as ref
 
 TOPK = 6
@@ -75,21 +75,23 @@ SMOKE_T = (1, 8, 64)
 # --------------------------------------------------------------------------- inputs, made on the device
 @functools.partial(jax.jit, static_argnums=1)
 def random_nvfp4_experts(key, shape: tuple[int, int, int]) -> NVFP4Tensor:
-    """``[experts, rows, k]`` NVFP4 with random codes, valid E4M3 scales in [0.5, 1.875], global 0.02 / 3.
+    """``[experts, rows, k]`` NVFP4 with random codes, valid E4M3 scales in [0.5, 1.875], global 0.02 / 3,
+    drawn directly in the kernels' tile layout (``formats.nvfp4``; the layout a loaded model holds).
 
     One expert at a time (``lax.map``), so the random-bit temporaries stay small.
     """
     experts, rows, k = shape
+    tiles = (rows // TILE_ROWS, k // TILE_K, TILE_ROWS)
 
     def one(key):
         kv, ks = jax.random.split(key)
-        values = jax.random.bits(kv, (rows, k // 2), jnp.uint8)
-        scale_codes = jnp.uint8(0x30) | (jax.random.bits(ks, (rows, k // 16), jnp.uint8) & jnp.uint8(0x0F))
+        values = jax.random.bits(kv, (*tiles, TILE_K // 2), jnp.uint8)
+        scale_codes = jnp.uint8(0x30) | (jax.random.bits(ks, (*tiles, TILE_K // 16), jnp.uint8) & jnp.uint8(0x0F))
         return values, jax.lax.bitcast_convert_type(scale_codes, jnp.float8_e4m3fn)
 
     values, scales = jax.lax.map(one, jax.random.split(key, experts))
     # rms of a uniform random E2M1 code is ~2.9, so weights are ~0.02 rms
-    return NVFP4Tensor(values, scales, jnp.full((experts,), 0.02 / 3, jnp.float32))
+    return NVFP4Tensor(values, scales, jnp.full((experts,), 0.02 / 3, jnp.float32), "tiled")
 
 
 @functools.partial(jax.jit, static_argnums=1)

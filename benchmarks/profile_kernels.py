@@ -30,7 +30,7 @@ def dense_cases(rng, tag: str, n: int, k: int, ms) -> dict:
     from nvfp4jax.kernels import gemm as kg, quantize as kq
 
     w32 = jnp.asarray(rng.standard_normal((n, k)).astype(np.float32) * 0.02)
-    w, wb = jax.jit(quantize)(w32), w32.astype(jnp.bfloat16)
+    w, wb = kg.as_tiled(jax.jit(quantize)(w32)), w32.astype(jnp.bfloat16)
     cases = {}
     for m in ms:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)

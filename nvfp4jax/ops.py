@@ -167,3 +167,30 @@ def moe_experts(x, weights, expert_ids, w1, w3, w2, *, swiglu_limit: float, quan
 
     return moe_experts_in_context(implementation("moe_experts", x, weights, expert_ids, w1, w3, w2), x, weights, expert_ids, w1, w3, w2,
                                   swiglu_limit=swiglu_limit, quantize_activations=quantize_activations)
+
+
+def weight_layout() -> str:
+    """The NVFP4 weight layout the backend in force reads fastest: ``tiled`` (the kernels' tile
+    layout, ``formats.nvfp4.tile_weight``) under ``cutedsl``, ``rows`` under the reference. Either
+    layout gives the same results on either backend; the wrong one costs a rearrangement per call."""
+    return "tiled" if backend() == "cutedsl" else "rows"
+
+
+def prepare_weights(tree, layout: str | None = None):
+    """``tree`` (a model, a layer, any pytree) with its NVFP4 weights in ``layout`` (default
+    :func:`weight_layout`). The model loaders do this as they read each weight; call it on a model
+    built by hand. Weights the tile layout does not fit, and per-row (activation) tensors, are kept."""
+    from nvfp4jax.formats import nvfp4 as fmt
+
+    layout = weight_layout() if layout is None else layout
+    if layout not in fmt.LAYOUTS:
+        raise ValueError(f"unknown NVFP4 layout {layout!r}; one of {fmt.LAYOUTS}")
+
+    def one(t):
+        if not isinstance(t, fmt.NVFP4Tensor):
+            return t
+        if layout == "rows":
+            return fmt.untile_weight(t)
+        return fmt.tile_weight(t) if fmt.tileable(t) is None else t
+
+    return jax.tree.map(one, tree, is_leaf=lambda t: isinstance(t, fmt.NVFP4Tensor))

@@ -23,6 +23,8 @@ MTP projections) is replicated: it is small next to the experts. A dimension tha
 do not divide is replicated rather than refused (e.g. 2 ``o_groups`` over a 4-way ``tensor``).
 NVFP4 weights shard their ``values`` and ``scales`` like the logical weight (a split of K falls on
 whole 16-element blocks when the split divides K/16); a stack's global scales follow its leading axes.
+In the kernels' tile layout (``[..., n/64, k/128, 64, 64]``) the split falls on whole tiles: n and k
+are split through their tile axes, so a dimension is divided when the mesh divides its tile count.
 
 Decode state: per-slot leaves are split over ``data`` (a slot lives on one data shard); the paged
 pools of compressed entries and their free bitmaps are **replicated**, because pages are shared by
@@ -136,24 +138,36 @@ def partition_spec(shape: tuple[int, ...], logical: tuple[str | None, ...], mesh
     return PartitionSpec(*spec)
 
 
-def _logical_axes(path: str, ndim: int, table) -> tuple[str | None, ...]:
+def _logical_axes(path: str, ndim: int, table, tiled: frozenset[str] = frozenset()) -> tuple[str | None, ...]:
     part = _NVFP4_PART.search(path)
     base = path[: part.start()] if part else path
     for pattern, logical in table:
         if re.search(pattern, base):
             if part and part.group(1) == "global_scale":  # one per matrix: the axes before the last two
                 logical = logical[:-2]
+            elif part and base in tiled:  # [..., n/64, k/128, 64, 64 | 8]: split along whole tiles
+                logical = logical + (None, None)
             return logical[-ndim:] if ndim else ()
     return ()
+
+
+def _tiled(tree) -> frozenset[str]:
+    """Paths of the NVFP4 tensors of ``tree`` held in the kernels' tile layout (``formats.nvfp4``)."""
+    from nvfp4jax.formats.nvfp4 import NVFP4Tensor
+
+    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, NVFP4Tensor))[0]
+    return frozenset(jax.tree_util.keystr(p) for p, x in nodes if isinstance(x, NVFP4Tensor) and x.layout == "tiled")
 
 
 def tree_shardings(tree, mesh: Mesh, table, rules: ShardingRules = RULES):
     """A ``NamedSharding`` for every array leaf of ``tree``, from a path table (:data:`PARAM_AXES`)."""
 
+    tiled = _tiled(tree)
+
     def one(path, leaf):
         shape = tuple(leaf.shape)
-        return NamedSharding(mesh, partition_spec(shape, _logical_axes(jax.tree_util.keystr(path), len(shape), table),
-                                                  mesh, rules))
+        return NamedSharding(mesh, partition_spec(
+            shape, _logical_axes(jax.tree_util.keystr(path), len(shape), table, tiled), mesh, rules))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
@@ -162,10 +176,10 @@ def indivisible_dims(tree, mesh: Mesh, table=PARAM_AXES, rules: ShardingRules = 
     """``(path, dim, size, logical, mesh_axes, ways)`` of every leaf dim whose rule names mesh axes of
     more than one device that do not divide it (:func:`partition_spec` replicates those; a loader
     that must not silently replicate checks here first). Leaves need only ``shape`` (e.g. abstract)."""
-    out = []
+    out, tiled = [], _tiled(tree)
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         key, shape = jax.tree_util.keystr(path), tuple(leaf.shape)
-        logical = _logical_axes(key, len(shape), table)
+        logical = _logical_axes(key, len(shape), table, tiled)
         for dim, name in zip(range(len(shape) - len(logical), len(shape)), logical):
             axes = rules.mesh_axes(name)
             ways = _axis_size(mesh, axes)

@@ -19,6 +19,17 @@ Quantization (design §3), all in float32:
 
 The sm_100 block-scaled MMA reads scales in 128x4 atoms; :func:`swizzle_scales` produces that
 layout (padding with zeros) and :func:`unswizzle_scales` inverts it.
+
+Kernel tile layout (``layout="tiled"``, made by :func:`tile_weight`, undone by :func:`untile_weight`):
+the sm_90a GEMM kernels read a weight in tiles of ``TILE_ROWS`` (64) rows x ``TILE_K`` (128) K,
+and a tile's bytes are contiguous: ``values [..., n/64, k/128, 64, 64]`` and ``scales [..., n/64,
+k/128, 64, 8]`` with ``values_t[..., i, j, r, b] = values[..., 64 i + r, 64 j + b]`` (same for the
+scales with 8 bytes per tile row); the global scale is unchanged. Same bytes, another order: in the
+row-major layout a K tile is 64 pieces of 64 B (codes) and 8 B (scales) 512+ bytes apart, and the
+scale reads cost most of the decode GEMM's time (``benchmarks/hbm_patterns.py``: on an H200 a
+load-only kernel with the GEMM's grid reads Flash ``wq_b`` in 16.6 us row-major, 10.7 us tiled, 9.2 us
+for a plain stream of the codes alone). Leading (stack / expert) axes are kept, so a tiled stack
+still slices and shards along them, and along whole tiles of n and k.
 """
 
 from __future__ import annotations
@@ -41,6 +52,8 @@ from nvfp4jax.formats.e2m1 import (
 
 BLOCK = 16
 E4M3_MAX = 448.0
+TILE_ROWS, TILE_K = 64, 128  # the kernel tile layout (module docstring)
+LAYOUTS = ("rows", "tiled")
 
 
 class NVFP4Tensor(eqx.Module):
@@ -53,15 +66,20 @@ class NVFP4Tensor(eqx.Module):
     values: UInt8[Array, "*rows k_half"]
     scales: Float8e4m3fn[Array, "*rows k_blocks"]
     global_scale: Float[Array, "*global_rows"]
+    #: ``rows`` (row-major, as above) or ``tiled`` (the kernel tile layout, module docstring)
+    layout: str = eqx.field(default="rows", static=True)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.values.shape[:-1], 2 * self.values.shape[-1])
+        v = self.values.shape
+        if self.layout == "tiled":
+            return (*v[:-4], v[-4] * TILE_ROWS, v[-3] * TILE_K)
+        return (*v[:-1], 2 * v[-1])
 
     @property
     def per_row(self) -> bool:
         """True when the global scale is one per row (activations) rather than per tensor."""
-        return self.global_scale.ndim == self.values.ndim - 1 and self.global_scale.ndim > 0
+        return self.layout == "rows" and self.global_scale.ndim == self.values.ndim - 1 and self.global_scale.ndim > 0
 
     def dequantize(self, dtype=jnp.float32) -> Array:
         return dequantize(self, dtype)
@@ -128,8 +146,51 @@ def quantize(x: Float[ArrayLike, "*rows k"], *, per_row: bool = False) -> NVFP4T
     return quantize_with_global(x, global_scale_from_amax(amax))
 
 
+def tileable(t: NVFP4Tensor) -> str | None:
+    """None when :func:`tile_weight` can arrange ``t``, else why not."""
+    if t.layout != "rows":
+        return f"already in layout {t.layout!r}"
+    if t.values.ndim < 2:
+        return f"a tiled weight has >= 2 dims, got shape {t.shape}"
+    if t.global_scale.ndim > t.values.ndim - 2:
+        return "per-row global scales (activations) are not tiled"
+    n, k = t.shape[-2:]
+    if n % TILE_ROWS or k % TILE_K:
+        return f"tiles are {TILE_ROWS} rows x {TILE_K} K, got a [{n}, {k}] matrix"
+    return None
+
+
+def tile_weight(t: NVFP4Tensor) -> NVFP4Tensor:
+    """``t`` (row-major) in the kernel tile layout (module docstring); a ``ValueError`` if it cannot be."""
+    reason = tileable(t)
+    if reason is not None:
+        raise ValueError(f"tile_weight: {reason}")
+    *lead, n, k = t.shape
+
+    def arrange(a: Array, per_tile: int) -> Array:
+        a = a.reshape(*lead, n // TILE_ROWS, TILE_ROWS, k // TILE_K, per_tile)
+        return jnp.swapaxes(a, -3, -2)
+
+    return NVFP4Tensor(arrange(t.values, TILE_K // 2), arrange(t.scales, TILE_K // BLOCK), t.global_scale, "tiled")
+
+
+def untile_weight(t: NVFP4Tensor) -> NVFP4Tensor:
+    """``t`` in the row-major layout (returned as is when it already is)."""
+    if t.layout == "rows":
+        return t
+    if t.layout != "tiled":
+        raise ValueError(f"unknown NVFP4 layout {t.layout!r}; one of {LAYOUTS}")
+    *lead, n, k = t.shape
+
+    def arrange(a: Array) -> Array:
+        return jnp.swapaxes(a, -3, -2).reshape(*lead, n, -1)
+
+    return NVFP4Tensor(arrange(t.values), arrange(t.scales), t.global_scale)
+
+
 def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> Array:
-    """``e2m1 * e4m3 * global`` in float32, then cast to ``dtype``."""
+    """``e2m1 * e4m3 * global`` in float32, then cast to ``dtype`` (row-major, whatever ``t.layout``)."""
+    t = untile_weight(t)
     vals = decode_e2m1(unpack_e2m1(t.values))
     k = vals.shape[-1]
     blocks = vals.reshape(*vals.shape[:-1], k // BLOCK, BLOCK) * e4m3_to_float(t.scales)[..., None]

@@ -86,17 +86,16 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 import cuda.bindings.driver as cuda
 from cutlass import BFloat16, Float32, Int32, Uint8
-from cutlass.cute.nvgpu import LoadCacheMode, OperandMajorMode, cpasync, warpgroup
+from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
 from cutlass.jax import TensorSpec, cutlass_call
 from cutlass.utils import LayoutEnum
 
-from nvfp4jax.formats.nvfp4 import BLOCK, NVFP4Tensor
+from nvfp4jax.formats.nvfp4 import BLOCK, TILE_K, TILE_ROWS, NVFP4Tensor, tile_weight
 from nvfp4jax.kernels._cute import DECODE_SHIFT, dequant_nvfp4_chunk
 
 THREADS = 128
 NUM_SMS = 132  # H100 SXM; only used to pick the K split
 SMEM_LIMIT = 113 * 1024  # per CTA so that two fit in an SM (228 KB, 1 KB reserved per CTA)
-STAGES_ENV = "NVFP4JAX_GEMM_STAGES"
 PREFETCH_ENV = "NVFP4JAX_GEMM_PREFETCH"
 
 
@@ -111,7 +110,6 @@ class GemmConfig:
     gather: bool = False  # grouped: output row r reads X row rows[r] (else X row r)
     gate_up: bool = False  # grouped L1: rows 0..63 of a CTA from W1, 64..127 from W3 (tile_w 128)
     swiglu_limit: float | None = None  # gate_up with split 1: SwiGLU x routing weight epilogue (BF16 h)
-    stages: int = 0  # 0: register path (GPU-verified); >= 2: opt-in cp.async ring of raw K tiles (partly GPU-tested)
     prefetch: int = 1  # register path: K tiles of loads in flight per CTA (1: GPU-verified; 2-4: compiles, not run)
 
 
@@ -123,34 +121,9 @@ def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
     return THREADS * chunk // tile_k, chunk
 
 
-def _copy_plan(rows: int, row_bytes: int) -> tuple[int, int, int, int]:
-    """cp.async plan for 128 threads copying ``[rows, row_bytes]``: (bytes per copy, copies per row,
-    rows per pass, passes). Thread t copies part ``t % per_row`` of rows ``t // per_row + q * rows_pp``."""
-    size = min(16, row_bytes)
-    per_row = row_bytes // size
-    rows_pp = THREADS // per_row
-    return size, per_row, rows_pp, -(-rows // rows_pp)
-
-
-def _ring_rows(cfg: GemmConfig) -> tuple[tuple[int, int], ...]:
-    """(rows, bytes per row) of one ring slot's planes: W codes, W scales, X codes (or BF16 X), X scales."""
-    if cfg.act_nvfp4:
-        x = ((cfg.tile_t, cfg.tile_k // 2), (cfg.tile_t, cfg.tile_k // BLOCK))
-    else:
-        x = ((cfg.tile_t, 2 * cfg.tile_k),)
-    return ((cfg.tile_w, cfg.tile_k // 2), (cfg.tile_w, cfg.tile_k // BLOCK)) + x
-
-
 def smem_bytes(cfg: GemmConfig) -> int:
-    """Shared memory of a CTA: two BF16 stages of the W and X tiles, plus the raw ring when ``stages``."""
-    bf16 = 2 * 2 * (cfg.tile_w + cfg.tile_t) * cfg.tile_k
-    ring = sum(-(-rows * row_bytes // 128) * 128 for rows, row_bytes in _ring_rows(cfg))
-    return bf16 + cfg.stages * ring
-
-
-def _ring_tensor(mem, rows: int, elems: int, stages: int) -> cute.Tensor:
-    """A ring plane ``[rows, elems, stages]``: slot-major, rows of ``elems`` contiguous elements."""
-    return mem.get_tensor(cute.make_layout((rows, elems, stages), stride=(elems, 1, rows * elems)))
+    """Shared memory of a CTA: two BF16 stages of the W and X tiles."""
+    return 2 * 2 * (cfg.tile_w + cfg.tile_t) * cfg.tile_k
 
 
 class GemmNvfp4Sm90:
@@ -163,11 +136,6 @@ class GemmNvfp4Sm90:
             self.x_rows_pp, self.x_chunk = _chunk(cfg.tile_t, cfg.tile_k, 32)
         else:
             self.x_rows_pp, self.x_chunk = _chunk(cfg.tile_t, cfg.tile_k, 8)
-        if cfg.stages:  # cp.async plans of the ring planes (gate_up: W1 and W3 halves separately)
-            self.w_plan_rows = cfg.tile_w // 2 if cfg.gate_up else cfg.tile_w
-            rows = _ring_rows(cfg)
-            self.w_plans = tuple(_copy_plan(self.w_plan_rows, b) for _, b in rows[:2])
-            self.x_plans = tuple(_copy_plan(r, b) for r, b in rows[2:])
 
     @staticmethod
     def can_implement(cfg: GemmConfig) -> bool:
@@ -179,9 +147,7 @@ class GemmNvfp4Sm90:
             return False
         if cfg.swiglu_limit is not None and (not cfg.gate_up or cfg.split != 1):
             return False
-        if cfg.stages and (cfg.stages < 2 or smem_bytes(cfg) > SMEM_LIMIT):
-            return False
-        if not 1 <= cfg.prefetch <= 4 or (cfg.prefetch > 1 and cfg.stages):
+        if smem_bytes(cfg) > SMEM_LIMIT or not 1 <= cfg.prefetch <= 4:
             return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
@@ -213,39 +179,15 @@ class GemmNvfp4Sm90:
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
 
         self.shared_storage = SharedStorage
-        if cutlass.const_expr(cfg.stages):
-            self.shared_storage = self._ring_storage(sA_layout, sB_layout)
         if cutlass.const_expr(cfg.grouped):
             n = mWv.shape[1]
             if cutlass.const_expr(cfg.gate_up):
                 n = 2 * n
-            grid = [n // cfg.tile_w, mTiles.shape[0], cfg.split]
+            grid = [n * TILE_ROWS // cfg.tile_w, mTiles.shape[0], cfg.split]
         else:
-            grid = [mWv.shape[0] // cfg.tile_w, (mXv.shape[0] + cfg.tile_t - 1) // cfg.tile_t, cfg.split]
+            grid = [mWv.shape[0] * TILE_ROWS // cfg.tile_w, (mXv.shape[0] + cfg.tile_t - 1) // cfg.tile_t, cfg.split]
         self.kernel(mXv, mXs, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRows, mTiles, mRouteW, mY,
                     tiled_mma, sA_layout, sB_layout).launch(grid=grid, block=[THREADS, 1, 1], stream=stream)
-
-    def _ring_storage(self, sA_layout, sB_layout):
-        """Shared storage with the raw ring: slot-major [stages][rows][bytes] planes after the BF16 stages."""
-        cfg = self.cfg
-        w_bytes = cfg.stages * cfg.tile_w * cfg.tile_k // 2
-        ws_bytes = cfg.stages * cfg.tile_w * cfg.tile_k // BLOCK
-        x_elems = cfg.stages * cfg.tile_t * (cfg.tile_k // 2 if cfg.act_nvfp4 else cfg.tile_k)
-        xs_bytes = cfg.stages * cfg.tile_t * cfg.tile_k // BLOCK
-        x_type = Uint8 if cfg.act_nvfp4 else BFloat16
-
-        align, mem = cute.struct.Align, cute.struct.MemRange
-        fields = {
-            "sA": align[mem[BFloat16, cute.cosize(sA_layout)], 1024],
-            "sB": align[mem[BFloat16, cute.cosize(sB_layout)], 1024],
-            "sWv": align[mem[Uint8, w_bytes], 128],
-            "sWs": align[mem[Uint8, ws_bytes], 128],
-            "sXv": align[mem[x_type, x_elems], 128],
-        }
-        if cfg.act_nvfp4:
-            fields["sXs"] = align[mem[Uint8, xs_bytes], 128]
-        # built from a dict: this module's annotations are strings (postponed evaluation)
-        return cute.struct(type("RingStorage", (), {"__annotations__": fields}))
 
     def _store_copy(self, rows_pp: int, chunk: int):
         """Tiled copy registers -> shared memory: thread t owns row t // (tile_k/chunk), one chunk."""
@@ -280,7 +222,7 @@ class GemmNvfp4Sm90:
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
         bw, _, bz = cute.arch.block_idx()
-        k_tiles = mWs.shape[cute.rank(mWs) - 1] * BLOCK // cfg.tile_k // cfg.split
+        k_tiles = mWs.shape[cute.rank(mWs) - 3] * TILE_K // cfg.tile_k // cfg.split
         kt0 = bz * k_tiles
 
         smem = cutlass.utils.SmemAllocator()
@@ -289,21 +231,22 @@ class GemmNvfp4Sm90:
         sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)
 
         # ---- per-thread global sources and register staging -------------------------------
-        # [1, chunk/2, rows, k/chunk] views: packed bytes / scale bytes of (row, chunk)
+        # W in the tile layout [n/64, k/128, 64, 64 | 8] (formats.nvfp4.tile_weight); views
+        # [1, 1, 1, chunk/2 | chunk/16, n/64, k/128, 64, chunks per tile row]: a thread's bytes of (row, chunk)
         wv, ws = mWv, mWs
         if cutlass.const_expr(cfg.grouped):
-            wv, ws = mWv[e, None, None], mWs[e, None, None]
+            wv, ws = mWv[e, None, None, None, None], mWs[e, None, None, None, None]
         w3v, w3s = wv, ws
         if cutlass.const_expr(cfg.gate_up):
-            w3v, w3s = mW3v[e, None, None], mW3s[e, None, None]
+            w3v, w3s = mW3v[e, None, None, None, None], mW3s[e, None, None, None, None]
         w_per_row = cfg.tile_k // self.w_chunk
         w_rows_cta = cfg.tile_w // 2 if cutlass.const_expr(cfg.gate_up) else cfg.tile_w
         w_row0 = bw * w_rows_cta + tidx // w_per_row
         w_part = tidx % w_per_row
-        gW = (cute.local_tile(wv, (1, self.w_chunk // 2), (None, None)),
-              cute.local_tile(ws, (1, self.w_chunk // BLOCK), (None, None)))
-        gW3 = (cute.local_tile(w3v, (1, self.w_chunk // 2), (None, None)),
-               cute.local_tile(w3s, (1, self.w_chunk // BLOCK), (None, None)))
+        gW = (cute.local_tile(wv, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
+              cute.local_tile(ws, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
+        gW3 = (cute.local_tile(w3v, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
+               cute.local_tile(w3s, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
         w_passes = cfg.tile_w // self.w_rows_pp
         tWrP = cute.make_rmem_tensor((self.w_chunk // 2, w_passes), Uint8)
         tWrS = cute.make_rmem_tensor((self.w_chunk // BLOCK, w_passes), Uint8)
@@ -346,10 +289,7 @@ class GemmNvfp4Sm90:
         acc.fill(0.0)
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
-        if cutlass.const_expr(cfg.stages):
-            self.mainloop_ring(storage, (wv, ws, w3v, w3s), mXv, mXs, mRows, start, count, kt0, k_tiles,
-                               (tWrP, tWrS, tWrD), (tXrP, tXrS, tXrD), tAsA, tBsB, tCrA, tCrB, acc, tiled_mma)
-        elif cutlass.const_expr(cfg.prefetch > 1):
+        if cutlass.const_expr(cfg.prefetch > 1):
             self.mainloop_prefetch(kt0, k_tiles, count, gW, gW3, w_row0, w_part, gX, x_rows, x_part, x_row_in_tile,
                                    tWrD, tXrD, tAsA, tBsB, tCrA, tCrB, acc, tiled_mma)
         else:
@@ -446,135 +386,6 @@ class GemmNvfp4Sm90:
         warpgroup.commit_group()
 
     @cute.jit
-    def mainloop_ring(self, storage, w_src, mXv, mXs, mRows, start, count, kt0, k_tiles, w_regs, x_regs,
-                      tAsA, tBsB, tCrA, tCrB, acc, tiled_mma: cute.TiledMma):
-        """K loop of the multistage option: raw K tiles arrive by cp.async ``stages - 1`` tiles ahead.
-
-        Slot ``i % S`` of the ring holds tile i. Iteration i waits for its own copies of tile i
-        (``wait_group(S - 2)``: only the groups of the S - 2 younger tiles may still be pending); the
-        barrier then makes every thread's copies visible, and also ends all reads of slot
-        ``(i - 1) % S`` (done in iteration i - 1), which now receives tile ``i + S - 1``. One group is
-        committed per tile slot, empty past the last tile, so the group count stays uniform. BF16
-        stage ``i % 2`` is rewritten only after wgmma(i - 2) completed, as in the register path.
-        """
-        cfg = self.cfg
-        S = cfg.stages
-        tidx, _, _ = cute.arch.thread_idx()
-        bw, _, _ = cute.arch.block_idx()
-        tWrP, tWrS, tWrD = w_regs
-        tXrP, tXrS, tXrD = x_regs
-        sWv = _ring_tensor(storage.sWv, cfg.tile_w, cfg.tile_k // 2, S)
-        sWs = _ring_tensor(storage.sWs, cfg.tile_w, cfg.tile_k // BLOCK, S)
-        sXv = _ring_tensor(storage.sXv, cfg.tile_t, cfg.tile_k // 2 if cfg.act_nvfp4 else cfg.tile_k, S)
-        sXs = sXv
-        if cutlass.const_expr(cfg.act_nvfp4):
-            sXs = _ring_tensor(storage.sXs, cfg.tile_t, cfg.tile_k // BLOCK, S)
-        rings = (sWv, sWs, sXv, sXs)
-        w_rows = cfg.tile_w // 2 if cutlass.const_expr(cfg.gate_up) else cfg.tile_w
-        w_row0 = bw * w_rows
-        x_src = (self.x_sources(self.x_plans[0], mRows, start, count),
-                 self.x_sources(self.x_plans[-1], mRows, start, count))
-
-        for s in cutlass.range_constexpr(S - 1):
-            if s < k_tiles:
-                self.ring_fill(kt0 + s, s, w_src, rings, mXv, mXs, w_row0, x_src, count)
-            cute.arch.cp_async_commit_group()
-
-        w_per_row = cfg.tile_k // self.w_chunk
-        x_per_row = cfg.tile_k // self.x_chunk
-        x_row_in_tile = tidx // x_per_row
-        for i in cutlass.range(k_tiles, unroll=1):
-            stage = i % 2
-            slot = i % S
-            cute.arch.cp_async_wait_group(S - 2)
-            warpgroup.wait_group(1)
-            cute.arch.sync_threads()
-            if i + S - 1 < k_tiles:
-                self.ring_fill(kt0 + i + S - 1, (i + S - 1) % S, w_src, rings, mXv, mXs, w_row0, x_src, count)
-            cute.arch.cp_async_commit_group()
-            # raw tile i: shared -> registers, then decoded into the BF16 stage as in the register path
-            sWv_i = cute.local_tile(sWv[None, None, slot], (1, self.w_chunk // 2), (None, None))
-            sWs_i = cute.local_tile(sWs[None, None, slot], (1, self.w_chunk // BLOCK), (None, None))
-            for p in cutlass.range_constexpr(cfg.tile_w // self.w_rows_pp):
-                row = tidx // w_per_row + p * self.w_rows_pp
-                cute.autovec_copy(sWv_i[0, None, row, tidx % w_per_row], tWrP[None, p])
-                cute.autovec_copy(sWs_i[0, None, row, tidx % w_per_row], tWrS[None, p])
-            if cutlass.const_expr(cfg.act_nvfp4):
-                sXv_i = cute.local_tile(sXv[None, None, slot], (1, self.x_chunk // 2), (None, None))
-                sXs_i = cute.local_tile(sXs[None, None, slot], (1, self.x_chunk // BLOCK), (None, None))
-            else:
-                sXv_i = cute.local_tile(sXv[None, None, slot], (1, self.x_chunk), (None, None))
-                sXs_i = sXv_i
-            for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
-                row = x_row_in_tile + p * self.x_rows_pp
-                if cutlass.const_expr(cfg.act_nvfp4):
-                    cute.autovec_copy(sXv_i[0, None, row, tidx % x_per_row], tXrP[None, p])
-                    cute.autovec_copy(sXs_i[0, None, row, tidx % x_per_row], tXrS[None, p])
-                else:
-                    cute.autovec_copy(sXv_i[0, None, row, tidx % x_per_row], tXrD[None, p])
-            # rows past count were never copied: decode_to_stage zeroes them
-            self.decode_to_stage(stage, (tWrP, tWrS, tWrD), (tXrP, tXrS, tXrD), tAsA, tBsB, x_row_in_tile, count)
-            self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
-        cute.arch.cp_async_wait_group(0)
-
-    @cute.jit
-    def x_sources(self, plan, mRows, start, count):
-        """The X row each cp.async pass of this thread reads (clamped to the tile's rows; gathered)."""
-        _, per_row, rows_pp, passes = plan
-        tidx, _, _ = cute.arch.thread_idx()
-        src = cute.make_rmem_tensor((passes,), Int32)
-        for q in cutlass.range_constexpr(passes):
-            pos = start + cutlass.min(tidx // per_row + q * rows_pp, count - 1)
-            if cutlass.const_expr(self.cfg.gather):
-                pos = mRows[pos]
-            src[q] = pos
-        return src
-
-    @cute.jit
-    def ring_fill(self, kt, slot, w_src, rings, mXv, mXs, w_row0, x_src, count):
-        """Issue the cp.async copies of raw K tile ``kt`` into ring ``slot`` (gate_up: W1 rows, then W3 rows)."""
-        cfg = self.cfg
-        wv, ws, w3v, w3s = w_src
-        sWv, sWs, sXv, sXs = rings
-        self.ring_copy(wv, sWv, self.w_plans[0], kt, slot, 0, w_row0, None, None)
-        self.ring_copy(ws, sWs, self.w_plans[1], kt, slot, 0, w_row0, None, None)
-        if cutlass.const_expr(cfg.gate_up):
-            half = cfg.tile_w // 2
-            self.ring_copy(w3v, sWv, self.w_plans[0], kt, slot, half, w_row0, None, None)
-            self.ring_copy(w3s, sWs, self.w_plans[1], kt, slot, half, w_row0, None, None)
-        self.ring_copy(mXv, sXv, self.x_plans[0], kt, slot, 0, None, x_src[0], count)
-        if cutlass.const_expr(cfg.act_nvfp4):
-            self.ring_copy(mXs, sXs, self.x_plans[1], kt, slot, 0, None, x_src[1], count)
-
-    @cute.jit
-    def ring_copy(self, mSrc, sRing, plan, kt, slot, ring_row0: cutlass.Constexpr, src_row0, src_rows, count):
-        """cp.async of K tile ``kt`` of one plane into ring rows ``ring_row0 + r`` of ``slot``.
-
-        Row r comes from global row ``src_row0 + r`` (weights) or ``src_rows[pass]`` (X, rows
-        r < ``count`` only). 16-byte copies bypass L1 (``cp.async.cg``); the 8- or 4-byte scale
-        rows of a tile use ``cp.async.ca`` (``.cg`` exists only for 16 bytes).
-        """
-        size, per_row, rows_pp, passes = plan
-        tidx, _, _ = cute.arch.thread_idx()
-        mode = LoadCacheMode.GLOBAL if size == 16 else LoadCacheMode.ALWAYS
-        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=mode), mSrc.element_type, num_bits_per_copy=8 * size)
-        elems = size * 8 // mSrc.element_type.width
-        gS = cute.local_tile(mSrc, (1, elems), (None, None))
-        sD = cute.local_tile(sRing[None, None, slot], (1, elems), (None, None))
-        part = tidx % per_row
-        chunk = kt * per_row + part
-        for q in cutlass.range_constexpr(passes):
-            r = tidx // per_row + q * rows_pp
-            if cutlass.const_expr(src_rows is not None):
-                if r < count:
-                    cute.copy(atom, gS[0, None, src_rows[q], chunk], sD[0, None, ring_row0 + r, part])
-            elif cutlass.const_expr(self.w_plan_rows % rows_pp == 0):
-                cute.copy(atom, gS[0, None, src_row0 + r, chunk], sD[0, None, ring_row0 + r, part])
-            else:  # more threads than copies: a partial pass
-                if r < self.w_plan_rows:
-                    cute.copy(atom, gS[0, None, src_row0 + r, chunk], sD[0, None, ring_row0 + r, part])
-
-    @cute.jit
     def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRows, mRouteW, mY, e, start, count):
         """``acc * gx[row] * gw`` -> ``Y^T[n_row, start + c]`` for the tile's columns ``c < count``.
 
@@ -626,17 +437,25 @@ class GemmNvfp4Sm90:
 
     @cute.jit
     def load_tile(self, kt, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part):
-        """Issue the 128-bit global loads of K tile ``kt`` into registers."""
+        """Issue the 128-bit global loads of K tile ``kt`` into registers.
+
+        W is tile-major (``TILE_ROWS`` x ``TILE_K`` tiles, contiguous): a thread's chunk of row ``R``
+        and K chunk ``c`` sits in tile ``(R // 64, c // per_tile)`` at ``(R % 64, c % per_tile)``, so
+        the 128 threads of a pass read one contiguous run of codes (and one of scales)."""
         cfg = self.cfg
+        per_tile = TILE_K // self.w_chunk
         chunk_w = kt * (cfg.tile_k // self.w_chunk) + w_part
+        kb, c = chunk_w // per_tile, chunk_w % per_tile
         for p in cutlass.range_constexpr(cfg.tile_w // self.w_rows_pp):
             off = p * self.w_rows_pp
             src = gW
             if cutlass.const_expr(cfg.gate_up and off >= cfg.tile_w // 2):
                 src = gW3
                 off -= cfg.tile_w // 2
-            cute.autovec_copy(src[0][0, None, w_row0 + off, chunk_w], tWrP[None, p])
-            cute.autovec_copy(src[1][0, None, w_row0 + off, chunk_w], tWrS[None, p])
+            row = w_row0 + off
+            rb, r = row // TILE_ROWS, row % TILE_ROWS
+            cute.autovec_copy(src[0][0, 0, 0, None, rb, kb, r, c], tWrP[None, p])
+            cute.autovec_copy(src[1][0, 0, 0, None, rb, kb, r, c], tWrS[None, p])
         chunk_x = kt * (cfg.tile_k // self.x_chunk) + x_part
         for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
             if cutlass.const_expr(cfg.act_nvfp4):
@@ -666,36 +485,13 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     split = 1
     while ctas * split * 2 <= 16 * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
-    cfg = with_env_stages(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
-    return with_env_prefetch(cfg, ctas, k_tiles)
-
-
-def with_env_stages(cfg: GemmConfig, ctas: int, k_tiles: int, stages: int | None = None) -> GemmConfig:
-    """``cfg`` with the multistage ring when ``stages`` (default: ``$NVFP4JAX_GEMM_STAGES``, else 0) >= 2.
-
-    Only decode configs (token tile <= 64) change. The K split shrinks until each of the ``ctas *
-    split`` CTAs has >= ``stages`` K tiles and there are <= ~4 CTAs per SM (the ring, not CTA count,
-    now hides latency); the depth drops until the shared memory fits (``can_implement``). Unmeasured
-    first guess (module docstring); returns ``cfg`` unchanged when nothing fits.
-    """
-    if stages is None:
-        stages = int(os.environ.get(STAGES_ENV, "0") or 0)
-    if stages < 2 or cfg.tile_t > 64:
-        return cfg
-    split = cfg.split
-    while split > 1 and (ctas * split > 4 * NUM_SMS or k_tiles // split < stages):
-        split //= 2
-    for depth in range(stages, 1, -1):
-        staged = dataclasses.replace(cfg, split=split, stages=depth)
-        if GemmNvfp4Sm90.can_implement(staged):
-            return staged
-    return cfg
+    return with_env_prefetch(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
 
 
 def with_env_prefetch(cfg: GemmConfig, ctas: int, k_tiles: int, prefetch: int | None = None) -> GemmConfig:
     """``cfg`` with ``prefetch`` (default ``$NVFP4JAX_GEMM_PREFETCH``, else 1) register-prefetched K tiles.
 
-    Register-path configs only (``stages == 0``). Decode configs (token tile <= 64): the K split
+    Decode configs (token tile <= 64): the K split
     shrinks while a CTA would have fewer than ``2 * prefetch`` K tiles or there would be more than
     ~8 CTAs per SM (the deeper prefetch, not the CTA count, now keeps bytes in flight). Prefill
     configs (128 x 128 x 64, 245-250 registers): depth 2 at most (ptxas: no spills at 2, spills at 3),
@@ -703,7 +499,7 @@ def with_env_prefetch(cfg: GemmConfig, ctas: int, k_tiles: int, prefetch: int | 
     """
     if prefetch is None:
         prefetch = int(os.environ.get(PREFETCH_ENV, "1") or 1)
-    if prefetch < 2 or cfg.stages:
+    if prefetch < 2:
         return cfg
     if cfg.tile_t > 64:
         return dataclasses.replace(cfg, prefetch=2)
@@ -712,6 +508,13 @@ def with_env_prefetch(cfg: GemmConfig, ctas: int, k_tiles: int, prefetch: int | 
     while split > 1 and (k_tiles // split < 2 * prefetch or ctas * split > 8 * NUM_SMS):
         split //= 2
     return dataclasses.replace(cfg, split=split, prefetch=prefetch)
+
+
+def as_tiled(w: NVFP4Tensor) -> NVFP4Tensor:
+    """``w`` in the kernels' tile layout. A row-major weight is rearranged here, inside the caller's
+    program -- an extra read and write of the weight on every call; models arrange their weights
+    once instead (:func:`nvfp4jax.ops.prepare_weights`, done by the model loaders)."""
+    return w if w.layout == "tiled" else tile_weight(w)
 
 
 _NO_GROUPS = (None,) * 6  # W3 (values, scales, global), rows, tiles, routing weights
@@ -724,7 +527,7 @@ def _kernel(cfg: GemmConfig) -> GemmNvfp4Sm90:
 
 def supports(x, w) -> str | None:
     """None when the kernel runs ``nvfp4_gemm(x, w)``, else why not (ops falls back / raises)."""
-    if not isinstance(w, NVFP4Tensor) or w.values.ndim != 2 or w.global_scale.ndim != 0:
+    if not isinstance(w, NVFP4Tensor) or len(w.shape) != 2 or w.global_scale.ndim != 0:
         return "the weight must be a 2-D NVFP4Tensor [n, k] with a per-tensor global scale"
     n, k = w.shape
     if n % 64 or k % 128:
@@ -760,6 +563,7 @@ def nvfp4_gemm(
         xs = (x.values, jax.lax.bitcast_convert_type(x.scales, jnp.uint8), x.global_scale)
     else:
         xs = (x, None, None)
+    w = as_tiled(w)
     ws = (w.values, jax.lax.bitcast_convert_type(w.scales, jnp.uint8), w.global_scale.reshape(1))
     if cfg.split > 1:
         out = jax.ShapeDtypeStruct((cfg.split, m, n), jnp.float32)

@@ -65,9 +65,8 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
         split *= 2
     cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, grouped=True, gather=gate_up, gate_up=gate_up,
                         swiglu_limit=swiglu_limit if gate_up and split == 1 else None)
-    cfg = kg.with_env_stages(cfg, ctas, k_tiles)  # $NVFP4JAX_GEMM_STAGES (default 0: unchanged)
     cfg = kg.with_env_prefetch(cfg, ctas, k_tiles)  # $NVFP4JAX_GEMM_PREFETCH (default 1: unchanged)
-    if gate_up and cfg.split == 1:  # the ring or the prefetch may have dropped the split: keep the fused SwiGLU
+    if gate_up and cfg.split == 1:  # the prefetch may have dropped the split: keep the fused SwiGLU
         cfg = dataclasses.replace(cfg, swiglu_limit=swiglu_limit)
     return cfg
 
@@ -99,6 +98,8 @@ def tile_table(sizes: Int[Array, " experts"], tile_t: int, tiles: int) -> Int[Ar
 
 
 def _weight_args(w: NVFP4Tensor) -> tuple:
+    """Kernel arguments of a stack of expert weights, in the tile layout (``kg.as_tiled``)."""
+    w = kg.as_tiled(w)
     return w.values, jax.lax.bitcast_convert_type(w.scales, jnp.uint8), w.global_scale
 
 

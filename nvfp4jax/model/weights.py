@@ -29,6 +29,7 @@ from nvfp4jax.checkpoint.schema import (
     global_schema,
     mtp_schema,
 )
+from nvfp4jax import ops
 from nvfp4jax.config import DeepSeekV4Config
 from nvfp4jax.formats import nvfp4 as nvfp4_format
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
@@ -51,11 +52,20 @@ def compute_dtype(cfg: DeepSeekV4Config):
     return jnp.dtype(cfg.compute_dtype)
 
 
+def arrange_weight(t: NVFP4Tensor, layout: str) -> NVFP4Tensor:
+    """An NVFP4 weight in ``layout`` (``ops.weight_layout()``): ``tiled`` where the kernels' tile
+    layout fits it (``formats.nvfp4.tileable``), else left row-major (then the GEMM op runs the reference)."""
+    if layout == "tiled" and nvfp4_format.tileable(t) is None:
+        return nvfp4_format.tile_weight(t)
+    return t
+
+
 class _Checked:
     """Wraps a getter: validates every tensor against the schema and converts it to the leaf dtype."""
 
-    def __init__(self, cfg: DeepSeekV4Config, get: Getter, specs: dict[str, TensorSpec]):
+    def __init__(self, cfg: DeepSeekV4Config, get: Getter, specs: dict[str, TensorSpec], layout: str | None = None):
         self.cfg, self.get, self.specs = cfg, get, specs
+        self.layout = ops.weight_layout() if layout is None else layout
 
     def __call__(self, name: str):
         spec = self.specs[name]
@@ -68,8 +78,8 @@ class _Checked:
                                  f"expected {spec.logical_shape} with a per-tensor global scale")
             if value.values.dtype != jnp.uint8 or value.scales.dtype != jnp.float8_e4m3fn:
                 raise TypeError(f"{name}: NVFP4 values/scales must be uint8/float8_e4m3fn")
-            return NVFP4Tensor(jnp.asarray(value.values), jnp.asarray(value.scales),
-                               jnp.asarray(value.global_scale, jnp.float32))
+            return arrange_weight(NVFP4Tensor(jnp.asarray(value.values), jnp.asarray(value.scales),
+                                              jnp.asarray(value.global_scale, jnp.float32)), self.layout)
         if isinstance(value, NVFP4Tensor):
             raise TypeError(f"{name}: recipe {self.cfg.recipe} expects a plain array, got an NVFP4Tensor")
         arr = jnp.asarray(value)

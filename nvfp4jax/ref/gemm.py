@@ -45,7 +45,7 @@ def quantize_nvfp4(
 
 def _dequant_unscaled(t: NVFP4Tensor) -> Array:
     """``e2m1 * e4m3`` in float32 without the global scale (exact: fits BF16 too)."""
-    return NVFP4Tensor(t.values, t.scales, jnp.ones((), jnp.float32)).dequantize()
+    return NVFP4Tensor(t.values, t.scales, jnp.ones((), jnp.float32), t.layout).dequantize()
 
 
 def nvfp4_gemm(
@@ -57,7 +57,7 @@ def nvfp4_gemm(
     accumulation; the global scales multiply the float32 accumulator (``acc * gx[m] * gw``)
     before the cast to ``out_dtype``. This is the math of the sm_90a kernel up to summation order.
     """
-    if w.values.ndim != 2:
+    if len(w.shape) != 2:
         raise ValueError(f"nvfp4_gemm weight must be 2-D [n, k], got {w.shape}")
     if isinstance(x, NVFP4Tensor):
         xd, gx = _dequant_unscaled(x), x.global_scale

@@ -7,7 +7,6 @@ rounded division (quantize), so kernel code cannot rot between GPU runs.
 
 import collections
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
@@ -51,12 +50,18 @@ def opcodes(ptx: str) -> collections.Counter:
     return collections.Counter(w[0] for w in lines if w and not w[0].startswith(("/", ".", "{", "}", "$", "@", ")")))
 
 
+def _tiled_w(lead, n, k):
+    """Codes and scale bytes of a weight in the kernels' tile layout (``formats.nvfp4.tile_weight``)."""
+    tiles = (*lead, n // 64, k // 128, 64)
+    return S((*tiles, 64), jnp.uint8), S((*tiles, 8), jnp.uint8)
+
+
 def _dense_io(cfg, m, n, k):
     if cfg.act_nvfp4:
         ins = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
     else:
         ins = (S((m, k), jnp.bfloat16), None, None)
-    ins += (S((n, k // 2), jnp.uint8), S((n, k // 16), jnp.uint8), S((1,), jnp.float32)) + kg._NO_GROUPS
+    ins += _tiled_w((), n, k) + (S((1,), jnp.float32),) + kg._NO_GROUPS
     if cfg.split > 1:
         return ins, (S((cfg.split, m, n), jnp.float32),), TensorSpec(mode=(2, 1, 0))
     return ins, (S((m, n), jnp.bfloat16),), TensorSpec(mode=(1, 0))
@@ -71,7 +76,7 @@ def _grouped_io(cfg, t, rows, experts, n, k, gate_up):
         ins = (S((x_rows, k // 2), jnp.uint8), S((x_rows, k // 16), jnp.uint8), S((x_rows,), jnp.float32))
     else:
         ins = (S((x_rows, k), jnp.bfloat16), None, None)
-    w = (S((experts, n, k // 2), jnp.uint8), S((experts, n, k // 16), jnp.uint8), S((experts,), jnp.float32))
+    w = _tiled_w((experts,), n, k) + (S((experts,), jnp.float32),)
     ins += w + (w if gate_up else (None,) * 3)
     ins += (S((rows,), jnp.int32) if gate_up else None, S((km.num_tiles(rows, experts, cfg.tile_t), 3), jnp.int32),
             S((rows,), jnp.float32) if gate_up else None)
@@ -135,14 +140,13 @@ def test_grouped_gemm_compiles_sm90a(tmp_path, t, act_nvfp4, stage):
     assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None), "SwiGLU epilogue (exp) iff fused"
 
 
-# ---- multistage option (GemmConfig.stages >= 2): compiles for sm_90a, not yet run on a GPU ----------
+# ---- register prefetch depth (GemmConfig.prefetch >= 2) ----------------------------------------------
 
 
-def _decode_case(case, stages_env, monkeypatch):
-    """(config, inputs, outputs, out spec) of a decode GEMM chosen with $NVFP4JAX_GEMM_STAGES = stages_env."""
+def _decode_case(case):
+    """(config, inputs, outputs, out spec) of a decode GEMM (dense or MoE) as chosen now."""
     from nvfp4jax.kernels import moe as km
 
-    monkeypatch.setenv(kg.STAGES_ENV, str(stages_env))
     if case in ("dense_w4a4", "dense_w4a16"):
         m, n, k = 1, 4096, 4096
         cfg = kg.choose_config(m, n, k, case == "dense_w4a4")
@@ -153,64 +157,6 @@ def _decode_case(case, stages_env, monkeypatch):
     n, k = (inter, d) if gate_up else (d, inter)
     cfg = km.choose_grouped_config(6 * t, experts, 2 * n if gate_up else n, k, True, gate_up=gate_up, swiglu_limit=10.0)
     return (cfg, *_grouped_io(cfg, t, 6 * t, experts, n, k, gate_up))
-
-
-def _expected_copies(cfg) -> tuple[int, int]:
-    """cp.async instructions (16-byte .cg, smaller .ca) in the PTX: one set per ring slot of the prologue
-    (stages - 1) plus one in the loop; gate_up copies the W1 and W3 halves separately."""
-    kern = kg.GemmNvfp4Sm90(cfg)
-    plans = [*kern.w_plans] * (2 if cfg.gate_up else 1) + [*kern.x_plans]
-    cg = sum(passes for size, _, _, passes in plans if size == 16)
-    ca = sum(passes for size, _, _, passes in plans if size < 16)
-    return cfg.stages * cg, cfg.stages * ca
-
-
-CASES = ["dense_w4a4", "dense_w4a16", "moe_l1_gate_up", "moe_l1_swiglu", "moe_l2"]
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("stages", [3, 4])
-def test_gemm_multistage_compiles_sm90a(tmp_path, monkeypatch, case, stages):
-    """The cp.async ring: raw tiles only through cp.async (no 128-bit register loads), wait depth S-2."""
-    cfg, ins, outs, spec = _decode_case(case, stages, monkeypatch)
-    assert cfg.stages == stages and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
-    assert kg.smem_bytes(cfg) <= kg.SMEM_LIMIT
-    if case == "moe_l1_gate_up":
-        assert cfg.split > 1 and cfg.gate_up and cfg.gather, cfg
-    if case == "moe_l1_swiglu":  # the ring's split 1 keeps the fused SwiGLU epilogue
-        assert cfg.split == 1 and cfg.swiglu_limit == 10.0, cfg
-    ptx = compile_ptx(kg._kernel(cfg), ins, outs, spec, tmp_path)
-    ops = opcodes(ptx)
-    wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
-    assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
-    assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["ld.shared.v4.b32"] > 0
-    assert ops["ld.global.v4.b32"] == 0, "operands must arrive through cp.async, not register loads"
-    cg, ca = _expected_copies(cfg)
-    assert (ptx.count("cp.async.cg.shared.global"), ptx.count("cp.async.ca.shared.global")) == (cg, ca)
-    assert ptx.count("cp.async.commit_group") == stages  # stages - 1 in the prologue, one per iteration
-    assert sorted(int(w) for w in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)) == [0, stages - 2]
-    assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_gemm_stages0_has_no_cp_async(tmp_path, monkeypatch, case):
-    """Default (no environment variable, or 0): the GPU-verified register-prefetch kernel, untouched."""
-    monkeypatch.delenv(kg.STAGES_ENV, raising=False)
-    cfg, ins, outs, spec = _decode_case(case, 0, monkeypatch)
-    assert cfg.stages == 0
-    ptx = compile_ptx(kg._kernel(cfg), ins, outs, spec, tmp_path)
-    assert "cp.async" not in ptx and opcodes(ptx)["ld.global.v4.b32"] > 0
-
-
-def test_gemm_multistage_prefill_tile_compiles_sm90a(tmp_path):
-    """An explicit ring on a 128 x 128 x 64 tile (4-byte scale rows: cp.async.ca of 4 bytes)."""
-    m, n, k = 200, 512, 4096
-    cfg = dataclasses.replace(kg.choose_config(m, n, k, True), stages=3)
-    assert (cfg.tile_w, cfg.tile_t, cfg.tile_k) == (128, 128, 64) and kg.GemmNvfp4Sm90.can_implement(cfg)
-    ptx = compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path)
-    assert re.search(r"cp\.async\.ca\.shared\.global \[[^]]+\], \[[^]]+\], 4, 4;", ptx)
-    assert (ptx.count("cp.async.cg.shared.global"), ptx.count("cp.async.ca.shared.global")) == _expected_copies(cfg)
-    assert opcodes(ptx)["wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"] > 0
 
 
 def _env_choices(monkeypatch, var: str, value: str):
@@ -226,31 +172,6 @@ def _env_choices(monkeypatch, var: str, value: str):
                 yield m, n, k, act, base, kg.choose_config(m, n, k, act)
 
 
-def test_stages_config_choice(monkeypatch):
-    """$NVFP4JAX_GEMM_STAGES: decode configs get the ring (fewer stages where shared memory is short)
-    and a split leaving each CTA >= stages K tiles; prefill configs and the default stay unchanged."""
-
-    # shared memory by hand: 2 BF16 stages of (64 + 16) x 128 + 4 slots x (64 x 64 + 64 x 8 + 16 x 64 + 16 x 8)
-    assert kg.smem_bytes(kg.GemmConfig(64, 16, 128, 8, True, stages=4)) == 2 * 2 * 80 * 128 + 4 * 5760
-    # MoE L1 with BF16 x: (128 + 16) x 128 BF16 stages + slots of 128 x 72 + 16 x 256 bytes: 4 do not fit, 3 do
-    l1 = kg.GemmConfig(128, 16, 128, 2, False, grouped=True, gather=True, gate_up=True)
-    assert not kg.GemmNvfp4Sm90.can_implement(dataclasses.replace(l1, stages=4))
-    assert kg.with_env_stages(l1, 32, 32, stages=4).stages == 3
-    assert not kg.GemmNvfp4Sm90.can_implement(dataclasses.replace(l1, stages=1))
-    for m, _, k, _, base, cfg in _env_choices(monkeypatch, kg.STAGES_ENV, "4"):
-        assert base.stages == 0
-        if m > 64:
-            assert cfg == base
-            continue
-        assert cfg.stages in (2, 3, 4) and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
-        assert kg.smem_bytes(cfg) <= kg.SMEM_LIMIT and k % (cfg.tile_k * cfg.split) == 0, cfg
-        assert cfg.split <= base.split and dataclasses.replace(cfg, split=base.split, stages=0) == base
-        assert cfg.split == 1 or k // (cfg.tile_k * cfg.split) >= cfg.stages, cfg
-
-
-# ---- register prefetch depth (GemmConfig.prefetch >= 2): compiles for sm_90a, not yet run on a GPU ----
-
-
 @pytest.mark.parametrize("case", ["dense_w4a16", "moe_l1_swiglu", "moe_l2"])
 @pytest.mark.parametrize("prefetch", [2, 3])
 def test_gemm_prefetch_compiles_sm90a(tmp_path, monkeypatch, case, prefetch):
@@ -258,11 +179,11 @@ def test_gemm_prefetch_compiles_sm90a(tmp_path, monkeypatch, case, prefetch):
     (the default has 1 + 1), no cp.async, the same wgmma and conversion-free decode."""
     (tmp_path / "base").mkdir()
     (tmp_path / "prefetch").mkdir()
-    base_cfg, ins, outs, spec = _decode_case(case, 0, monkeypatch)
+    base_cfg, ins, outs, spec = _decode_case(case)
     base = opcodes(compile_ptx(kg._kernel(base_cfg), ins, outs, spec, tmp_path / "base"))
     monkeypatch.setenv(kg.PREFETCH_ENV, str(prefetch))
-    cfg, ins, outs, spec = _decode_case(case, 0, monkeypatch)
-    assert cfg.prefetch == prefetch and cfg.stages == 0 and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
+    cfg, ins, outs, spec = _decode_case(case)
+    assert cfg.prefetch == prefetch and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
     assert dataclasses.replace(cfg, prefetch=1, split=base_cfg.split, swiglu_limit=base_cfg.swiglu_limit) == base_cfg
     ptx = compile_ptx(kg._kernel(cfg), ins, outs, spec, tmp_path / "prefetch")
     ops = opcodes(ptx)
@@ -291,10 +212,9 @@ def test_gemm_prefetch_prefill_tile_compiles_sm90a(tmp_path, monkeypatch):
 
 def test_prefetch_config_choice(monkeypatch):
     """$NVFP4JAX_GEMM_PREFETCH: decode configs get the depth and a K split leaving each CTA >= 2P K tiles
-    (or split 1), prefill configs depth 2; the ring and the default stay unchanged."""
+    (or split 1), prefill configs depth 2; the default stays unchanged."""
 
     assert not kg.GemmNvfp4Sm90.can_implement(kg.GemmConfig(64, 16, 128, 1, True, prefetch=5))
-    assert not kg.GemmNvfp4Sm90.can_implement(kg.GemmConfig(64, 16, 128, 1, True, stages=3, prefetch=2))
     for m, _, k, _, base, cfg in _env_choices(monkeypatch, kg.PREFETCH_ENV, "3"):
         assert base.prefetch == 1
         if m > 64:  # prefill tiles: depth 2 at most (ptxas spills at 3), nothing else changes
@@ -304,13 +224,10 @@ def test_prefetch_config_choice(monkeypatch):
         assert cfg.split <= base.split and k % (cfg.tile_k * cfg.split) == 0, cfg
         assert cfg.split == 1 or k // (cfg.tile_k * cfg.split) >= 6, cfg
         assert dataclasses.replace(cfg, split=base.split, prefetch=1) == base
-    monkeypatch.setenv(kg.STAGES_ENV, "4")  # the ring takes precedence: no prefetch on top of it
-    assert kg.choose_config(1, 4096, 4096, True).prefetch == 1
 
 
 @pytest.fixture(autouse=True)
-def _no_stages_env(monkeypatch):
-    """The tests above check the default kernels: a $NVFP4JAX_GEMM_STAGES / $NVFP4JAX_GEMM_PREFETCH
-    set for a GPU A/B run must not change them (tests that want them set them themselves)."""
-    monkeypatch.delenv(kg.STAGES_ENV, raising=False)
+def _no_prefetch_env(monkeypatch):
+    """The tests above check the default kernels: a $NVFP4JAX_GEMM_PREFETCH set for a GPU A/B run
+    must not change them (tests that want it set it themselves)."""
     monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)

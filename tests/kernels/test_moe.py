@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nvfp4jax.formats.nvfp4 import quantize
+from nvfp4jax.formats.nvfp4 import quantize, tile_weight
 from nvfp4jax.ref import moe as ref
 from tests.kernels._gpu import activations, poison_device_memory
 
@@ -107,12 +107,19 @@ def _inputs(rng, model: str, t: int, bias=None):
     return x, weights, expert_ids
 
 
+@functools.cache
+def _tiled_experts(model: str):
+    """``_experts(model)`` in the kernels' tile layout, as a loaded model holds them."""
+    return tuple(tile_weight(w) for w in _experts(model))
+
+
 def _check(case: str, model: str, x, weights, expert_ids, quantize_activations: bool):
+    """The kernel on tiled experts vs the reference (and oracle) on the row-major ones."""
     w1, w3, w2 = _experts(model)
     kw = {"swiglu_limit": SWIGLU_LIMIT, "quantize_activations": quantize_activations}
     want, oracle = _reference_and_oracle(x, weights, expert_ids, w1, w3, w2, **kw)
     poison_device_memory()
-    got = _kernel(x, weights, expert_ids, w1, w3, w2, **kw)
+    got = _kernel(x, weights, expert_ids, *_tiled_experts(model), **kw)
     assert got.shape == want.shape and got.dtype == jnp.float32, f"{case}: {got.shape} {got.dtype}"
     finite, cos_k, cos_r, err_k, err_r, floor = (float(v) for v in _metrics(got, want, oracle))
     assert finite, f"{case}: non-finite output (unwritten element?)"
