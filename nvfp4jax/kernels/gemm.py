@@ -126,6 +126,20 @@ def smem_bytes(cfg: GemmConfig) -> int:
     return 2 * 2 * (cfg.tile_w + cfg.tile_t) * cfg.tile_k
 
 
+def thread_coords(tidx, per_row: int, rows_pp: int):
+    """(row in the pass, chunk in the row) that thread ``tidx`` loads, decodes and stores.
+
+    With 8 or more rows per pass, the 8 threads of a quarter warp take 8 consecutive rows at the
+    same K chunk: their 16-byte shared-memory stores then hit 8 different 16-byte bank groups of the
+    128-byte-swizzled BF16 stage (the swizzle XORs the chunk with ``row % 8``). The plain order
+    (``row = t // per_row``) put 2 rows x 4 chunks 32 K apart in a quarter warp: 2-way bank conflicts
+    on every store (ncu, H200: 8.8 wavefronts per 512-byte warp store instead of 4; L1 78% busy). The
+    global loads stay coalesced: a warp still reads 8 whole tile rows (512 contiguous bytes)."""
+    if rows_pp % 8 == 0:
+        return (tidx // (8 * per_row)) * 8 + tidx % 8, (tidx // 8) % per_row
+    return tidx // per_row, tidx % per_row
+
+
 class GemmNvfp4Sm90:
     """``Y^T[n, m] = W[n, k] X[m, k]^T`` with NVFP4 W (and NVFP4 or BF16 X); see the module docstring."""
 
@@ -190,12 +204,14 @@ class GemmNvfp4Sm90:
                     tiled_mma, sA_layout, sB_layout).launch(grid=grid, block=[THREADS, 1, 1], stream=stream)
 
     def _store_copy(self, rows_pp: int, chunk: int):
-        """Tiled copy registers -> shared memory: thread t owns row t // (tile_k/chunk), one chunk."""
+        """Tiled copy registers -> shared memory, thread t owning (row, chunk) as :func:`thread_coords` says."""
         per_row = self.cfg.tile_k // chunk
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
-        return cute.make_tiled_copy_tv(
-            atom, cute.make_layout((rows_pp, per_row), stride=(per_row, 1)), cute.make_layout((1, chunk))
-        )
+        if rows_pp % 8 == 0:  # (row, chunk) -> t = row % 8 + 8 * chunk + 8 * per_row * (row // 8)
+            threads = cute.make_layout(((8, rows_pp // 8), per_row), stride=((1, 8 * per_row), 8))
+        else:
+            threads = cute.make_layout((rows_pp, per_row), stride=(per_row, 1))
+        return cute.make_tiled_copy_tv(atom, threads, cute.make_layout((1, chunk)))
 
     @cute.kernel
     def kernel(self, mXv: cute.Tensor, mXs, mXg, mWv: cute.Tensor, mWs: cute.Tensor, mWg: cute.Tensor,
@@ -241,8 +257,8 @@ class GemmNvfp4Sm90:
             w3v, w3s = mW3v[e, None, None, None, None], mW3s[e, None, None, None, None]
         w_per_row = cfg.tile_k // self.w_chunk
         w_rows_cta = cfg.tile_w // 2 if cutlass.const_expr(cfg.gate_up) else cfg.tile_w
-        w_row0 = bw * w_rows_cta + tidx // w_per_row
-        w_part = tidx % w_per_row
+        w_row_in_pass, w_part = thread_coords(tidx, w_per_row, self.w_rows_pp)
+        w_row0 = bw * w_rows_cta + w_row_in_pass
         gW = (cute.local_tile(wv, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
               cute.local_tile(ws, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
         gW3 = (cute.local_tile(w3v, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
@@ -253,8 +269,7 @@ class GemmNvfp4Sm90:
         tWrD = cute.make_rmem_tensor((self.w_chunk, w_passes), BFloat16)
 
         x_per_row = cfg.tile_k // self.x_chunk
-        x_row_in_tile = tidx // x_per_row
-        x_part = tidx % x_per_row
+        x_row_in_tile, x_part = thread_coords(tidx, x_per_row, self.x_rows_pp)
         x_passes = cfg.tile_t // self.x_rows_pp
         tXrD = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)
         # the X row each pass reads (rows past count re-read the tile's last row; zeroed later)
