@@ -21,7 +21,7 @@ for d in 2 3; do
     echo "prefetch $d $name: $(tail -1 "$out/${name}_prefetch$d.log")"
   done
 done
-timeout 300 python3 benchmarks/gemm_tune.py --names wq_b,wo_b,shared.w1/w3 --m 1,16 --stages 0 \
+timeout 300 python3 benchmarks/gemm_tune.py --names wq_b,wo_b,shared.w1/w3 --m 1,16 \
   --splits 1,2,4,8 --prefetch 1,2,3 --budget-s 240 > "$out/tune.log" 2>&1
 cat "$out/tune.log"
 NVFP4JAX_GEMM_PREFETCH=$depth XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 300 python3 benchmarks/moe.py --quick \

@@ -31,44 +31,38 @@ expert; CTAs whose row has 0 rows exit at once. ``gather``: output row r reads X
 in the same thread (wgmma M blocks 0 and 1); with ``swiglu_limit`` the epilogue rounds both to
 BF16 (as the reference does), clamps them and writes ``silu(gate) * up * routing weight`` as BF16.
 
+Weight layout: ``W`` arrives in the kernel tile layout of :mod:`nvfp4jax.formats.nvfp4`
+(``[(experts,) n/64, k/128, 64, 64]`` codes, ``[..., 64, 8]`` scale bytes: each 64-row x 128-K tile
+contiguous); :func:`nvfp4_gemm` / the MoE wrapper rearrange a row-major weight inside the call
+(:func:`as_tiled`), which models avoid by loading their weights tiled (``ops.prepare_weights``).
+Thread ``t`` of a pass owns one tile row and one 32-value chunk (:func:`thread_coords`): a warp's
+128-bit loads cover 512 contiguous bytes, and a quarter warp's 16-byte shared stores hit 8 distinct
+bank groups of the swizzled stage.
+
 Limits: ``n % tile_w == 0`` (64 or 128), ``k % (tile_k * split) == 0`` (tile_k 64 or 128), any m;
 the load passes of a thread block tile the token rows exactly (``can_implement``).
 
-Measured (H100, ``benchmarks/RESULTS.md``): decode streams weights at ~1 TB/s (a third of copy
-bandwidth) whatever the K split or tile; the decode arithmetic is not the limit (removing its
-conversion instructions changed nothing at m = 1, +6-7% at m = 4096). Each CTA has one K tile of
-loads in flight and issues the next tile's loads only after decoding the current one, and at most
-5 decode CTAs fit per SM (two BF16 stages: 40 KB of shared memory), so ~23 KB per SM are in flight
-against HBM latency. Two opt-in options attack that; neither is the default:
+Measured (H200, session 4, ``benchmarks/RESULTS.md``): decode still streams weights at ~1.1-1.2 TB/s
+(Flash wq_b m = 1: 15.9 us for 18.9 MB; XLA BF16 24.9 us). What it is not: the access pattern (a
+load-only kernel with the row-major pattern took 16.4 us, with the tile layout 10.7 us, yet the
+GEMM went 16.1 -> 15.9 us with the tile layout), loads in flight (register prefetch P = 2, 3 and a
+cp.async ring: no gain), the decode's conversions (removed in session 3, no gain at m = 1). Nsight
+Compute (``benchmarks/ncu_gemm.py``, H200) shows the SM's L1/shared pipe 76-79% busy, issue slots
+38% busy, 23.5% achieved occupancy (31% theoretical, bounded by the 40 KB of BF16 stages), stalls
+mostly on L1TEX scoreboards; shared-store bank conflicts (8.8 wavefronts per warp store) were
+found there and removed (18.4 -> 17.8 us under ncu's locked clocks). Every weight byte is written
+to and read back from shared memory as BF16 (4x its HBM size) before wgmma reads it: the next
+step is wgmma with the weight operand decoded straight into registers (``wgmma ... A from
+registers``), which drops that round trip and the stage's occupancy cost.
 
-Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; **compiles for
-sm_90a, not yet run on a GPU**): the register path with P register buffers, so P K tiles of loads
-are in flight per CTA while one is decoded (:meth:`GemmNvfp4Sm90.mainloop_prefetch`). Registers
-(ptxas, sm_90a, m = 1): 48-56 by default, 70-79 with P = 2 (still 5 CTAs per SM: shared memory
-bounds them), 95-127 with P = 3. ``choose_config`` / ``moe.choose_grouped_config`` apply it to decode
-configs (token tile <= 64), with a K split leaving each CTA >= 2P tiles, and P = 2 to prefill configs
-(128 x 128 x 64: 245-250 registers, no spills at P = 2), whose one K tile of cover is also short of
-HBM latency.
-
-Multistage option (``GemmConfig.stages >= 2``; on the H100 in session 3, before the decoder change:
-the first 9 quick dense cases with 4 stages and 5 quick MoE cases with 3 stages passed before that
-run's time limit, and a config sweep showed no speed-up -- the shared-memory ring costs occupancy,
-3 CTAs per SM with 3 slots, so it adds few bytes in flight): the
-default register path keeps one K tile of loads in flight per CTA (64 x 128 x 0.5625 B = 4.6 KB),
-far below what HBM latency needs at decode. With ``stages = S`` the raw packed bytes of K tiles
-(weight codes and scale bytes; X codes and scales, or BF16 X) are copied global -> a ring of ``S``
-shared-memory slots with ``cp.async`` (Ampere-style multistage: every thread issues its 16-byte
-``cp.async.cg`` copies -- 8/4-byte ``cp.async.ca`` for the scale rows of a tile -- commits one group
-per tile and waits with ``wait_group(S - 2)``; no producer warp), ``S - 1`` tiles ahead. Each
-iteration the threads read tile i's raw bytes from its slot, decode them as above into the BF16
-stage and issue wgmma. X rows are copied from their own (gathered) rows; rows past ``count`` are
-not copied and are zeroed after decoding, as in the register path. Shared memory (the two BF16
-stages plus the ring) must stay <= ``SMEM_LIMIT`` (two CTAs per SM); ``can_implement`` refuses
-more. ``stages == 0`` generates exactly the register-path kernel. ``choose_config`` and
-``moe.choose_grouped_config`` return ``stages = 0`` unless the environment variable
-``NVFP4JAX_GEMM_STAGES`` (read when a config is chosen, i.e. at trace time) is >= 2; then decode
-configs (token tile <= 64) get that many stages (fewer where shared memory is short) and a smaller
-K split (each CTA keeps >= S K tiles; ~4 CTAs per SM) -- a first guess, to be tuned on the GPU.
+Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; H200, session
+4: correct -- the quick GEMM and MoE GPU tests pass at P = 2 -- and no faster): the register path
+with P register buffers, so P K tiles of loads are in flight per CTA while one is decoded
+(:meth:`GemmNvfp4Sm90.mainloop_prefetch`). Registers (ptxas, sm_90a, m = 1): 48-56 by default,
+70-79 with P = 2, 95-127 with P = 3. ``choose_config`` / ``moe.choose_grouped_config`` apply it to
+decode configs (token tile <= 64), with a K split leaving each CTA >= 2P tiles, and P = 2 to
+prefill configs (128 x 128 x 64: 245-250 registers, no spills at P = 2). (Session 3's cp.async ring
+of raw K tiles, the other attempt at more bytes in flight, measured no faster and was removed.)
 """
 
 from __future__ import annotations
@@ -97,6 +91,7 @@ THREADS = 128
 NUM_SMS = 132  # H100 SXM; only used to pick the K split
 SMEM_LIMIT = 113 * 1024  # per CTA so that two fit in an SM (228 KB, 1 KB reserved per CTA)
 PREFETCH_ENV = "NVFP4JAX_GEMM_PREFETCH"
+DECODE_CTAS_PER_SM = 4  # decode K split target (choose_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +105,7 @@ class GemmConfig:
     gather: bool = False  # grouped: output row r reads X row rows[r] (else X row r)
     gate_up: bool = False  # grouped L1: rows 0..63 of a CTA from W1, 64..127 from W3 (tile_w 128)
     swiglu_limit: float | None = None  # gate_up with split 1: SwiGLU x routing weight epilogue (BF16 h)
-    prefetch: int = 1  # register path: K tiles of loads in flight per CTA (1: GPU-verified; 2-4: compiles, not run)
+    prefetch: int = 1  # register path: K tiles of loads in flight per CTA (2-4: opt-in, GPU-tested, no faster)
 
 
 def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
@@ -483,10 +478,13 @@ class GemmNvfp4Sm90:
 def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     """Tile shape and K split for a problem (a heuristic; every choice is a compile-key entry).
 
-    Decode (m <= 64): 64 weight rows x 128 K per CTA and a K split deep enough that ~16 CTAs per
-    SM stream weights (each has few K tiles, so the load latency of one tile is what it waits
-    on), capped so the float32 partials stay well below the weight bytes. Prefill: 128 x 128
-    tiles (a 256-token tile needs 256 accumulator registers per thread and spills).
+    Decode (m <= 64): 64 weight rows x 128 K per CTA and the K split that brings the grid closest
+    to ``DECODE_CTAS_PER_SM`` (4) CTAs per SM without exceeding it -- one wave at the 5 CTAs per SM
+    that shared memory allows -- capped so the float32 partials stay well below the weight bytes.
+    Measured (H200, ``benchmarks/gemm_tune.py``, tiled weights): Flash wq_b m = 1 15.9 us at split 1
+    (512 CTAs) vs 18.1 at split 4, the old choice (~16 CTAs per SM); m = 16 16.2 vs 20.7; wo_b m = 1
+    17.0 us at split 8 (512 CTAs) vs 22.0 at split 4. Prefill: 128 x 128 tiles (a 256-token tile
+    needs 256 accumulator registers per thread and spills).
     """
     if m <= 64:
         tile_t = max(16, -(-m // 16) * 16)
@@ -498,7 +496,7 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     k_tiles = k // tile_k
     ctas = (n // tile_w) * -(-m // tile_t)
     split = 1
-    while ctas * split * 2 <= 16 * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
+    while ctas * split * 2 <= DECODE_CTAS_PER_SM * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
     return with_env_prefetch(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
 

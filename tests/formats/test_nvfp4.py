@@ -143,3 +143,38 @@ def test_exact_div_corrects_a_reciprocal_multiply(rng):
     got = jax.jit(lambda x, y, g: exact_div(x, y, g))(a, b, guess)
     assert_bitwise_equal(got, (a / b).astype(np.float32), "exact_div")
     assert_bitwise_equal(jax.jit(exact_div)(a, np.float32(2688.0)), a / np.float32(2688.0), "by a constant")
+
+
+def test_tile_layout_moves_whole_tiles(rng):
+    """``tile_weight``: values/scales ``[..., n/64, k/128, 64, 64 | 8]`` holding exactly the bytes of each
+    64 x 128 tile; ``untile_weight`` inverts it; the logical shape and the dequantized values stay."""
+    from nvfp4jax.formats.nvfp4 import TILE_K, TILE_ROWS, tile_weight, untile_weight
+
+    t = formats.quantize(rng.standard_normal((3, 192, 384)).astype(np.float32))
+    tt = tile_weight(t)
+    assert tt.layout == "tiled" and tt.shape == t.shape == (3, 192, 384)
+    assert tt.values.shape == (3, 3, 3, TILE_ROWS, TILE_K // 2) and tt.scales.shape == (3, 3, 3, TILE_ROWS, TILE_K // 16)
+    v, s = np.asarray(t.values), np.asarray(t.scales).view(np.uint8)
+    vt, st_ = np.asarray(tt.values), np.asarray(tt.scales).view(np.uint8)
+    for e, i, j in ((0, 0, 0), (1, 2, 1), (2, 1, 2)):
+        assert_bitwise_equal(vt[e, i, j], v[e, 64 * i:64 * i + 64, 64 * j:64 * j + 64], f"codes of tile {e, i, j}")
+        assert_bitwise_equal(st_[e, i, j], s[e, 64 * i:64 * i + 64, 8 * j:8 * j + 8], f"scales of tile {e, i, j}")
+    back = untile_weight(tt)
+    assert back.layout == "rows"
+    assert_bitwise_equal(back.values, t.values)
+    assert_bitwise_equal(np.asarray(back.scales).view(np.uint8), s)
+    assert_bitwise_equal(tt.dequantize(), t.dequantize())
+    assert untile_weight(t) is t and not tt.per_row
+
+
+@pytest.mark.parametrize("shape,per_row,match", [((96, 128), False, "64 rows x 128 K"), ((64, 64), False, "64 rows x 128 K"),
+                                                 ((64, 128), True, "per-row"), ((128,), False, ">= 2 dims")])
+def test_tile_weight_refuses_what_does_not_fit(rng, shape, per_row, match):
+    from nvfp4jax.formats.nvfp4 import tile_weight, tileable
+
+    t = formats.quantize(rng.standard_normal(shape).astype(np.float32), per_row=per_row)
+    assert match in tileable(t)
+    with pytest.raises(ValueError, match=match):
+        tile_weight(t)
+    with pytest.raises(ValueError, match="already"):
+        tile_weight(tile_weight(formats.quantize(rng.standard_normal((64, 128)).astype(np.float32))))
