@@ -42,7 +42,8 @@ def e8m0_bytes(scale) -> np.ndarray:
 
 
 def nvfp4_arrays(t: LogicalTensor, q: formats.NVFP4Tensor) -> dict[str, np.ndarray]:
-    """An NVFP4 tensor under ``t``'s stored names (ModelOpt or ours)."""
+    """An NVFP4 tensor under ``t``'s stored names (ModelOpt or ours); checkpoints are row-major."""
+    q = formats.nvfp4.untile_weight(q)
     values, scales = np.asarray(q.values), np.asarray(q.scales)
     g = np.asarray(q.global_scale, np.float32).reshape(())
     if t.format == "modelopt":
