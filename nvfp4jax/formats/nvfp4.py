@@ -25,11 +25,12 @@ the sm_90a GEMM kernels read a weight in tiles of ``TILE_ROWS`` (64) rows x ``TI
 and a tile's bytes are contiguous: ``values [..., n/64, k/128, 64, 64]`` and ``scales [..., n/64,
 k/128, 64, 8]`` with ``values_t[..., i, j, r, b] = values[..., 64 i + r, 64 j + b]`` (same for the
 scales with 8 bytes per tile row); the global scale is unchanged. Same bytes, another order: in the
-row-major layout a K tile is 64 pieces of 64 B (codes) and 8 B (scales) 512+ bytes apart, and the
-scale reads cost most of the decode GEMM's time (``benchmarks/hbm_patterns.py``: on an H200 a
-load-only kernel with the GEMM's grid reads Flash ``wq_b`` in 16.6 us row-major, 10.7 us tiled, 9.2 us
-for a plain stream of the codes alone). Leading (stack / expert) axes are kept, so a tiled stack
-still slices and shards along them, and along whole tiles of n and k.
+row-major layout a K tile is 64 pieces of 64 B (codes) and 8 B (scales) 512+ bytes apart
+(``benchmarks/hbm_patterns.py``, H200: a load-only kernel with the GEMM's grid reads Flash ``wq_b``
+in 16.6 us row-major, 10.7 us tiled, 9.2 us for a plain stream of the codes alone; the GEMM itself,
+bounded elsewhere, went from 16.1 to 15.9 us), and the layout is the place for any in-tile order a
+kernel wants. Leading (stack / expert) axes are kept, so a tiled stack still slices and shards
+along them, and along whole tiles of n and k.
 """
 
 from __future__ import annotations
