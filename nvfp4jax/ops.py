@@ -183,14 +183,7 @@ def prepare_weights(tree, layout: str | None = None):
     from nvfp4jax.formats import nvfp4 as fmt
 
     layout = weight_layout() if layout is None else layout
-    if layout not in fmt.LAYOUTS:
+    if layout not in fmt.LAYOUTS:  # also for a tree without NVFP4 leaves
         raise ValueError(f"unknown NVFP4 layout {layout!r}; one of {fmt.LAYOUTS}")
-
-    def one(t):
-        if not isinstance(t, fmt.NVFP4Tensor):
-            return t
-        if layout == "rows":
-            return fmt.untile_weight(t)
-        return fmt.tile_weight(t) if fmt.tileable(t) is None else t
-
-    return jax.tree.map(one, tree, is_leaf=lambda t: isinstance(t, fmt.NVFP4Tensor))
+    return jax.tree.map(lambda t: fmt.to_layout(t, layout) if isinstance(t, fmt.NVFP4Tensor) else t, tree,
+                        is_leaf=lambda t: isinstance(t, fmt.NVFP4Tensor))

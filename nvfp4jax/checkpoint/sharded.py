@@ -38,11 +38,10 @@ from nvfp4jax import ops
 from nvfp4jax.checkpoint.reader import Checkpoint, open_checkpoint
 from nvfp4jax.checkpoint.schema import F32, I64, block_schema, global_schema, mtp_schema
 from nvfp4jax.config import DeepSeekV4Config
-from nvfp4jax.formats.nvfp4 import NVFP4Tensor
+from nvfp4jax.formats.nvfp4 import NVFP4Tensor, to_layout
 from nvfp4jax.model.transformer import Segment, Transformer, segment_schedule
 from nvfp4jax.model.weights import (
     _Checked,
-    arrange_weight,
     build_block,
     build_head_mix,
     build_mtp,
@@ -82,9 +81,9 @@ def _zeros_getter(cfg: DeepSeekV4Config, specs):
         shape = spec.logical_shape
         if is_big_linear(spec) and cfg.recipe != "bf16":
             rows, k = shape[:-1], shape[-1]
-            return arrange_weight(NVFP4Tensor(jnp.zeros((*rows, k // 2), jnp.uint8),
-                                              jnp.zeros((*rows, k // 16), jnp.float8_e4m3fn), jnp.zeros((), jnp.float32)),
-                                  layout)
+            return to_layout(NVFP4Tensor(jnp.zeros((*rows, k // 2), jnp.uint8),
+                                         jnp.zeros((*rows, k // 16), jnp.float8_e4m3fn), jnp.zeros((), jnp.float32)),
+                             layout)
         dtype = jnp.int32 if spec.dtype == I64 else jnp.float32 if spec.dtype == F32 else compute_dtype(cfg)
         return jnp.zeros(shape, dtype)
 

@@ -189,6 +189,16 @@ def untile_weight(t: NVFP4Tensor) -> NVFP4Tensor:
     return NVFP4Tensor(arrange(t.values), arrange(t.scales), t.global_scale)
 
 
+def to_layout(t: NVFP4Tensor, layout: str) -> NVFP4Tensor:
+    """``t`` in ``layout``: ``rows`` untiles; ``tiled`` tiles where :func:`tileable` allows and keeps
+    ``t`` otherwise (per-row activations, shapes off the tile grid, already tiled)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown NVFP4 layout {layout!r}; one of {LAYOUTS}")
+    if layout == "rows":
+        return untile_weight(t)
+    return tile_weight(t) if tileable(t) is None else t
+
+
 def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> Array:
     """``e2m1 * e4m3 * global`` in float32, then cast to ``dtype`` (row-major, whatever ``t.layout``)."""
     t = untile_weight(t)

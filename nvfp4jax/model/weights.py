@@ -52,14 +52,6 @@ def compute_dtype(cfg: DeepSeekV4Config):
     return jnp.dtype(cfg.compute_dtype)
 
 
-def arrange_weight(t: NVFP4Tensor, layout: str) -> NVFP4Tensor:
-    """An NVFP4 weight in ``layout`` (``ops.weight_layout()``): ``tiled`` where the kernels' tile
-    layout fits it (``formats.nvfp4.tileable``), else left row-major (then the GEMM op runs the reference)."""
-    if layout == "tiled" and nvfp4_format.tileable(t) is None:
-        return nvfp4_format.tile_weight(t)
-    return t
-
-
 class _Checked:
     """Wraps a getter: validates every tensor against the schema and converts it to the leaf dtype."""
 
@@ -78,8 +70,8 @@ class _Checked:
                                  f"expected {spec.logical_shape} with a per-tensor global scale")
             if value.values.dtype != jnp.uint8 or value.scales.dtype != jnp.float8_e4m3fn:
                 raise TypeError(f"{name}: NVFP4 values/scales must be uint8/float8_e4m3fn")
-            return arrange_weight(NVFP4Tensor(jnp.asarray(value.values), jnp.asarray(value.scales),
-                                              jnp.asarray(value.global_scale, jnp.float32)), self.layout)
+            return nvfp4_format.to_layout(NVFP4Tensor(jnp.asarray(value.values), jnp.asarray(value.scales),
+                                                      jnp.asarray(value.global_scale, jnp.float32)), self.layout)
         if isinstance(value, NVFP4Tensor):
             raise TypeError(f"{name}: recipe {self.cfg.recipe} expects a plain array, got an NVFP4Tensor")
         arr = jnp.asarray(value)
