@@ -4,6 +4,7 @@ Strict dtype promotion and rank promotion catch silent upcasts and broadcasting 
 from a hash of the test's node id, so every test sees its own, reproducible inputs.
 """
 
+import gc
 import hashlib
 import os
 
@@ -22,6 +23,18 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """Worker processes for ``-n auto`` (set in addopts): two for the CPU suite, which is mostly XLA
+    compiles (single-threaded; CI has 2 cores), none (in-process) when GPU tests are selected, where one
+    process must own the device. ``NVFP4JAX_TEST_WORKERS`` overrides."""
+    if os.environ.get("NVFP4JAX_TEST_WORKERS"):
+        return int(os.environ["NVFP4JAX_TEST_WORKERS"])
+    markexpr = config.getoption("markexpr", "") or ""
+    if "gpu" in markexpr.replace("not gpu", ""):
+        return 0
+    return min(2, os.cpu_count() or 1)
+
+
 def _has_gpu() -> bool:
     try:
         return any(d.platform == "gpu" for d in jax.devices())
@@ -36,6 +49,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: one process runs the whole suite, and
+    holding every module's XLA executables grew it past 6 GB by a third of the way (CI once died in
+    an XLA compile late in the run, exit 139)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture

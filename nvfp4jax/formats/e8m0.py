@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int32, UInt8
 
 E8M0_BIAS = 127
@@ -50,6 +51,25 @@ def ceil_log2(v: ArrayLike) -> Int32[Array, "*shape"]:
     """Exact ``ceil(log2(v))`` of positive finite float32 values."""
     m, e = jnp.frexp(jnp.asarray(v, jnp.float32))
     return jnp.where(m == 0.5, e - 1, e).astype(jnp.int32)
+
+
+def ceil_log2_quotient(a: ArrayLike, top: float) -> Int32[Array, "*shape"]:
+    """Exact ``ceil(log2(a / top))`` for positive normal float32 ``a``, a positive normal constant ``top``
+    and a normal quotient, without dividing.
+
+    It equals ``ceil_log2`` of the correctly rounded quotient: with ``a = ma * 2**ea`` and
+    ``top = mt * 2**et`` (significands in [1, 2)), ``ma / mt`` lies in (0.5, 2) and rounds above 1
+    exactly when ``ma > mt`` (both are multiples of 2**-23, so ``ma > mt`` means
+    ``ma >= mt + 2**-23 > mt * (1 + 2**-24)``, past the midpoint above 1). So the answer is
+    ``ea - et + (ma > mt)``, read off the bits. (A verified division costs ~140 XLA ops; the
+    power-of-two scales of the model's quantisation simulations take one per block row.)
+    """
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(a, jnp.float32), jnp.int32)
+    t = int(np.float32(top).view(np.int32))
+    if not (np.float32(top) > 0 and np.isfinite(np.float32(top)) and t >> 23 > 0):
+        raise ValueError(f"ceil_log2_quotient needs a positive normal float32 divisor, got {top}")
+    et, mt = t >> 23, t & 0x7FFFFF
+    return ((bits >> 23) - et + ((bits & 0x7FFFFF) > mt).astype(jnp.int32)).astype(jnp.int32)
 
 
 def pow2(exponent: ArrayLike) -> Float[Array, "*shape"]:

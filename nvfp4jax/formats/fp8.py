@@ -14,12 +14,13 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Float8e4m3fn, UInt8
 
-from nvfp4jax.formats.e2m1 import e4m3_to_float, exact_div
+from nvfp4jax.formats.e2m1 import e4m3_to_float
 from nvfp4jax.formats.e8m0 import (
     as_e8m0_bytes,
-    ceil_log2,
+    ceil_log2_quotient,
     e8m0_to_float,
     exponent_to_e8m0,
+    pow2,
 )
 
 FP8_BLOCK = 128
@@ -69,8 +70,8 @@ def encode_fp8_block(w: Float[ArrayLike, "out in"]) -> FP8BlockTensor:
     nb = fp8_block_scale_shape(w.shape)
     padded = jnp.pad(w, ((0, nb[0] * FP8_BLOCK - w.shape[0]), (0, nb[1] * FP8_BLOCK - w.shape[1])))
     amax = jnp.abs(padded.reshape(nb[0], FP8_BLOCK, nb[1], FP8_BLOCK)).max(axis=(1, 3))
-    exponent = ceil_log2(exact_div(jnp.maximum(amax, 1e-4), jnp.float32(E4M3_MAX)))
+    exponent = ceil_log2_quotient(jnp.maximum(amax, jnp.float32(1e-4)), E4M3_MAX)  # in [-22, 120]
     scale = exponent_to_e8m0(exponent)
-    s = _expand_blocks(e8m0_to_float(scale), w.shape)
-    q = jnp.clip(exact_div(w, s), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    inv = _expand_blocks(pow2(-exponent), w.shape)  # w / 2**e is exactly w * 2**-e
+    q = jnp.clip(w * inv, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     return FP8BlockTensor(q, scale)

@@ -11,31 +11,32 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from nvfp4jax.formats.e2m1 import decode_e2m1, e4m3_to_float, encode_e2m1, exact_div
-from nvfp4jax.formats.e8m0 import ceil_log2, pow2
+from nvfp4jax.formats.e2m1 import decode_e2m1, e4m3_to_float, encode_e2m1
+from nvfp4jax.formats.e8m0 import ceil_log2_quotient, pow2
 
 
-def _pow2_scale(amax: Array, floor: float, top: float) -> Array:
-    """``2 ** ceil(log2(max(amax, floor) / top))``, exactly."""
-    return pow2(ceil_log2(exact_div(jnp.maximum(amax, jnp.float32(floor)), jnp.float32(top))))
+def _scale_exponent(amax: Array, floor: float, top: float) -> Array:
+    """``ceil(log2(max(amax, floor) / top))``, exactly. Dividing by ``2**e`` is then the exact product
+    with ``2**-e`` (``e`` stays within [-126, 126] for these floors and float32 ``amax``)."""
+    return ceil_log2_quotient(jnp.maximum(amax, jnp.float32(floor)), top)
 
 
 def fp8_simulate(x: Float[Array, "*rows dim"], block: int = 64) -> Float[Array, "*rows dim"]:
     """Per ``block`` channels: ``s = 2^ceil(log2(max(amax, 1e-4) / 448))``, ``x <- e4m3(x / s) * s``."""
     xf = x.astype(jnp.float32)
     b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
-    s = _pow2_scale(jnp.max(jnp.abs(b), axis=-1, keepdims=True), 1e-4, 448.0)
-    q = e4m3_to_float(jnp.clip(exact_div(b, s), -448.0, 448.0).astype(jnp.float8_e4m3fn))
-    return (q * s).reshape(xf.shape).astype(x.dtype)
+    e = _scale_exponent(jnp.max(jnp.abs(b), axis=-1, keepdims=True), 1e-4, 448.0)
+    q = e4m3_to_float(jnp.clip(b * pow2(-e), -448.0, 448.0).astype(jnp.float8_e4m3fn))
+    return (q * pow2(e)).reshape(xf.shape).astype(x.dtype)
 
 
 def fp4_simulate(x: Float[Array, "*rows dim"], block: int = 32) -> Float[Array, "*rows dim"]:
     """Per ``block`` channels: ``s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6))``, ``x <- e2m1(x / s) * s``."""
     xf = x.astype(jnp.float32)
     b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
-    s = _pow2_scale(jnp.max(jnp.abs(b), axis=-1, keepdims=True), 6.0 * 2.0**-126, 6.0)
-    q = decode_e2m1(encode_e2m1(exact_div(b, s)))
-    return (q * s).reshape(xf.shape).astype(x.dtype)
+    e = _scale_exponent(jnp.max(jnp.abs(b), axis=-1, keepdims=True), 6.0 * 2.0**-126, 6.0)
+    q = decode_e2m1(encode_e2m1(b * pow2(-e)))
+    return (q * pow2(e)).reshape(xf.shape).astype(x.dtype)
 
 
 def hadamard_matrix(n: int) -> np.ndarray:

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -93,3 +94,25 @@ def test_fp8_block_decode_by_hand_and_partial_blocks(rng):
     assert np.abs(d - w).max() <= np.max(s) * 16  # e4m3 half-ulp at the top binade
     with pytest.raises(ValueError, match=r"scales of shape \(2, 3\)"):
         formats.decode_fp8_block(q.weight, np.zeros((2, 2), np.uint8))
+
+
+@pytest.mark.parametrize("top", [448.0, 6.0, 2688.0, 1.0, 3.0 * 2.0**-120])
+def test_ceil_log2_quotient_is_ceil_log2_of_the_rounded_quotient(rng, top):
+    """The bit formula equals ceil_log2 of the correctly rounded quotient, on random values and on
+    the edges: a = top * 2**k exactly and its float32 neighbours (where rounding could matter)."""
+    from nvfp4jax.formats.e2m1 import exact_div
+    from nvfp4jax.formats.e8m0 import ceil_log2, ceil_log2_quotient
+
+    k = rng.integers(-60, 60, 3000).astype(np.float32)
+    edge = (np.float32(top) * np.exp2(k)).astype(np.float32)
+    a = np.concatenate([
+        edge, np.nextafter(edge, np.float32(np.inf)), np.nextafter(edge, np.float32(0)),
+        (np.abs(rng.standard_normal(20000)) * 10.0 ** rng.integers(-12, 12, 20000)).astype(np.float32),
+    ])
+    with np.errstate(all="ignore"):
+        q = a / np.float32(top)
+    a = a[np.isfinite(q) & (a >= 2.0**-126) & (q >= 2.0**-125) & (q < 2.0**100)]  # normal a and quotient
+    want = ceil_log2(exact_div(jnp.asarray(a), jnp.float32(top)))
+    assert_bitwise_equal(jax.jit(lambda x: ceil_log2_quotient(x, top))(a), want, f"top={top}")
+    with pytest.raises(ValueError, match="positive normal"):
+        ceil_log2_quotient(a, 0.0)

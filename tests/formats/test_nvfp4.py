@@ -132,16 +132,26 @@ def test_swizzle_matches_the_reference_to_blocked_layout():
 
 
 def test_exact_div_corrects_a_reciprocal_multiply(rng):
-    """XLA may turn a / b into a * (1/b) (not correctly rounded); exact_div must still be IEEE-exact."""
+    """XLA may turn a / b into a * (1/b) (not correctly rounded), a GPU quotient may be 2 ulp off;
+    exact_div must still be IEEE-exact, also for divisors >= 2**126 (the scale of a is split in two
+    factors there) and on exact ties (a / 4 of odd 25-bit integers)."""
     from nvfp4jax.formats.e2m1 import exact_div
 
     n = 400_000
     a = (rng.standard_normal(n) * 10.0 ** rng.integers(-8, 8, n)).astype(np.float32)
     b = (rng.standard_normal(n) * 10.0 ** rng.integers(-8, 8, n)).astype(np.float32)
+    b[:1000] = np.float32(2.0**126) * rng.uniform(1, 3.9, 1000).astype(np.float32)  # exponent 126 and 127
+    a[:1000] = rng.standard_normal(1000).astype(np.float32) * np.float32(1e25)
+    a[1000:2000], b[1000:2000] = rng.integers(2**24, 2**25, 1000).astype(np.float32), 4.0
+    want = (a / b).astype(np.float32)
+    assert np.abs(want[:1000]).min() > 2.0**-78, "keep the huge-divisor quotients out of the subnormal range"
     guess = jnp.asarray(a) * (jnp.float32(1.0) / jnp.asarray(b))
-    assert int((np.asarray(guess) != a / b).sum()) > 1000, "the inexact guess must actually be wrong somewhere"
-    got = jax.jit(lambda x, y, g: exact_div(x, y, g))(a, b, guess)
-    assert_bitwise_equal(got, (a / b).astype(np.float32), "exact_div")
+    assert int((np.asarray(guess) != want).sum()) > 1000, "the inexact guess must actually be wrong somewhere"
+    off = (want.view(np.int32) + rng.integers(-2, 3, n).astype(np.int32)).view(np.float32)  # up to 2 ulp off
+    guess = jnp.where(jnp.arange(n) < 1000, off, guess)  # 1 / b is subnormal there, flushed: a zero guess is kept
+    for name, g in (("reciprocal multiply", guess), ("2 ulp off", off), ("own quotient", None)):
+        got = jax.jit(exact_div)(a, b) if g is None else jax.jit(lambda x, y, g: exact_div(x, y, g))(a, b, g)
+        assert_bitwise_equal(got, want, name)
     assert_bitwise_equal(jax.jit(exact_div)(a, np.float32(2688.0)), a / np.float32(2688.0), "by a constant")
 
 
