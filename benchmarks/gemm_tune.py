@@ -6,7 +6,8 @@ the measured copy bandwidth on the bytes moved, marking the config ``choose_conf
 as in ``benchmarks/gemm.py`` (device kernel time from the profiler trace, L2 flushed). The numbers
 choose the heuristics in ``choose_config``; they are not the reported results (``gemm.py`` is).
 
-Usage (GPU): ``python benchmarks/gemm_tune.py [--shapes flash|pro|all] [--m 1,16] [--budget-s 400]``.
+Usage (GPU): ``python benchmarks/gemm_tune.py [--shapes flash|pro|all] [--m 1,16] [--budget-s 400]
+[--w-regs 0,1]``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
 
 
 def candidates(m: int, n: int, k: int, act_nvfp4: bool, tile_ws=(64, 128), tile_ks=(128,),
-               splits=(1, 2, 4, 8, 16), prefetch_list=(1, 2, 3)):
+               splits=(1, 2, 4, 8, 16), prefetch_list=(1, 2, 3), w_regs_list=(False,)):
     tile_t = max(16, -(-m // 16) * 16)
     for tile_w in tile_ws:
         if n % tile_w:
@@ -38,9 +39,10 @@ def candidates(m: int, n: int, k: int, act_nvfp4: bool, tile_ws=(64, 128), tile_
                 if (k // tile_k) % split:
                     continue
                 for prefetch in prefetch_list:
-                    cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, prefetch=prefetch)
-                    if k // tile_k // split >= prefetch and kg.GemmNvfp4Sm90.can_implement(cfg):
-                        yield cfg
+                    for w_regs in w_regs_list:
+                        cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, prefetch=prefetch, w_regs=w_regs)
+                        if k // tile_k // split >= prefetch and kg.GemmNvfp4Sm90.can_implement(cfg):
+                            yield cfg
 
 
 def run_cfg(cfg, x, w):
@@ -63,6 +65,7 @@ def main():
     ap.add_argument("--tile-k", default="128")
     ap.add_argument("--splits", default="1,2,4,8,16")
     ap.add_argument("--prefetch", default="1,2,3")
+    ap.add_argument("--w-regs", default="0", help="0,1: also time W decoded into wgmma's A registers")
     args = ap.parse_args()
     t0 = time.time()
     bw, _ = measure_ceilings()
@@ -92,7 +95,7 @@ def main():
                 res = []
                 ints = lambda v: tuple(map(int, v.split(",")))  # noqa: E731
                 for cfg in candidates(m, n, k, act, ints(args.tile_w), ints(args.tile_k), ints(args.splits),
-                                      ints(args.prefetch)):
+                                      ints(args.prefetch), tuple(bool(v) for v in ints(args.w_regs))):
                     if time.time() - t0 > args.budget_s:
                         print("  (time budget reached)", flush=True)
                         return
@@ -106,7 +109,7 @@ def main():
                 for t, cfg in res[:6] + [r for r in res[6:] if r[1] == chosen]:
                     mark = " <- chosen" if cfg == chosen else ""
                     print(f"  {recipe} w{cfg.tile_w} k{cfg.tile_k} split{cfg.split} "
-                          f"prefetch{cfg.prefetch}: "
+                          f"prefetch{cfg.prefetch}{' w_regs' if cfg.w_regs else ''}: "
                           f"{t * 1e6:.1f} us {100 * nbytes / t / bw:.0f}% BW, x{bf16 / t:.2f} BF16{mark}", flush=True)
 
 

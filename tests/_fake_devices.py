@@ -16,7 +16,7 @@ def run_on_fake_devices(test_file: str, tmp_path, timeout: int) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     report = tmp_path / "report.xml"
     r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(test_file), "-p", "no:cacheprovider",
-                        "-p", "no:warnings", "-k", "not eight_fake_cpu_devices", f"--junitxml={report}"],
+                        "-n", "0", "-p", "no:warnings", "-k", "not eight_fake_cpu_devices", f"--junitxml={report}"],
                        check=False, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
     tail = r.stdout[-6000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail

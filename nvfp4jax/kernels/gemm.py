@@ -51,9 +51,19 @@ Compute (``benchmarks/ncu_gemm.py``, H200) shows the SM's L1/shared pipe 76-79% 
 38% busy, 23.5% achieved occupancy (31% theoretical, bounded by the 40 KB of BF16 stages), stalls
 mostly on L1TEX scoreboards; shared-store bank conflicts (8.8 wavefronts per warp store) were
 found there and removed (18.4 -> 17.8 us under ncu's locked clocks). Every weight byte is written
-to and read back from shared memory as BF16 (4x its HBM size) before wgmma reads it: the next
-step is wgmma with the weight operand decoded straight into registers (``wgmma ... A from
-registers``), which drops that round trip and the stage's occupancy cost.
+to and read back from shared memory as BF16 (4x its HBM size) before wgmma reads it.
+
+Register-A path (``GemmConfig.w_regs``, opt-in: ``NVFP4JAX_GEMM_W_REGS=1`` at trace time; decode
+tiles 64 x 128, dense and the MoE's L2): each thread decodes the weight bytes of its own wgmma A
+fragment (2 rows x 32 K values, loaded as 16-byte chunks exactly as above) straight into the
+fragment's registers, so W never touches shared memory (X alone is staged: 4 KB per stage at 16
+tokens) -- no W stores, no W stage reads, no 32 KB of stage limiting occupancy. The fragment's K
+order inside a tile is a permutation of the natural one (:func:`permuted_column`), which X's
+stage follows. wgmma(i) must complete before the A registers of tile i + 1 are written (ptxas
+serializes every wgmma otherwise, C7513), so the overlap inside a CTA is loads-with-MMA only.
+Status: compiles for sm_90a (96 registers at m <= 16, 128 at m = 64, no spills, no serialization
+warning; CPU tests check the fragment order against CuTeDSL's layout), **not yet run on a GPU**
+(``benchmarks/gpu_w_regs_ab.sh`` runs its tests, the A/B sweep and ncu).
 
 Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; H200, session
 4: correct -- the quick GEMM and MoE GPU tests pass at P = 2 -- and no faster): the register path
@@ -79,18 +89,20 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 import cuda.bindings.driver as cuda
-from cutlass import BFloat16, Float32, Int32, Uint8
+from cutlass import BFloat16, Float32, Int32, Uint8, Uint32
 from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
+from cutlass.cute.nvgpu.warpgroup import OperandSource
 from cutlass.jax import TensorSpec, cutlass_call
 from cutlass.utils import LayoutEnum
 
 from nvfp4jax.formats.nvfp4 import BLOCK, TILE_K, TILE_ROWS, NVFP4Tensor, tile_weight
-from nvfp4jax.kernels._cute import DECODE_SHIFT, dequant_nvfp4_chunk
+from nvfp4jax.kernels._cute import DECODE_SHIFT, dequant_nvfp4_chunk, e2m1_pair_bf16x2, e4m3_scale_bf16x2
 
 THREADS = 128
 NUM_SMS = 132  # H100 SXM; only used to pick the K split
 SMEM_LIMIT = 113 * 1024  # per CTA so that two fit in an SM (228 KB, 1 KB reserved per CTA)
 PREFETCH_ENV = "NVFP4JAX_GEMM_PREFETCH"
+W_REGS_ENV = "NVFP4JAX_GEMM_W_REGS"  # "1": decode configs decode W into wgmma's A registers (opt-in)
 DECODE_CTAS_PER_SM = 4  # decode K split target (choose_config)
 
 
@@ -106,6 +118,7 @@ class GemmConfig:
     gate_up: bool = False  # grouped L1: rows 0..63 of a CTA from W1, 64..127 from W3 (tile_w 128)
     swiglu_limit: float | None = None  # gate_up with split 1: SwiGLU x routing weight epilogue (BF16 h)
     prefetch: int = 1  # register path: K tiles of loads in flight per CTA (2-4: opt-in, GPU-tested, no faster)
+    w_regs: bool = False  # W decoded straight into wgmma's A registers (opt-in; compiles, not yet GPU-tested)
 
 
 def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
@@ -117,8 +130,8 @@ def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
 
 
 def smem_bytes(cfg: GemmConfig) -> int:
-    """Shared memory of a CTA: two BF16 stages of the W and X tiles."""
-    return 2 * 2 * (cfg.tile_w + cfg.tile_t) * cfg.tile_k
+    """Shared memory of a CTA: two BF16 stages of the W (unless in registers) and X tiles."""
+    return 2 * 2 * ((0 if cfg.w_regs else cfg.tile_w) + cfg.tile_t) * cfg.tile_k
 
 
 def thread_coords(tidx, per_row: int, rows_pp: int):
@@ -133,6 +146,15 @@ def thread_coords(tidx, per_row: int, rows_pp: int):
     if rows_pp % 8 == 0:
         return (tidx // (8 * per_row)) * 8 + tidx % 8, (tidx // 8) % per_row
     return tidx // per_row, tidx % per_row
+
+
+def permuted_column(kk):
+    """``w_regs`` path: the A / X stage column of the even K index ``kk`` (and ``kk + 1`` the next) in a
+    128-K tile. Lane ``q = kk // 32`` holds K ``32q .. 32q + 31``; the pair of byte ``t = kk % 32 // 2``
+    goes to k step ``t // 2``, column half ``t % 2``, columns ``2q, 2q + 1`` of it (wgmma's A fragment).
+    Python ints or DSL integers."""
+    t = (kk % 32) // 2
+    return (t // 2) * 16 + (t % 2) * 8 + (kk // 32) * 2
 
 
 class GemmNvfp4Sm90:
@@ -158,6 +180,8 @@ class GemmNvfp4Sm90:
             return False
         if smem_bytes(cfg) > SMEM_LIMIT or not 1 <= cfg.prefetch <= 4:
             return False
+        if cfg.w_regs and (cfg.tile_w != 64 or cfg.tile_k != TILE_K or cfg.prefetch != 1 or cfg.gate_up):
+            return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
         # every row of the tile is loaded: whole passes of r rows (a 48-token tile with 32-row
@@ -176,15 +200,18 @@ class GemmNvfp4Sm90:
         """
         cfg = self.cfg
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (64, cfg.tile_t)
+            BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (64, cfg.tile_t),
+            OperandSource.RMEM if cfg.w_regs else OperandSource.SMEM,
         )
         tile_mnk = (cfg.tile_w, cfg.tile_t, cfg.tile_k)
         sA_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2)
         sB_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2)
+        # with W in registers the A stage is 16 bytes (unused): shared memory holds X only
+        a_elems = 8 if cfg.w_regs else cute.cosize(sA_layout)
 
         @cute.struct
         class SharedStorage:
-            sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sA_layout)], 1024]
+            sA: cute.struct.Align[cute.struct.MemRange[BFloat16, a_elems], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
 
         self.shared_storage = SharedStorage
@@ -238,7 +265,6 @@ class GemmNvfp4Sm90:
 
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
-        sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
         sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)
 
         # ---- per-thread global sources and register staging -------------------------------
@@ -253,6 +279,9 @@ class GemmNvfp4Sm90:
         w_per_row = cfg.tile_k // self.w_chunk
         w_rows_cta = cfg.tile_w // 2 if cutlass.const_expr(cfg.gate_up) else cfg.tile_w
         w_row_in_pass, w_part = thread_coords(tidx, w_per_row, self.w_rows_pp)
+        if cutlass.const_expr(cfg.w_regs):
+            # the A fragment's rows: warp w holds rows 16w + lane/4 and + 8, K columns of lane % 4
+            w_row_in_pass, w_part = (tidx // 32) * 16 + (tidx % 32) // 4, tidx % 4
         w_row0 = bw * w_rows_cta + w_row_in_pass
         gW = (cute.local_tile(wv, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
               cute.local_tile(ws, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
@@ -284,35 +313,40 @@ class GemmNvfp4Sm90:
             tXrP = tXrD
             tXrS = tXrD
 
-        store_w = self._store_copy(self.w_rows_pp, self.w_chunk).get_slice(tidx)
         store_x = self._store_copy(self.x_rows_pp, self.x_chunk).get_slice(tidx)
-        tAsA = store_w.partition_D(sA)  # (CPY, passes, 1, stage)
         tBsB = store_x.partition_D(sB)
-
         thr_mma = tiled_mma.get_slice(tidx)
-        tCsA = thr_mma.partition_A(sA)
         tCsB = thr_mma.partition_B(sB)
-        tCrA = tiled_mma.make_fragment_A(tCsA)
         tCrB = tiled_mma.make_fragment_B(tCsB)
 
         acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((cfg.tile_w, cfg.tile_t)), Float32)
         acc.fill(0.0)
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
-        if cutlass.const_expr(cfg.prefetch > 1):
-            self.mainloop_prefetch(kt0, k_tiles, count, gW, gW3, w_row0, w_part, gX, x_rows, x_part, x_row_in_tile,
-                                   tWrD, tXrD, tAsA, tBsB, tCrA, tCrB, acc, tiled_mma)
+        if cutlass.const_expr(cfg.w_regs):
+            self.mainloop_w_regs(kt0, k_tiles, count, gW, w_row0, w_part, tWrP, tWrS, gX, x_rows, x_part,
+                                 x_row_in_tile, tXrP, tXrS, tXrD, sB, tCrB, acc, tiled_mma, thr_mma)
         else:
-            # Tile i's operands are loaded into registers one iteration ahead, while wgmma(i-1) runs;
-            # stage i % 2 is rewritten only after wgmma(i-2), its last reader, has completed.
-            self.load_tile(kt0, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part)
-            for i in cutlass.range(k_tiles, unroll=1):
-                stage = i % 2
-                self.stage_tile(stage, (tWrP, tWrS, tWrD), (tXrP, tXrS, tXrD), tAsA, tBsB, x_row_in_tile, count)
-                if i + 1 < k_tiles:
-                    self.load_tile(kt0 + i + 1, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows,
-                                   x_part)
-                self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
+            sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
+            store_w = self._store_copy(self.w_rows_pp, self.w_chunk).get_slice(tidx)
+            tAsA = store_w.partition_D(sA)  # (CPY, passes, 1, stage)
+            tCsA = thr_mma.partition_A(sA)
+            tCrA = tiled_mma.make_fragment_A(tCsA)
+
+            if cutlass.const_expr(cfg.prefetch > 1):
+                self.mainloop_prefetch(kt0, k_tiles, count, gW, gW3, w_row0, w_part, gX, x_rows, x_part, x_row_in_tile,
+                                       tWrD, tXrD, tAsA, tBsB, tCrA, tCrB, acc, tiled_mma)
+            else:
+                # Tile i's operands are loaded into registers one iteration ahead, while wgmma(i-1) runs;
+                # stage i % 2 is rewritten only after wgmma(i-2), its last reader, has completed.
+                self.load_tile(kt0, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part)
+                for i in cutlass.range(k_tiles, unroll=1):
+                    stage = i % 2
+                    self.stage_tile(stage, (tWrP, tWrS, tWrD), (tXrP, tXrS, tXrD), tAsA, tBsB, x_row_in_tile, count)
+                    if i + 1 < k_tiles:
+                        self.load_tile(kt0 + i + 1, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows,
+                                       x_part)
+                    self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
         warpgroup.wait_group(0)
         self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRows, mRouteW, mY, e, start, count)
 
@@ -359,6 +393,86 @@ class GemmNvfp4Sm90:
                     if i + P < k_tiles:
                         self.load_tile(kt0 + i + P, gW, gW3, wp, ws, w_row0, w_part, gX, xp, xs, xd, x_rows, x_part)
                     self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
+
+    @cute.jit
+    def mainloop_w_regs(self, kt0, k_tiles, count, gW, w_row0, q, tWrP, tWrS, gX, x_rows, x_part, x_row_in_tile,
+                        tXrP, tXrS, tXrD, sB, tCrB, acc, tiled_mma: cute.TiledMma, thr_mma):
+        """K loop with W decoded straight into wgmma's A registers (``w_regs``; tile 64 x 128).
+
+        Thread ``(warp w, lane l)`` holds A rows ``16w + l/4`` and ``+ 8`` (row halves r = 0, 1) and,
+        per k16 step, K columns ``2q, 2q+1, 8+2q, 9+2q`` (q = l % 4). It loads its rows' natural
+        32-value chunk ``q`` of the tile row (16 code bytes, 2 scale bytes; a warp reads 512
+        contiguous bytes per row half) and puts the BF16 pair of byte ``t`` into k step ``t // 2``,
+        column half ``t % 2`` -- so the CTA's K order inside a tile is permuted: A column
+        ``s = 16 (t//2) + 8 (t%2) + 2q + e`` holds K index ``32q + 2t + e``. A sum over K does not
+        care, as long as X's stage uses the same order (:meth:`stage_x_permuted`). The A fragment of tile i
+        is decoded only after wgmma(i - 1) completed (``wait_group(0)``): ptxas serializes every wgmma
+        (C7513) when the A registers of one are written while another is in flight, which a second
+        register buffer would do. What overlaps wgmma(i) is the global loads of tile i + 1, issued just
+        before it (and the other CTAs of the SM).
+        """
+        tArA = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((self.cfg.tile_w, self.cfg.tile_k)))
+        self.load_w_regs(kt0, gW, tWrP, tWrS, w_row0, q)
+        self.load_x(kt0, gX, tXrP, tXrS, tXrD, x_rows, x_part)
+        for i in cutlass.range(k_tiles, unroll=1):
+            stage = i % 2
+            warpgroup.wait_group(0)  # wgmma(i - 1), the reader of the A registers, is done
+            cute.arch.sync_threads()
+            self.decode_w_regs(tWrP, tWrS, tArA)
+            self.stage_x_permuted(stage, tXrP, tXrS, tXrD, sB, x_row_in_tile, x_part, count)
+            if i + 1 < k_tiles:
+                self.load_w_regs(kt0 + i + 1, gW, tWrP, tWrS, w_row0, q)
+                self.load_x(kt0 + i + 1, gX, tXrP, tXrS, tXrD, x_rows, x_part)
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
+                cute.gemm(tiled_mma, acc, tArA[None, None, kb], tCrB[None, None, kb, stage], acc)
+            warpgroup.commit_group()
+
+    @cute.jit
+    def load_w_regs(self, kt, gW, tWrP, tWrS, w_row0, q):
+        """Global loads of this thread's two A rows (``w_row0``, ``+ 8``), chunk ``q`` of K tile ``kt``."""
+        for r in cutlass.range_constexpr(2):
+            row = w_row0 + 8 * r
+            rb, rr = row // TILE_ROWS, row % TILE_ROWS
+            cute.autovec_copy(gW[0][0, 0, 0, None, rb, kt, rr, q], tWrP[None, r])
+            cute.autovec_copy(gW[1][0, 0, 0, None, rb, kt, rr, q], tWrS[None, r])
+
+    @cute.jit
+    def decode_w_regs(self, tWrP, tWrS, tArA):
+        """Decode the two rows' 16 code bytes into the A fragment: byte ``t`` of row half ``r`` is the
+        BF16x2 word ``2t + r`` of the fragment (layout ``((2,2,2),1,8):((1,2,4),0,8)``: pair element,
+        row half, column half, k step). Same exact decoder as the shared-memory path."""
+        words_a = cute.recast_tensor(tArA, Uint32)
+        for r in cutlass.range_constexpr(2):
+            words = cute.recast_tensor(tWrP[None, r], Uint32)
+            for blk in cutlass.range_constexpr(2):  # 16 K values (8 bytes) per scale
+                scale = e4m3_scale_bf16x2(Uint32(tWrS[blk, r]))
+                for h in cutlass.range_constexpr(2):
+                    w = words[2 * blk + h]
+                    lo = w & Uint32(0x0F0F0F0F)
+                    hi = (w >> Uint32(4)) & Uint32(0x0F0F0F0F)
+                    for j in cutlass.range_constexpr(4):
+                        t = 4 * (2 * blk + h) + j
+                        words_a[2 * t + r] = e2m1_pair_bf16x2(lo, hi, j, scale)
+
+    @cute.jit
+    def stage_x_permuted(self, stage, xp, xs, xd, sB, x_row_in_tile, x_part, count):
+        """X's register tile -> BF16 stage ``stage`` in the K order of :meth:`mainloop_w_regs`
+        (:func:`permuted_column`); rows past ``count`` zeroed; proxy fence + barrier."""
+        cfg = self.cfg
+        for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
+            if cutlass.const_expr(cfg.act_nvfp4):
+                dequant_nvfp4_chunk(xp[None, p], xs[None, p], xd[None, p])
+            row = x_row_in_tile + p * self.x_rows_pp
+            if row >= count:
+                xd[None, p].fill(0.0)
+            if x_row_in_tile < cfg.tile_t:
+                for i in cutlass.range_constexpr(self.x_chunk // 2):
+                    col = permuted_column(x_part * self.x_chunk + 2 * i)
+                    sB[row, col, stage] = xd[2 * i, p]
+                    sB[row, col + 1, stage] = xd[2 * i + 1, p]
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.sync_threads()
 
     @cute.jit
     def stage_tile(self, stage, w_regs, x_regs, tAsA, tBsB, x_row_in_tile, count):
@@ -466,6 +580,12 @@ class GemmNvfp4Sm90:
             rb, r = row // TILE_ROWS, row % TILE_ROWS
             cute.autovec_copy(src[0][0, 0, 0, None, rb, kb, r, c], tWrP[None, p])
             cute.autovec_copy(src[1][0, 0, 0, None, rb, kb, r, c], tWrS[None, p])
+        self.load_x(kt, gX, tXrP, tXrS, tXrD, x_rows, x_part)
+
+    @cute.jit
+    def load_x(self, kt, gX, tXrP, tXrS, tXrD, x_rows, x_part):
+        """Issue the global loads of X's K tile ``kt`` (codes and scales, or BF16) into registers."""
+        cfg = self.cfg
         chunk_x = kt * (cfg.tile_k // self.x_chunk) + x_part
         for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
             if cutlass.const_expr(cfg.act_nvfp4):
@@ -498,7 +618,12 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     split = 1
     while ctas * split * 2 <= DECODE_CTAS_PER_SM * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
-    return with_env_prefetch(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
+    cfg = GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4)
+    if os.environ.get(W_REGS_ENV) == "1" and tile_t <= 64:
+        w_regs = dataclasses.replace(cfg, w_regs=True)
+        if GemmNvfp4Sm90.can_implement(w_regs):
+            return w_regs
+    return with_env_prefetch(cfg, ctas, k_tiles)
 
 
 def with_env_prefetch(cfg: GemmConfig, ctas: int, k_tiles: int, prefetch: int | None = None) -> GemmConfig:

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from nvfp4jax import formats
-from nvfp4jax.formats import e2m1
 from tests.conftest import assert_bitwise_equal
 from tests.formats.oracle import nvfp4_oracle
 

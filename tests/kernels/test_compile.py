@@ -7,6 +7,7 @@ rounded division (quantize), so kernel code cannot rot between GPU runs.
 
 import collections
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,54 @@ def test_gemm_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
     assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["ld.global.v4.b32"] > 0
 
 
+@pytest.mark.parametrize("m,n,k,act_nvfp4", [(1, 4096, 4096, False), (3, 1024, 4096, True), (64, 1536, 7168, True)])
+def test_gemm_w_regs_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
+    """``NVFP4JAX_GEMM_W_REGS=1``: decode configs take W as wgmma's register operand -- the wgmma's A is a
+    list of 4 registers, and nothing but X is staged in shared memory (no 16-byte shared stores of W)."""
+    monkeypatch.setenv(kg.W_REGS_ENV, "1")
+    cfg = kg.choose_config(m, n, k, act_nvfp4)
+    assert cfg.w_regs and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
+    assert kg.smem_bytes(cfg) == 2 * 2 * cfg.tile_t * cfg.tile_k
+    ptx = compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path)
+    ops = opcodes(ptx)
+    assert ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"] == 8, ops
+    assert re.search(r"wgmma\.mma_async\S+ \{[^}]+\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd", ptx), "A must come from registers"
+    assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] == 0 and ops["wgmma.wait_group.sync.aligned"] >= 1
+    monkeypatch.delenv(kg.W_REGS_ENV)
+    assert not kg.choose_config(m, n, k, act_nvfp4).w_regs
+
+
+def test_w_regs_fragment_order_matches_the_permuted_x_stage():
+    """The ``w_regs`` path's two halves of one K permutation agree with wgmma's A fragment as CuTeDSL
+    lays it out: fragment element i of thread T (byte t = i // 4, row half r = i // 2 % 2, pair element
+    e = i % 2, as ``decode_w_regs`` writes it) sits at row ``16 (T // 32) + T % 32 // 4 + 8 r`` and column
+    ``permuted_column(32 (T % 4) + 2 t) + e`` -- the column ``stage_x_permuted`` gives that K index."""
+    import cutlass.utils.hopper_helpers as sm90_utils
+    from cutlass import BFloat16, Float32
+    from cutlass.cute.nvgpu import OperandMajorMode
+    from cutlass.cute.nvgpu.warpgroup import OperandSource
+
+    pairs = []
+
+    @cute.jit
+    def probe():
+        mma = sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32,
+                                                (1, 1, 1), (64, 16), OperandSource.RMEM)
+        for T in cutlass.range_constexpr(128):
+            coords = mma.get_slice(T).partition_A(cute.make_identity_tensor((64, 128)))
+            for i in cutlass.range_constexpr(64):
+                t, r, e = i // 4, i // 2 % 2, i % 2
+                got = coords[(e, r, t % 2), 0, t // 2]
+                want = (16 * (T // 32) + T % 32 // 4 + 8 * r, kg.permuted_column(32 * (T % 4) + 2 * t) + e)
+                pairs.append((T, i, tuple(int(v) for v in got), want))  # compared outside (no `if` in a cute.jit)
+
+    cute.compile(probe, options="--gpu-arch sm_90a")
+    bad = [p for p in pairs if p[2] != p[3]]
+    seen = {p[3] for p in pairs}
+    assert len(pairs) == 128 * 64 and not bad, bad[:5]
+    assert len(seen) == 64 * 128, "every (row, column) of the A tile exactly once"
+
+
 def test_choose_config_covers_v4_shapes():
     from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
 
@@ -138,6 +187,22 @@ def test_grouped_gemm_compiles_sm90a(tmp_path, t, act_nvfp4, stage):
     assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
     assert decodes_without_conversions(ops) and ops["ld.global.v4.b32"] > 0
     assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None), "SwiGLU epilogue (exp) iff fused"
+
+
+@pytest.mark.parametrize("t,act_nvfp4", [(1, True), (8, False)])
+def test_grouped_w_regs_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4):
+    """``NVFP4JAX_GEMM_W_REGS=1`` reaches the MoE's L2 decode tiles (grouped, no gate_up) and not L1."""
+    from nvfp4jax.kernels import moe as km
+
+    monkeypatch.setenv(kg.W_REGS_ENV, "1")
+    experts, inter, d, rows = 16, 2048, 4096, 6 * t
+    assert not km.choose_grouped_config(rows, experts, 2 * inter, d, act_nvfp4, gate_up=True, swiglu_limit=10.0).w_regs
+    cfg = km.choose_grouped_config(rows, experts, d, inter, act_nvfp4, gate_up=False, swiglu_limit=10.0)
+    assert cfg.w_regs and cfg.grouped, cfg
+    ptx = compile_ptx(km._kernel(cfg), *_grouped_io(cfg, t, rows, experts, d, inter, False), tmp_path)
+    ops = opcodes(ptx)
+    assert ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"] == 8 and ops["st.shared.v4.b32"] == 0
+    assert re.search(r"wgmma\.mma_async\S+ \{[^}]+\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd", ptx)
 
 
 # ---- register prefetch depth (GemmConfig.prefetch >= 2) ----------------------------------------------

@@ -58,11 +58,11 @@ def _metrics(got, want, oracle):
     return jnp.all(jnp.isfinite(got)), 1 - cos, err_k, err_r, 1e-6 * jnp.sqrt(jnp.mean(oracle**2))
 
 
-def _check(x, w, case):
+def _check(x, w, case, kernel=_kernel_gemm):
     """The kernel on ``w`` in the tile layout (as a loaded model holds it) vs the reference on row-major ``w``."""
     wt = tile_weight(w) if w.shape[0] % 64 == 0 and w.shape[1] % 128 == 0 else w
     poison_device_memory()
-    got = _kernel_gemm(x, wt)
+    got = kernel(x, wt)
     finite, cos_diff, err_k, err_r, floor = (float(v) for v in _metrics(got, _ref_gemm(x, w), _oracle(x, w)))
     assert finite, f"{case}: non-finite output (unwritten element?)"
     assert cos_diff < 1e-5, f"{case} 1-cos={cos_diff:.3e}"
@@ -98,6 +98,18 @@ def test_gemm_w4a16(rng, name, n, k, m):
     w = _weights(rng, n, k)
     x = activations(rng, m, k)
     _check(x, w, f"W4A16 {name} {m=} {n=} {k=}")
+
+
+@pytest.mark.parametrize("n,k,m,act_nvfp4", [(128, 1024, 3, True), (128, 1024, 1, False), (4096, 4096, 1, False),
+                                             (1024, 4096, 16, True), (1536, 7168, 64, True), (512, 4096, 37, False)])
+def test_gemm_w_regs(rng, monkeypatch, n, k, m, act_nvfp4):
+    """``NVFP4JAX_GEMM_W_REGS=1`` (W decoded into wgmma's A registers, K permuted inside a tile)."""
+    monkeypatch.setenv(kg.W_REGS_ENV, "1")
+    assert kg.choose_config(m, n, k, act_nvfp4).w_regs
+    w = _weights(rng, n, k)
+    x = activations(rng, m, k)
+    x = ref.quantize_nvfp4(x) if act_nvfp4 else x
+    _check(x, w, f"w_regs {m=} {n=} {k=} {act_nvfp4=}", jax.jit(kg.nvfp4_gemm))
 
 
 def test_gemm_small_case(rng):

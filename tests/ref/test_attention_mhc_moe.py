@@ -1,6 +1,5 @@
 """Hand-derived cases for attention with sink, indexer selection, mHC and routing (spec §2-§4)."""
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

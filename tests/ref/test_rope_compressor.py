@@ -2,7 +2,6 @@
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from nvfp4jax.config import preset
 from nvfp4jax.ref.compressor import compress_full_sequence, pool_windows
