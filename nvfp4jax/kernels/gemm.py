@@ -54,15 +54,16 @@ found there and removed (18.4 -> 17.8 us under ncu's locked clocks). Every weigh
 to and read back from shared memory as BF16 (4x its HBM size) before wgmma reads it.
 
 Register-A path (``GemmConfig.w_regs``, opt-in: ``NVFP4JAX_GEMM_W_REGS=1`` at trace time; decode
-tiles 64 x 128, dense and the MoE's L2): each thread decodes the weight bytes of its own wgmma A
-fragment (2 rows x 32 K values, loaded as 16-byte chunks exactly as above) straight into the
+tiles of 64 or 128 weight rows x 128 K: dense, and both MoE GEMMs): each thread decodes the weight
+bytes of its own wgmma A fragment (2 rows per 64-row block x 32 K values, loaded as 16-byte
+chunks exactly as above) straight into the
 fragment's registers, so W never touches shared memory (X alone is staged: 4 KB per stage at 16
 tokens) -- no W stores, no W stage reads, no 32 KB of stage limiting occupancy. The fragment's K
 order inside a tile is a permutation of the natural one (:func:`permuted_column`), which X's
 stage follows. wgmma(i) must complete before the A registers of tile i + 1 are written (ptxas
 serializes every wgmma otherwise, C7513), so the overlap inside a CTA is loads-with-MMA only.
-Status: compiles for sm_90a (96 registers at m <= 16, 128 at m = 64, no spills, no serialization
-warning; CPU tests check the fragment order against CuTeDSL's layout), **not yet run on a GPU**
+Status: compiles for sm_90a (ptxas 13.0, dense: 96 registers at m <= 16, 128 at m = 64, no spills,
+no serialization warning; CPU tests check the fragment order against CuTeDSL's layout), **not yet run on a GPU**
 (``benchmarks/gpu_w_regs_ab.sh`` runs its tests, the A/B sweep and ncu).
 
 Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; H200, session
@@ -157,6 +158,12 @@ def permuted_column(kk):
     return (t // 2) * 16 + (t % 2) * 8 + (kk // 32) * 2
 
 
+def fragment_word(t: int, r: int, mb: int, blocks: int) -> int:
+    """``w_regs`` path: the BF16x2 word of a thread's A fragment (``blocks`` 64-row M blocks) that holds the
+    pair of code byte ``t`` (0..15 of its 32-value chunk) of row half ``r`` in M block ``mb``."""
+    return r + 2 * (t % 2) + 4 * mb + 4 * blocks * (t // 2)
+
+
 class GemmNvfp4Sm90:
     """``Y^T[n, m] = W[n, k] X[m, k]^T`` with NVFP4 W (and NVFP4 or BF16 X); see the module docstring."""
 
@@ -180,7 +187,7 @@ class GemmNvfp4Sm90:
             return False
         if smem_bytes(cfg) > SMEM_LIMIT or not 1 <= cfg.prefetch <= 4:
             return False
-        if cfg.w_regs and (cfg.tile_w != 64 or cfg.tile_k != TILE_K or cfg.prefetch != 1 or cfg.gate_up):
+        if cfg.w_regs and (cfg.tile_k != TILE_K or cfg.prefetch != 1):
             return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
@@ -280,7 +287,8 @@ class GemmNvfp4Sm90:
         w_rows_cta = cfg.tile_w // 2 if cutlass.const_expr(cfg.gate_up) else cfg.tile_w
         w_row_in_pass, w_part = thread_coords(tidx, w_per_row, self.w_rows_pp)
         if cutlass.const_expr(cfg.w_regs):
-            # the A fragment's rows: warp w holds rows 16w + lane/4 and + 8, K columns of lane % 4
+            # the A fragment's rows: warp w holds rows 16w + lane/4 and + 8 of each 64-row M block,
+            # K columns of lane % 4
             w_row_in_pass, w_part = (tidx // 32) * 16 + (tidx % 32) // 4, tidx % 4
         w_row0 = bw * w_rows_cta + w_row_in_pass
         gW = (cute.local_tile(wv, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
@@ -324,7 +332,7 @@ class GemmNvfp4Sm90:
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
         if cutlass.const_expr(cfg.w_regs):
-            self.mainloop_w_regs(kt0, k_tiles, count, gW, w_row0, w_part, tWrP, tWrS, gX, x_rows, x_part,
+            self.mainloop_w_regs(kt0, k_tiles, count, gW, gW3, w_row0, w_part, tWrP, tWrS, gX, x_rows, x_part,
                                  x_row_in_tile, tXrP, tXrS, tXrD, sB, tCrB, acc, tiled_mma, thr_mma)
         else:
             sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
@@ -395,11 +403,12 @@ class GemmNvfp4Sm90:
                     self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
 
     @cute.jit
-    def mainloop_w_regs(self, kt0, k_tiles, count, gW, w_row0, q, tWrP, tWrS, gX, x_rows, x_part, x_row_in_tile,
+    def mainloop_w_regs(self, kt0, k_tiles, count, gW, gW3, w_row0, q, tWrP, tWrS, gX, x_rows, x_part, x_row_in_tile,
                         tXrP, tXrS, tXrD, sB, tCrB, acc, tiled_mma: cute.TiledMma, thr_mma):
-        """K loop with W decoded straight into wgmma's A registers (``w_regs``; tile 64 x 128).
+        """K loop with W decoded straight into wgmma's A registers (``w_regs``; K tile 128).
 
-        Thread ``(warp w, lane l)`` holds A rows ``16w + l/4`` and ``+ 8`` (row halves r = 0, 1) and,
+        Thread ``(warp w, lane l)`` holds, in each 64-row M block (one, or two with ``tile_w`` 128: for
+        gate_up W1's and W3's rows), A rows ``16w + l/4`` and ``+ 8`` (row halves r = 0, 1) and,
         per k16 step, K columns ``2q, 2q+1, 8+2q, 9+2q`` (q = l % 4). It loads its rows' natural
         32-value chunk ``q`` of the tile row (16 code bytes, 2 scale bytes; a warp reads 512
         contiguous bytes per row half) and puts the BF16 pair of byte ``t`` into k step ``t // 2``,
@@ -412,7 +421,7 @@ class GemmNvfp4Sm90:
         before it (and the other CTAs of the SM).
         """
         tArA = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((self.cfg.tile_w, self.cfg.tile_k)))
-        self.load_w_regs(kt0, gW, tWrP, tWrS, w_row0, q)
+        self.load_w_regs(kt0, gW, gW3, tWrP, tWrS, w_row0, q)
         self.load_x(kt0, gX, tXrP, tXrS, tXrD, x_rows, x_part)
         for i in cutlass.range(k_tiles, unroll=1):
             stage = i % 2
@@ -421,7 +430,7 @@ class GemmNvfp4Sm90:
             self.decode_w_regs(tWrP, tWrS, tArA)
             self.stage_x_permuted(stage, tXrP, tXrS, tXrD, sB, x_row_in_tile, x_part, count)
             if i + 1 < k_tiles:
-                self.load_w_regs(kt0 + i + 1, gW, tWrP, tWrS, w_row0, q)
+                self.load_w_regs(kt0 + i + 1, gW, gW3, tWrP, tWrS, w_row0, q)
                 self.load_x(kt0 + i + 1, gX, tXrP, tXrS, tXrD, x_rows, x_part)
             warpgroup.fence()
             for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
@@ -429,31 +438,39 @@ class GemmNvfp4Sm90:
             warpgroup.commit_group()
 
     @cute.jit
-    def load_w_regs(self, kt, gW, tWrP, tWrS, w_row0, q):
-        """Global loads of this thread's two A rows (``w_row0``, ``+ 8``), chunk ``q`` of K tile ``kt``."""
-        for r in cutlass.range_constexpr(2):
-            row = w_row0 + 8 * r
-            rb, rr = row // TILE_ROWS, row % TILE_ROWS
-            cute.autovec_copy(gW[0][0, 0, 0, None, rb, kt, rr, q], tWrP[None, r])
-            cute.autovec_copy(gW[1][0, 0, 0, None, rb, kt, rr, q], tWrS[None, r])
+    def load_w_regs(self, kt, gW, gW3, tWrP, tWrS, w_row0, q):
+        """Global loads of this thread's A rows (``w_row0 + 64 mb + 8 r``; gate_up: block 1 is W3's rows
+        ``w_row0 + 8 r``), chunk ``q`` of K tile ``kt``, into register pass ``2 mb + r``."""
+        for mb in cutlass.range_constexpr(self.cfg.tile_w // 64):
+            src, off = gW, 64 * mb
+            if cutlass.const_expr(self.cfg.gate_up and mb == 1):
+                src, off = gW3, 0
+            for r in cutlass.range_constexpr(2):
+                row = w_row0 + off + 8 * r
+                rb, rr = row // TILE_ROWS, row % TILE_ROWS
+                cute.autovec_copy(src[0][0, 0, 0, None, rb, kt, rr, q], tWrP[None, 2 * mb + r])
+                cute.autovec_copy(src[1][0, 0, 0, None, rb, kt, rr, q], tWrS[None, 2 * mb + r])
 
     @cute.jit
     def decode_w_regs(self, tWrP, tWrS, tArA):
-        """Decode the two rows' 16 code bytes into the A fragment: byte ``t`` of row half ``r`` is the
-        BF16x2 word ``2t + r`` of the fragment (layout ``((2,2,2),1,8):((1,2,4),0,8)``: pair element,
-        row half, column half, k step). Same exact decoder as the shared-memory path."""
+        """Decode the rows' 16 code bytes into the A fragment: byte ``t`` of row half ``r`` of M block
+        ``mb`` is the BF16x2 word :func:`fragment_word` of the fragment (layout
+        ``((2,2,2),MB,8):((1,2,4),8,8 MB)``: pair element, row half, column half; M block; k step).
+        Same exact decoder as the shared-memory path."""
+        blocks = self.cfg.tile_w // 64
         words_a = cute.recast_tensor(tArA, Uint32)
-        for r in cutlass.range_constexpr(2):
-            words = cute.recast_tensor(tWrP[None, r], Uint32)
-            for blk in cutlass.range_constexpr(2):  # 16 K values (8 bytes) per scale
-                scale = e4m3_scale_bf16x2(Uint32(tWrS[blk, r]))
-                for h in cutlass.range_constexpr(2):
-                    w = words[2 * blk + h]
-                    lo = w & Uint32(0x0F0F0F0F)
-                    hi = (w >> Uint32(4)) & Uint32(0x0F0F0F0F)
-                    for j in cutlass.range_constexpr(4):
-                        t = 4 * (2 * blk + h) + j
-                        words_a[2 * t + r] = e2m1_pair_bf16x2(lo, hi, j, scale)
+        for mb in cutlass.range_constexpr(blocks):
+            for r in cutlass.range_constexpr(2):
+                words = cute.recast_tensor(tWrP[None, 2 * mb + r], Uint32)
+                for blk in cutlass.range_constexpr(2):  # 16 K values (8 bytes) per scale
+                    scale = e4m3_scale_bf16x2(Uint32(tWrS[blk, 2 * mb + r]))
+                    for h in cutlass.range_constexpr(2):
+                        w = words[2 * blk + h]
+                        lo = w & Uint32(0x0F0F0F0F)
+                        hi = (w >> Uint32(4)) & Uint32(0x0F0F0F0F)
+                        for j in cutlass.range_constexpr(4):
+                            t = 4 * (2 * blk + h) + j
+                            words_a[fragment_word(t, r, mb, blocks)] = e2m1_pair_bf16x2(lo, hi, j, scale)
 
     @cute.jit
     def stage_x_permuted(self, stage, xp, xs, xd, sB, x_row_in_tile, x_part, count):

@@ -128,35 +128,42 @@ def test_gemm_w_regs_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
     assert not kg.choose_config(m, n, k, act_nvfp4).w_regs
 
 
-def test_w_regs_fragment_order_matches_the_permuted_x_stage():
+@pytest.mark.parametrize("tile_w", [64, 128])
+def test_w_regs_fragment_order_matches_the_permuted_x_stage(tile_w):
     """The ``w_regs`` path's two halves of one K permutation agree with wgmma's A fragment as CuTeDSL
-    lays it out: fragment element i of thread T (byte t = i // 4, row half r = i // 2 % 2, pair element
-    e = i % 2, as ``decode_w_regs`` writes it) sits at row ``16 (T // 32) + T % 32 // 4 + 8 r`` and column
-    ``permuted_column(32 (T % 4) + 2 t) + e`` -- the column ``stage_x_permuted`` gives that K index."""
+    lays it out: the pair of code byte t (of the thread's 32-value chunk q = T % 4), row half r, M block
+    mb -- fragment word ``fragment_word(t, r, mb)``, where ``decode_w_regs`` writes it -- sits at row
+    ``64 mb + 16 (T // 32) + T % 32 // 4 + 8 r`` and column ``permuted_column(32 q + 2 t)``, the column
+    ``stage_x_permuted`` gives that K index; every (row, column) of the tile once."""
     import cutlass.utils.hopper_helpers as sm90_utils
     from cutlass import BFloat16, Float32
     from cutlass.cute.nvgpu import OperandMajorMode
     from cutlass.cute.nvgpu.warpgroup import OperandSource
 
-    pairs = []
+    blocks, pairs = tile_w // 64, []
 
     @cute.jit
     def probe():
         mma = sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32,
                                                 (1, 1, 1), (64, 16), OperandSource.RMEM)
         for T in cutlass.range_constexpr(128):
-            coords = mma.get_slice(T).partition_A(cute.make_identity_tensor((64, 128)))
-            for i in cutlass.range_constexpr(64):
-                t, r, e = i // 4, i // 2 % 2, i % 2
-                got = coords[(e, r, t % 2), 0, t // 2]
-                want = (16 * (T // 32) + T % 32 // 4 + 8 * r, kg.permuted_column(32 * (T % 4) + 2 * t) + e)
-                pairs.append((T, i, tuple(int(v) for v in got), want))  # compared outside (no `if` in a cute.jit)
+            thr = mma.get_slice(T)
+            coords = thr.partition_A(cute.make_identity_tensor((tile_w, 128)))
+            flat = cute.make_layout(cute.shape(mma.make_fragment_A(thr.partition_shape_A((tile_w, 128))).layout))
+            for mb in cutlass.range_constexpr(blocks):
+                for r in cutlass.range_constexpr(2):
+                    for t in cutlass.range_constexpr(16):
+                        for e in cutlass.range_constexpr(2):
+                            elem = 2 * kg.fragment_word(t, r, mb, blocks) + e  # BF16 element of the fragment
+                            got = coords[flat.get_hier_coord(elem)]
+                            want = (64 * mb + 16 * (T // 32) + T % 32 // 4 + 8 * r,
+                                    kg.permuted_column(32 * (T % 4) + 2 * t) + e)
+                            pairs.append((T, mb, r, t, e, tuple(int(v) for v in got), want))  # compared below
 
     cute.compile(probe, options="--gpu-arch sm_90a")
-    bad = [p for p in pairs if p[2] != p[3]]
-    seen = {p[3] for p in pairs}
-    assert len(pairs) == 128 * 64 and not bad, bad[:5]
-    assert len(seen) == 64 * 128, "every (row, column) of the A tile exactly once"
+    bad = [p for p in pairs if p[-2] != p[-1]]
+    assert len(pairs) == 128 * 64 * blocks and not bad, bad[:5]
+    assert len({p[-1] for p in pairs}) == tile_w * 128, "every (row, column) of the A tile exactly once"
 
 
 def test_choose_config_covers_v4_shapes():
@@ -191,18 +198,22 @@ def test_grouped_gemm_compiles_sm90a(tmp_path, t, act_nvfp4, stage):
 
 @pytest.mark.parametrize("t,act_nvfp4", [(1, True), (8, False)])
 def test_grouped_w_regs_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4):
-    """``NVFP4JAX_GEMM_W_REGS=1`` reaches the MoE's L2 decode tiles (grouped, no gate_up) and not L1."""
+    """``NVFP4JAX_GEMM_W_REGS=1`` reaches the MoE's decode tiles: L1 (gate_up, 128 rows = W1 and W3 blocks)
+    and L2."""
     from nvfp4jax.kernels import moe as km
 
     monkeypatch.setenv(kg.W_REGS_ENV, "1")
     experts, inter, d, rows = 16, 2048, 4096, 6 * t
-    assert not km.choose_grouped_config(rows, experts, 2 * inter, d, act_nvfp4, gate_up=True, swiglu_limit=10.0).w_regs
-    cfg = km.choose_grouped_config(rows, experts, d, inter, act_nvfp4, gate_up=False, swiglu_limit=10.0)
-    assert cfg.w_regs and cfg.grouped, cfg
-    ptx = compile_ptx(km._kernel(cfg), *_grouped_io(cfg, t, rows, experts, d, inter, False), tmp_path)
-    ops = opcodes(ptx)
-    assert ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"] == 8 and ops["st.shared.v4.b32"] == 0
-    assert re.search(r"wgmma\.mma_async\S+ \{[^}]+\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd", ptx)
+    for gate_up, n, k in ((True, inter, d), (False, d, inter)):
+        cfg = km.choose_grouped_config(rows, experts, 2 * n if gate_up else n, k, act_nvfp4, gate_up=gate_up,
+                                       swiglu_limit=10.0)
+        assert cfg.w_regs and cfg.grouped and cfg.tile_w == (128 if gate_up else 64), cfg
+        ptx = compile_ptx(km._kernel(cfg), *_grouped_io(cfg, t, rows, experts, n, k, gate_up), tmp_path)
+        ops = opcodes(ptx)
+        wgmma = ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"]
+        assert wgmma == 8 * cfg.tile_w // 64 and ops["st.shared.v4.b32"] == 0, ops
+        assert re.search(r"wgmma\.mma_async\S+ \{[^}]+\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd", ptx)
+        assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None)
 
 
 # ---- register prefetch depth (GemmConfig.prefetch >= 2) ----------------------------------------------

@@ -113,13 +113,14 @@ def _tiled_experts(model: str):
     return tuple(tile_weight(w) for w in _experts(model))
 
 
-def _check(case: str, model: str, x, weights, expert_ids, quantize_activations: bool):
+def _check(case: str, model: str, x, weights, expert_ids, quantize_activations: bool, kernel=None):
     """The kernel on tiled experts vs the reference (and oracle) on the row-major ones."""
+    kernel = _kernel if kernel is None else kernel
     w1, w3, w2 = _experts(model)
     kw = {"swiglu_limit": SWIGLU_LIMIT, "quantize_activations": quantize_activations}
     want, oracle = _reference_and_oracle(x, weights, expert_ids, w1, w3, w2, **kw)
     poison_device_memory()
-    got = _kernel(x, weights, expert_ids, *_tiled_experts(model), **kw)
+    got = kernel(x, weights, expert_ids, *_tiled_experts(model), **kw)
     assert got.shape == want.shape and got.dtype == jnp.float32, f"{case}: {got.shape} {got.dtype}"
     finite, cos_k, cos_r, err_k, err_r, floor = (float(v) for v in _metrics(got, want, oracle))
     assert finite, f"{case}: non-finite output (unwritten element?)"
@@ -138,6 +139,19 @@ if os.environ.get("NVFP4JAX_GPU_TESTS") == "quick":
 def test_moe_random_routing(rng, model, recipe, t):
     x, weights, expert_ids = _inputs(rng, model, t)
     _check(f"{model} {recipe} {t=}", model, x, weights, expert_ids, RECIPES[recipe])
+
+
+@pytest.mark.parametrize("recipe,t", [("nvfp4", 1), ("nvfp4", 37), ("w4a16", 8)])
+def test_moe_w_regs(rng, monkeypatch, recipe, t):
+    """``NVFP4JAX_GEMM_W_REGS=1``: both grouped GEMMs with W decoded into wgmma's A registers."""
+    from nvfp4jax.kernels import gemm as kg
+
+    monkeypatch.setenv(kg.W_REGS_ENV, "1")
+    e, d, inter, _ = MODELS["flash"]
+    assert km.choose_grouped_config(t * TOPK, e, 2 * inter, d, True, gate_up=True, swiglu_limit=10.0).w_regs
+    x, weights, expert_ids = _inputs(rng, "flash", t)
+    _check(f"w_regs flash {recipe} {t=}", "flash", x, weights, expert_ids, RECIPES[recipe],
+           jax.jit(km.moe_experts, static_argnames=_STATIC))  # a fresh trace reads the variable
 
 
 def _bias(experts: int, value: float, which) -> jax.Array:
