@@ -83,8 +83,10 @@ def exact_div(a: ArrayLike, b: ArrayLike, _guess: Array | None = None) -> Array:
     ``|a / b| < 2**115`` and no subnormal intermediates.
 
     Written with integer operations on the float bits (scaling, neighbours) rather than
-    ``frexp``/``ldexp``/``nextafter``: the same values in that domain, and about half the XLA ops, which
-    halves the CPU compile time of a model in an NVFP4 recipe (every linear quantizes).
+    ``frexp``/``ldexp``/``nextafter``: the same values in that domain (and, unlike ``frexp``-based
+    scaling, also for ``|b| >= 2**126``), a third fewer StableHLO ops before ``nextafter``'s own
+    expansion; the tiny nvfp4-recipe forward (every linear quantizes) compiled on the dev CPU in 22 s
+    instead of 29 s.
     """
     a = jnp.asarray(a, jnp.float32)
     b = jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape)

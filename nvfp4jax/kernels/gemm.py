@@ -58,7 +58,8 @@ tiles of 64 or 128 weight rows x 128 K: dense, and both MoE GEMMs): each thread 
 bytes of its own wgmma A fragment (2 rows per 64-row block x 32 K values, loaded as 16-byte
 chunks exactly as above) straight into the
 fragment's registers, so W never touches shared memory (X alone is staged: 4 KB per stage at 16
-tokens) -- no W stores, no W stage reads, no 32 KB of stage limiting occupancy. The fragment's K
+tokens) -- no W stores and no W stage reads, the traffic that kept L1/TEX 76-79% busy. Occupancy
+does not improve: 96 registers x 128 threads also allow 5 CTAs per SM, as the 40 KB stages did. The fragment's K
 order inside a tile is a permutation of the natural one (:func:`permuted_column`), which X's
 stage follows. wgmma(i) must complete before the A registers of tile i + 1 are written (ptxas
 serializes every wgmma otherwise, C7513), so the overlap inside a CTA is loads-with-MMA only.
