@@ -53,9 +53,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
-    """Drop JAX's compiled programs after each test module: one process runs the whole suite, and
-    holding every module's XLA executables grew it past 6 GB by a third of the way (CI once died in
-    an XLA compile late in the run, exit 139)."""
+    """Drop JAX's compiled programs after each test module: a process runs many modules, and holding
+    every module's XLA executables grew the single-process suite to 9.3 GB three quarters of the way
+    (CI once died in an XLA compile late in such a run, exit 139; cause unknown)."""
     yield
     jax.clear_caches()
     gc.collect()
