@@ -22,8 +22,8 @@ NVFP4JAX_GEMM_W_REGS=1 XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=q
 echo "quick GEMM tests with w_regs: $(tail -1 "$out/quick_gemm_w_regs.log")"
 fi
 [ "$what" = tests ] && exit 0
-timeout 300 python3 benchmarks/gemm_tune.py --names wq_b,wo_b,wq_a,shared.w1/w3 --m 1,16,64 --tile-w 64 \
-  --splits 1,2,4,8 --prefetch 1 --w-regs 0,1 --budget-s 260 > "$out/tune.log" 2>&1
+timeout 300 python3 benchmarks/gemm_tune.py --names wq_b,wo_b,shared.w1/w3 --m 1,16 --tile-w 64 \
+  --recipes w4a16 --splits 1,4,8 --prefetch 1,2 --w-regs 0,1 --budget-s 260 > "$out/tune.log" 2>&1
 cat "$out/tune.log"
 NVFP4JAX_GEMM_W_REGS=1 timeout 120 ncu --profile-from-start off --launch-skip 2 --launch-count 1 --set full \
   python3 benchmarks/ncu_gemm.py > "$out/ncu_w_regs.log" 2>&1

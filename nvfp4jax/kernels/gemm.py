@@ -120,7 +120,8 @@ class GemmConfig:
     gate_up: bool = False  # grouped L1: rows 0..63 of a CTA from W1, 64..127 from W3 (tile_w 128)
     swiglu_limit: float | None = None  # gate_up with split 1: SwiGLU x routing weight epilogue (BF16 h)
     prefetch: int = 1  # register path: K tiles of loads in flight per CTA (2-4: opt-in, GPU-tested, no faster)
-    w_regs: bool = False  # W decoded straight into wgmma's A registers (opt-in; compiles, not yet GPU-tested)
+    w_regs: bool = False  # W decoded straight into wgmma's A registers (opt-in; compiles, not yet GPU-tested;
+    # with it, prefetch = raw register buffers of W/X loads in flight, see mainloop_w_regs)
 
 
 def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
@@ -188,7 +189,7 @@ class GemmNvfp4Sm90:
             return False
         if smem_bytes(cfg) > SMEM_LIMIT or not 1 <= cfg.prefetch <= 4:
             return False
-        if cfg.w_regs and (cfg.tile_k != TILE_K or cfg.prefetch != 1):
+        if cfg.w_regs and cfg.tile_k != TILE_K:
             return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
@@ -418,25 +419,50 @@ class GemmNvfp4Sm90:
         care, as long as X's stage uses the same order (:meth:`stage_x_permuted`). The A fragment of tile i
         is decoded only after wgmma(i - 1) completed (``wait_group(0)``): ptxas serializes every wgmma
         (C7513) when the A registers of one are written while another is in flight, which a second
-        register buffer would do. What overlaps wgmma(i) is the global loads of tile i + 1, issued just
-        before it (and the other CTAs of the SM).
+        register buffer would do. What overlaps wgmma(i) is the global loads of tiles i + 1 .. i + P,
+        issued before it (``prefetch = P`` raw register buffers, cheap here: ~10-20 registers per tile
+        of codes, scales and X; ptxas 13.0 nonetheless uses 96 / 159 / 168 registers at P = 1 / 2 / 3 for
+        Flash wq_b m = 1), and the other CTAs of the SM.
         """
-        tArA = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((self.cfg.tile_w, self.cfg.tile_k)))
-        self.load_w_regs(kt0, gW, gW3, tWrP, tWrS, w_row0, q)
-        self.load_x(kt0, gX, tXrP, tXrS, tXrD, x_rows, x_part)
-        for i in cutlass.range(k_tiles, unroll=1):
-            stage = i % 2
-            warpgroup.wait_group(0)  # wgmma(i - 1), the reader of the A registers, is done
-            cute.arch.sync_threads()
-            self.decode_w_regs(tWrP, tWrS, tArA)
-            self.stage_x_permuted(stage, tXrP, tXrS, tXrD, sB, x_row_in_tile, x_part, count)
-            if i + 1 < k_tiles:
-                self.load_w_regs(kt0 + i + 1, gW, gW3, tWrP, tWrS, w_row0, q)
-                self.load_x(kt0 + i + 1, gX, tXrP, tXrS, tXrD, x_rows, x_part)
-            warpgroup.fence()
-            for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
-                cute.gemm(tiled_mma, acc, tArA[None, None, kb], tCrB[None, None, kb, stage], acc)
-            warpgroup.commit_group()
+        cfg = self.cfg
+        P = cfg.prefetch
+        tArA = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((cfg.tile_w, cfg.tile_k)))
+        # P raw register buffers (W codes/scales, X): tile i in buffer i % P, static (P tiles per trip)
+        bufs = [(tWrP, tWrS, tXrP, tXrS, tXrD)]
+        x_passes = cfg.tile_t // self.x_rows_pp
+        for _ in cutlass.range_constexpr(P - 1):
+            wp = cute.make_rmem_tensor(tWrP.shape, Uint8)
+            ws = cute.make_rmem_tensor(tWrS.shape, Uint8)
+            if cutlass.const_expr(cfg.act_nvfp4):
+                xp = cute.make_rmem_tensor((self.x_chunk // 2, x_passes), Uint8)
+                xs = cute.make_rmem_tensor((self.x_chunk // BLOCK, x_passes), Uint8)
+                xd = tXrD  # decoded X: one shared temporary
+            else:
+                xd = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)  # BF16 X: loaded = decoded
+                xp, xs = xd, xd
+            bufs.append((wp, ws, xp, xs, xd))
+        for j in cutlass.range_constexpr(P):
+            wp, ws, xp, xs, xd = bufs[j]
+            if j < k_tiles:
+                self.load_w_regs(kt0 + j, gW, gW3, wp, ws, w_row0, q)
+                self.load_x(kt0 + j, gX, xp, xs, xd, x_rows, x_part)
+        for i0 in cutlass.range(0, k_tiles, P, unroll=1):
+            for j in cutlass.range_constexpr(P):
+                wp, ws, xp, xs, xd = bufs[j]
+                i = i0 + j
+                if i < k_tiles:
+                    stage = i % 2
+                    warpgroup.wait_group(0)  # wgmma(i - 1), the reader of the A registers, is done
+                    cute.arch.sync_threads()
+                    self.decode_w_regs(wp, ws, tArA)
+                    self.stage_x_permuted(stage, xp, xs, xd, sB, x_row_in_tile, x_part, count)
+                    if i + P < k_tiles:
+                        self.load_w_regs(kt0 + i + P, gW, gW3, wp, ws, w_row0, q)
+                        self.load_x(kt0 + i + P, gX, xp, xs, xd, x_rows, x_part)
+                    warpgroup.fence()
+                    for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
+                        cute.gemm(tiled_mma, acc, tArA[None, None, kb], tCrB[None, None, kb, stage], acc)
+                    warpgroup.commit_group()
 
     @cute.jit
     def load_w_regs(self, kt, gW, gW3, tWrP, tWrS, w_row0, q):
@@ -636,12 +662,12 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     split = 1
     while ctas * split * 2 <= DECODE_CTAS_PER_SM * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
-    cfg = GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4)
-    if os.environ.get(W_REGS_ENV) == "1" and tile_t <= 64:
+    cfg = with_env_prefetch(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
+    if os.environ.get(W_REGS_ENV) == "1" and tile_t <= 64:  # with $NVFP4JAX_GEMM_PREFETCH if set
         w_regs = dataclasses.replace(cfg, w_regs=True)
         if GemmNvfp4Sm90.can_implement(w_regs):
             return w_regs
-    return with_env_prefetch(cfg, ctas, k_tiles)
+    return cfg
 
 
 def with_env_prefetch(cfg: GemmConfig, ctas: int, k_tiles: int, prefetch: int | None = None) -> GemmConfig:

@@ -128,6 +128,15 @@ def test_gemm_w_regs_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
     assert not kg.choose_config(m, n, k, act_nvfp4).w_regs
 
 
+def test_gemm_w_regs_prefetch_compiles_sm90a(tmp_path):
+    """``w_regs`` with 2 raw register buffers (tile i + 2's loads in flight): one wgmma batch per buffer."""
+    m, n, k = 1, 32768, 1024
+    cfg = dataclasses.replace(kg.choose_config(m, n, k, False), w_regs=True, prefetch=2, split=1)
+    assert kg.GemmNvfp4Sm90.can_implement(cfg)
+    ops = opcodes(compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path))
+    assert ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"] == 16 and ops["st.shared.v4.b32"] == 0
+
+
 @pytest.mark.parametrize("tile_w", [64, 128])
 def test_w_regs_fragment_order_matches_the_permuted_x_stage(tile_w):
     """The ``w_regs`` path's two halves of one K permutation agree with wgmma's A fragment as CuTeDSL

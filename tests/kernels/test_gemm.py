@@ -100,12 +100,16 @@ def test_gemm_w4a16(rng, name, n, k, m):
     _check(x, w, f"W4A16 {name} {m=} {n=} {k=}")
 
 
-@pytest.mark.parametrize("n,k,m,act_nvfp4", [(128, 1024, 3, True), (128, 1024, 1, False), (4096, 4096, 1, False),
-                                             (1024, 4096, 16, True), (1536, 7168, 64, True), (512, 4096, 37, False)])
-def test_gemm_w_regs(rng, monkeypatch, n, k, m, act_nvfp4):
-    """``NVFP4JAX_GEMM_W_REGS=1`` (W decoded into wgmma's A registers, K permuted inside a tile)."""
+@pytest.mark.parametrize("n,k,m,act_nvfp4,prefetch", [
+    (128, 1024, 3, True, 1), (128, 1024, 1, False, 1), (4096, 4096, 1, False, 1), (1024, 4096, 16, True, 1),
+    (1536, 7168, 64, True, 1), (512, 4096, 37, False, 1), (32768, 1024, 1, False, 2), (1024, 4096, 5, True, 3)])
+def test_gemm_w_regs(rng, monkeypatch, n, k, m, act_nvfp4, prefetch):
+    """``NVFP4JAX_GEMM_W_REGS=1`` (W decoded into wgmma's A registers, K permuted inside a tile), with
+    ``NVFP4JAX_GEMM_PREFETCH`` raw register buffers."""
     monkeypatch.setenv(kg.W_REGS_ENV, "1")
-    assert kg.choose_config(m, n, k, act_nvfp4).w_regs
+    monkeypatch.setenv(kg.PREFETCH_ENV, str(prefetch))
+    cfg = kg.choose_config(m, n, k, act_nvfp4)
+    assert cfg.w_regs and cfg.prefetch == prefetch, cfg
     w = _weights(rng, n, k)
     x = activations(rng, m, k)
     x = ref.quantize_nvfp4(x) if act_nvfp4 else x
