@@ -373,22 +373,8 @@ class GemmNvfp4Sm90:
         default loop; decode CTAs (48-56 registers, 40 KB of shared memory: 5 per SM) have the
         registers for P <= 4 without losing occupancy.
         """
-        cfg = self.cfg
-        P = cfg.prefetch
-        w_passes = cfg.tile_w // self.w_rows_pp
-        x_passes = cfg.tile_t // self.x_rows_pp
-        bufs = []
-        for _ in cutlass.range_constexpr(P):
-            wp = cute.make_rmem_tensor((self.w_chunk // 2, w_passes), Uint8)
-            ws = cute.make_rmem_tensor((self.w_chunk // BLOCK, w_passes), Uint8)
-            if cutlass.const_expr(cfg.act_nvfp4):
-                xp = cute.make_rmem_tensor((self.x_chunk // 2, x_passes), Uint8)
-                xs = cute.make_rmem_tensor((self.x_chunk // BLOCK, x_passes), Uint8)
-                xd = tXrD  # decoded X: one shared temporary
-            else:
-                xd = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)  # BF16 X: loaded = decoded
-                xp, xs = xd, xd
-            bufs.append((wp, ws, xp, xs, xd))
+        P = self.cfg.prefetch
+        bufs = self.raw_buffers(P, tXrD)
         for j in cutlass.range_constexpr(P):
             wp, ws, xp, xs, xd = bufs[j]
             if j < k_tiles:
@@ -403,6 +389,27 @@ class GemmNvfp4Sm90:
                     if i + P < k_tiles:
                         self.load_tile(kt0 + i + P, gW, gW3, wp, ws, w_row0, w_part, gX, xp, xs, xd, x_rows, x_part)
                     self.issue_mma(stage, tCrA, tCrB, acc, tiled_mma)
+
+    def raw_buffers(self, count: int, tXrD) -> list:
+        """``count`` register buffers ``(W codes, W scales, X codes, X scales, X BF16)`` of one K tile's
+        loads, shaped as ``body`` shapes its own (``tWrP``...): NVFP4 X shares the decoded temporary
+        ``tXrD``; BF16 X is loaded straight into its buffer (codes and scales alias it)."""
+        cfg = self.cfg
+        w_passes = cfg.tile_w // self.w_rows_pp
+        x_passes = cfg.tile_t // self.x_rows_pp
+        bufs = []
+        for _ in range(count):
+            wp = cute.make_rmem_tensor((self.w_chunk // 2, w_passes), Uint8)
+            ws = cute.make_rmem_tensor((self.w_chunk // BLOCK, w_passes), Uint8)
+            if cutlass.const_expr(cfg.act_nvfp4):
+                xp = cute.make_rmem_tensor((self.x_chunk // 2, x_passes), Uint8)
+                xs = cute.make_rmem_tensor((self.x_chunk // BLOCK, x_passes), Uint8)
+                xd = tXrD
+            else:
+                xd = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)
+                xp, xs = xd, xd
+            bufs.append((wp, ws, xp, xs, xd))
+        return bufs
 
     @cute.jit
     def mainloop_w_regs(self, kt0, k_tiles, count, gW, gW3, w_row0, q, tWrP, tWrS, gX, x_rows, x_part, x_row_in_tile,
@@ -428,19 +435,7 @@ class GemmNvfp4Sm90:
         P = cfg.prefetch
         tArA = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((cfg.tile_w, cfg.tile_k)))
         # P raw register buffers (W codes/scales, X): tile i in buffer i % P, static (P tiles per trip)
-        bufs = [(tWrP, tWrS, tXrP, tXrS, tXrD)]
-        x_passes = cfg.tile_t // self.x_rows_pp
-        for _ in cutlass.range_constexpr(P - 1):
-            wp = cute.make_rmem_tensor(tWrP.shape, Uint8)
-            ws = cute.make_rmem_tensor(tWrS.shape, Uint8)
-            if cutlass.const_expr(cfg.act_nvfp4):
-                xp = cute.make_rmem_tensor((self.x_chunk // 2, x_passes), Uint8)
-                xs = cute.make_rmem_tensor((self.x_chunk // BLOCK, x_passes), Uint8)
-                xd = tXrD  # decoded X: one shared temporary
-            else:
-                xd = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)  # BF16 X: loaded = decoded
-                xp, xs = xd, xd
-            bufs.append((wp, ws, xp, xs, xd))
+        bufs = [(tWrP, tWrS, tXrP, tXrS, tXrD)] + self.raw_buffers(P - 1, tXrD)
         for j in cutlass.range_constexpr(P):
             wp, ws, xp, xs, xd = bufs[j]
             if j < k_tiles:
