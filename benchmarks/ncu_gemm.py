@@ -4,7 +4,7 @@ Nsight Compute segfaulted when attached to a JAX process on the GPU image, so th
 same CuTeDSL kernel class (``nvfp4jax.kernels.gemm.GemmNvfp4Sm90``) on torch tensors via DLPack.
 Usage: ``ncu --profile-from-start off --launch-skip 2 --launch-count 1 [--set full] python
 benchmarks/ncu_gemm.py [n k m split w4a4]`` (default: Flash ``wq_b`` at m = 1, W4A16, split 1;
-``NVFP4JAX_GEMM_W_REGS=1`` for the register-A path).
+the register-A path unless ``NVFP4JAX_GEMM_W_REGS=0``, as in ``choose_config``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from nvfp4jax.kernels import gemm as kg
 def main(n: int = 32768, k: int = 1024, m: int = 1, split: int = 1, act_nvfp4: bool = False) -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = kg.GemmConfig(64, max(16, -(-m // 16) * 16), 128, split, act_nvfp4,
-                        w_regs=os.environ.get(kg.W_REGS_ENV) == "1")  # NVFP4JAX_GEMM_W_REGS=1: register A
+                        w_regs=os.environ.get(kg.W_REGS_ENV, "1") != "0")  # NVFP4JAX_GEMM_W_REGS=0: smem stages
     assert kg.GemmNvfp4Sm90.can_implement(cfg), cfg
     t = lambda a: from_dlpack(a, assumed_align=16)  # noqa: E731
     if act_nvfp4:

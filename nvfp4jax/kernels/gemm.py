@@ -53,19 +53,19 @@ mostly on L1TEX scoreboards; shared-store bank conflicts (8.8 wavefronts per war
 found there and removed (18.4 -> 17.8 us under ncu's locked clocks). Every weight byte is written
 to and read back from shared memory as BF16 (4x its HBM size) before wgmma reads it.
 
-Register-A path (``GemmConfig.w_regs``, opt-in: ``NVFP4JAX_GEMM_W_REGS=1`` at trace time; decode
-tiles of 64 or 128 weight rows x 128 K: dense, and both MoE GEMMs): each thread decodes the weight
-bytes of its own wgmma A fragment (2 rows per 64-row block x 32 K values, loaded as 16-byte
-chunks exactly as above) straight into the
-fragment's registers, so W never touches shared memory (X alone is staged: 4 KB per stage at 16
-tokens) -- no W stores and no W stage reads, the traffic that kept L1/TEX 76-79% busy. Occupancy
-does not improve: 96 registers x 128 threads also allow 5 CTAs per SM, as the 40 KB stages did. The fragment's K
+Register-A path (``GemmConfig.w_regs``, the default for decode tiles of 64 or 128 weight rows x 128 K:
+dense, and both MoE GEMMs; ``NVFP4JAX_GEMM_W_REGS=0`` at trace time turns it off): each thread decodes
+the weight bytes of its own wgmma A fragment (2 rows per 64-row block x 32 K values, loaded as 16-byte
+chunks exactly as above) straight into the fragment's registers, so W never touches shared memory (X
+alone is staged: 4 KB per stage at 16 tokens) -- no W stores and no W stage reads. Occupancy does not
+improve: 96 registers x 128 threads also allow 5 CTAs per SM, as the 40 KB stages did. The fragment's K
 order inside a tile is a permutation of the natural one (:func:`permuted_column`), which X's
 stage follows. wgmma(i) must complete before the A registers of tile i + 1 are written (ptxas
 serializes every wgmma otherwise, C7513), so the overlap inside a CTA is loads-with-MMA only.
-Status: compiles for sm_90a (ptxas 13.0, dense: 96 registers at m <= 16, 128 at m = 64, no spills,
-no serialization warning; CPU tests check the fragment order against CuTeDSL's layout), **not yet run on a GPU**
-(``benchmarks/gpu_w_regs_ab.sh`` runs its tests, the A/B sweep and ncu).
+Measured (H200, session 6): the GPU tests pass with it; W4A16 decode 3-10% faster than the
+shared-memory path on every V4 shape timed (Flash wq_b m = 1 14.8 vs 15.4 us); Nsight Compute on Flash
+wq_b m = 1: L1/TEX throughput 56% (was 76-79%), DRAM 22%, achieved occupancy 21% -- the kernel is now
+latency-bound (too few bytes in flight per SM), not L1-bound.
 
 Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; H200, session
 4: correct -- the quick GEMM and MoE GPU tests pass at P = 2 -- and no faster): the register path
@@ -104,7 +104,7 @@ THREADS = 128
 NUM_SMS = 132  # H100 SXM; only used to pick the K split
 SMEM_LIMIT = 113 * 1024  # per CTA so that two fit in an SM (228 KB, 1 KB reserved per CTA)
 PREFETCH_ENV = "NVFP4JAX_GEMM_PREFETCH"
-W_REGS_ENV = "NVFP4JAX_GEMM_W_REGS"  # "1": decode configs decode W into wgmma's A registers (opt-in)
+W_REGS_ENV = "NVFP4JAX_GEMM_W_REGS"  # "0": decode configs stage W in shared memory (default: A registers)
 DECODE_CTAS_PER_SM = 4  # decode K split target (choose_config)
 
 
@@ -120,8 +120,8 @@ class GemmConfig:
     gate_up: bool = False  # grouped L1: rows 0..63 of a CTA from W1, 64..127 from W3 (tile_w 128)
     swiglu_limit: float | None = None  # gate_up with split 1: SwiGLU x routing weight epilogue (BF16 h)
     prefetch: int = 1  # register path: K tiles of loads in flight per CTA (2-4: opt-in, GPU-tested, no faster)
-    w_regs: bool = False  # W decoded straight into wgmma's A registers (opt-in; compiles, not yet GPU-tested;
-    # with it, prefetch = raw register buffers of W/X loads in flight, see mainloop_w_regs)
+    w_regs: bool = False  # W decoded straight into wgmma's A registers (choose_config's default for decode
+    # tiles; with it, prefetch = raw register buffers of W/X loads in flight, see mainloop_w_regs)
 
 
 def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
@@ -137,16 +137,32 @@ def smem_bytes(cfg: GemmConfig) -> int:
     return 2 * 2 * ((0 if cfg.w_regs else cfg.tile_w) + cfg.tile_t) * cfg.tile_k
 
 
-def thread_coords(tidx, per_row: int, rows_pp: int):
+def rows_by_quarter_warp(tile_k: int, rows_pp: int) -> bool:
+    """Whether the 8 threads of a quarter warp take 8 consecutive rows at one K chunk (else the plain
+    row-major order ``row = t // per_row``), see :func:`thread_coords`.
+
+    Only K tiles of 128 need it: a BF16 stage row is then two 128-byte swizzle atoms, and the plain
+    order put 2 rows x 4 chunks 32 K apart in a quarter warp -- chunks 64 K apart land in the same
+    banks: 2-way conflicts on every 16-byte store (ncu, H200, decode: 8.8 wavefronts per 512-byte warp
+    store instead of 4; L1 78% busy). With K tiles of 64 a stage row is one atom, the plain order is
+    conflict-free (the swizzle XORs the chunk with ``row % 8``, a permutation of a row's 8 chunks, and a
+    quarter warp's whole rows of 4-chunk halves stay apart), and it reads whole rows from global memory,
+    which matters when X is BF16 (16 KB per 128-token tile): with the 8-row order (06f6340 .. session 6)
+    each quarter warp read 16 bytes of 8 rows, 2x the cache lines per load, and the MoE's prefill ran
+    slower on an H200 in both recipes (T = 16384 Flash: W4A16 24.4 vs 15.5 ms, NVFP4 20.1 vs 18.5 ms,
+    session 6 vs 4; the prefill tiles' SASS is otherwise instruction for instruction the same) -- the
+    likely cause, not yet confirmed by a GPU run, so prefill tiles are back on the plain order."""
+    return rows_pp % 8 == 0 and tile_k > 64
+
+
+def thread_coords(tidx, per_row: int, rows_pp: int, tile_k: int):
     """(row in the pass, chunk in the row) that thread ``tidx`` loads, decodes and stores.
 
-    With 8 or more rows per pass, the 8 threads of a quarter warp take 8 consecutive rows at the
+    With :func:`rows_by_quarter_warp`, the 8 threads of a quarter warp take 8 consecutive rows at the
     same K chunk: their 16-byte shared-memory stores then hit 8 different 16-byte bank groups of the
-    128-byte-swizzled BF16 stage (the swizzle XORs the chunk with ``row % 8``). The plain order
-    (``row = t // per_row``) put 2 rows x 4 chunks 32 K apart in a quarter warp: 2-way bank conflicts
-    on every store (ncu, H200: 8.8 wavefronts per 512-byte warp store instead of 4; L1 78% busy). The
-    global loads stay coalesced: a warp still reads 8 whole tile rows (512 contiguous bytes)."""
-    if rows_pp % 8 == 0:
+    128-byte-swizzled BF16 stage (the swizzle XORs the chunk with ``row % 8``) and a warp still reads 8
+    whole tile rows of W (512 contiguous bytes); else the plain order ``row = t // per_row``."""
+    if rows_by_quarter_warp(tile_k, rows_pp):
         return (tidx // (8 * per_row)) * 8 + tidx % 8, (tidx // 8) % per_row
     return tidx // per_row, tidx % per_row
 
@@ -238,7 +254,7 @@ class GemmNvfp4Sm90:
         """Tiled copy registers -> shared memory, thread t owning (row, chunk) as :func:`thread_coords` says."""
         per_row = self.cfg.tile_k // chunk
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
-        if rows_pp % 8 == 0:  # (row, chunk) -> t = row % 8 + 8 * chunk + 8 * per_row * (row // 8)
+        if rows_by_quarter_warp(self.cfg.tile_k, rows_pp):  # (row, chunk) -> t = row % 8 + 8 chunk + 8 per_row (row // 8)
             threads = cute.make_layout(((8, rows_pp // 8), per_row), stride=((1, 8 * per_row), 8))
         else:
             threads = cute.make_layout((rows_pp, per_row), stride=(per_row, 1))
@@ -287,7 +303,7 @@ class GemmNvfp4Sm90:
             w3v, w3s = mW3v[e, None, None, None, None], mW3s[e, None, None, None, None]
         w_per_row = cfg.tile_k // self.w_chunk
         w_rows_cta = cfg.tile_w // 2 if cutlass.const_expr(cfg.gate_up) else cfg.tile_w
-        w_row_in_pass, w_part = thread_coords(tidx, w_per_row, self.w_rows_pp)
+        w_row_in_pass, w_part = thread_coords(tidx, w_per_row, self.w_rows_pp, cfg.tile_k)
         if cutlass.const_expr(cfg.w_regs):
             # the A fragment's rows: warp w holds rows 16w + lane/4 and + 8 of each 64-row M block,
             # K columns of lane % 4
@@ -303,7 +319,7 @@ class GemmNvfp4Sm90:
         tWrD = cute.make_rmem_tensor((self.w_chunk, w_passes), BFloat16)
 
         x_per_row = cfg.tile_k // self.x_chunk
-        x_row_in_tile, x_part = thread_coords(tidx, x_per_row, self.x_rows_pp)
+        x_row_in_tile, x_part = thread_coords(tidx, x_per_row, self.x_rows_pp, cfg.tile_k)
         x_passes = cfg.tile_t // self.x_rows_pp
         tXrD = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)
         # the X row each pass reads (rows past count re-read the tile's last row; zeroed later)
@@ -658,11 +674,21 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     while ctas * split * 2 <= DECODE_CTAS_PER_SM * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
     cfg = with_env_prefetch(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
-    if os.environ.get(W_REGS_ENV) == "1" and tile_t <= 64:  # with $NVFP4JAX_GEMM_PREFETCH if set
-        w_regs = dataclasses.replace(cfg, w_regs=True)
-        if GemmNvfp4Sm90.can_implement(w_regs):
-            return w_regs
-    return cfg
+    return with_env_w_regs(cfg)
+
+
+def with_env_w_regs(cfg: GemmConfig) -> GemmConfig:
+    """``cfg`` on the register-A path where it applies (decode tiles: token tile <= 64, K tile 128), unless
+    ``$NVFP4JAX_GEMM_W_REGS`` is ``0`` (read at trace time; W then goes through shared-memory stages).
+
+    Default since session 6 (H200, same process, W4A16 decode sweep): 3-10% faster on every V4 decode
+    shape timed (Flash wq_b m = 1 14.8 vs 15.4 us, Pro wq_b 38.8 vs 41.7), MoE decode 7% (T = 1) to 14%
+    (T = 64) faster; the whole quick GPU suite passed with it.
+    """
+    if os.environ.get(W_REGS_ENV, "1") == "0" or cfg.tile_t > 64:
+        return cfg
+    w_regs = dataclasses.replace(cfg, w_regs=True)
+    return w_regs if GemmNvfp4Sm90.can_implement(w_regs) else cfg
 
 
 def with_env_prefetch(cfg: GemmConfig, ctas: int, k_tiles: int, prefetch: int | None = None) -> GemmConfig:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +66,7 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
     cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, grouped=True, gather=gate_up, gate_up=gate_up,
                         swiglu_limit=swiglu_limit if gate_up and split == 1 else None)
     cfg = kg.with_env_prefetch(cfg, ctas, k_tiles)  # $NVFP4JAX_GEMM_PREFETCH (default 1: unchanged)
-    if os.environ.get(kg.W_REGS_ENV) == "1" and kg.GemmNvfp4Sm90.can_implement(dataclasses.replace(cfg, w_regs=True)):
-        cfg = dataclasses.replace(cfg, w_regs=True)  # decode tiles: W into wgmma's A registers (opt-in)
+    cfg = kg.with_env_w_regs(cfg)  # decode tiles: W into wgmma's A registers ($NVFP4JAX_GEMM_W_REGS=0: off)
     if gate_up and cfg.split == 1:  # the prefetch may have dropped the split: keep the fused SwiGLU
         cfg = dataclasses.replace(cfg, swiglu_limit=swiglu_limit)
     return cfg

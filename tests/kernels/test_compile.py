@@ -102,8 +102,12 @@ def test_quantize_compiles_sm90a(tmp_path, k, fused):
 
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (64, 1536, 7168), (200, 512, 4096), (4096, 4096, 4096)])
 @pytest.mark.parametrize("act_nvfp4", [True, False])
-def test_gemm_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
+def test_gemm_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
+    """The shared-memory stage path (every prefill tile; decode tiles with ``NVFP4JAX_GEMM_W_REGS=0``):
+    W and X decoded into BF16 stages with 16-byte shared stores, one wgmma shape."""
+    monkeypatch.setenv(kg.W_REGS_ENV, "0")
     cfg = kg.choose_config(m, n, k, act_nvfp4)
+    assert not cfg.w_regs
     assert kg.GemmNvfp4Sm90.can_implement(cfg), cfg
     ops = opcodes(compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path))
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
@@ -113,9 +117,10 @@ def test_gemm_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
 
 @pytest.mark.parametrize("m,n,k,act_nvfp4", [(1, 4096, 4096, False), (3, 1024, 4096, True), (64, 1536, 7168, True)])
 def test_gemm_w_regs_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
-    """``NVFP4JAX_GEMM_W_REGS=1``: decode configs take W as wgmma's register operand -- the wgmma's A is a
-    list of 4 registers, and nothing but X is staged in shared memory (no 16-byte shared stores of W)."""
-    monkeypatch.setenv(kg.W_REGS_ENV, "1")
+    """Decode configs take W as wgmma's register operand by default -- the wgmma's A is a list of 4
+    registers, and nothing but X is staged in shared memory (no 16-byte shared stores of W);
+    ``NVFP4JAX_GEMM_W_REGS=0`` turns it off."""
+    monkeypatch.delenv(kg.W_REGS_ENV, raising=False)
     cfg = kg.choose_config(m, n, k, act_nvfp4)
     assert cfg.w_regs and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
     assert kg.smem_bytes(cfg) == 2 * 2 * cfg.tile_t * cfg.tile_k
@@ -124,7 +129,7 @@ def test_gemm_w_regs_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
     assert ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"] == 8, ops
     assert re.search(r"wgmma\.mma_async\S+ \{[^}]+\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd", ptx), "A must come from registers"
     assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] == 0 and ops["wgmma.wait_group.sync.aligned"] >= 1
-    monkeypatch.delenv(kg.W_REGS_ENV)
+    monkeypatch.setenv(kg.W_REGS_ENV, "0")
     assert not kg.choose_config(m, n, k, act_nvfp4).w_regs
 
 
@@ -188,10 +193,12 @@ def test_choose_config_covers_v4_shapes():
 
 @pytest.mark.parametrize("t,act_nvfp4", [(1, True), (64, False), (4096, True)])
 @pytest.mark.parametrize("stage", ["L1", "L2"])
-def test_grouped_gemm_compiles_sm90a(tmp_path, t, act_nvfp4, stage):
-    """The MoE GEMMs (V4-Flash expert shapes, 16 experts): decode split-K and prefill SwiGLU variants."""
+def test_grouped_gemm_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4, stage):
+    """The MoE GEMMs (V4-Flash expert shapes, 16 experts) on the shared-memory stage path
+    (``NVFP4JAX_GEMM_W_REGS=0`` for the decode tiles): decode split-K and prefill SwiGLU variants."""
     from nvfp4jax.kernels import moe as km
 
+    monkeypatch.setenv(kg.W_REGS_ENV, "0")
     experts, inter, d = 16, 2048, 4096
     rows, gate_up = 6 * t, stage == "L1"
     n, k = (inter, d) if gate_up else (d, inter)
@@ -207,11 +214,11 @@ def test_grouped_gemm_compiles_sm90a(tmp_path, t, act_nvfp4, stage):
 
 @pytest.mark.parametrize("t,act_nvfp4", [(1, True), (8, False)])
 def test_grouped_w_regs_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4):
-    """``NVFP4JAX_GEMM_W_REGS=1`` reaches the MoE's decode tiles: L1 (gate_up, 128 rows = W1 and W3 blocks)
+    """The register-A default reaches the MoE's decode tiles: L1 (gate_up, 128 rows = W1 and W3 blocks)
     and L2."""
     from nvfp4jax.kernels import moe as km
 
-    monkeypatch.setenv(kg.W_REGS_ENV, "1")
+    monkeypatch.delenv(kg.W_REGS_ENV, raising=False)
     experts, inter, d, rows = 16, 2048, 4096, 6 * t
     for gate_up, n, k in ((True, inter, d), (False, d, inter)):
         cfg = km.choose_grouped_config(rows, experts, 2 * n if gate_up else n, k, act_nvfp4, gate_up=gate_up,

@@ -103,17 +103,19 @@ def test_gemm_w4a16(rng, name, n, k, m):
 @pytest.mark.parametrize("n,k,m,act_nvfp4,prefetch", [
     (128, 1024, 3, True, 1), (128, 1024, 1, False, 1), (4096, 4096, 1, False, 1), (1024, 4096, 16, True, 1),
     (1536, 7168, 64, True, 1), (512, 4096, 37, False, 1), (32768, 1024, 1, False, 2), (1024, 4096, 5, True, 3)])
-def test_gemm_w_regs(rng, monkeypatch, n, k, m, act_nvfp4, prefetch):
-    """``NVFP4JAX_GEMM_W_REGS=1`` (W decoded into wgmma's A registers, K permuted inside a tile), with
-    ``NVFP4JAX_GEMM_PREFETCH`` raw register buffers."""
-    monkeypatch.setenv(kg.W_REGS_ENV, "1")
+@pytest.mark.parametrize("w_regs", ["1", "0"])
+def test_gemm_decode_paths(rng, monkeypatch, n, k, m, act_nvfp4, prefetch, w_regs):
+    """Both decode-tile paths with ``NVFP4JAX_GEMM_PREFETCH`` buffers: W decoded into wgmma's A registers
+    (the default; K permuted inside a tile) and, with ``NVFP4JAX_GEMM_W_REGS=0``, through BF16 shared-memory
+    stages (the other cases run the default)."""
+    monkeypatch.setenv(kg.W_REGS_ENV, w_regs)
     monkeypatch.setenv(kg.PREFETCH_ENV, str(prefetch))
     cfg = kg.choose_config(m, n, k, act_nvfp4)
-    assert cfg.w_regs and cfg.prefetch == prefetch, cfg
+    assert cfg.w_regs == (w_regs == "1") and cfg.prefetch == prefetch, cfg
     w = _weights(rng, n, k)
     x = activations(rng, m, k)
     x = ref.quantize_nvfp4(x) if act_nvfp4 else x
-    _check(x, w, f"w_regs {m=} {n=} {k=} {act_nvfp4=}", jax.jit(kg.nvfp4_gemm))
+    _check(x, w, f"w_regs={w_regs} {m=} {n=} {k=} {act_nvfp4=}", jax.jit(kg.nvfp4_gemm))
 
 
 def test_gemm_small_case(rng):

@@ -141,16 +141,19 @@ def test_moe_random_routing(rng, model, recipe, t):
     _check(f"{model} {recipe} {t=}", model, x, weights, expert_ids, RECIPES[recipe])
 
 
+@pytest.mark.parametrize("w_regs", ["1", "0"])
 @pytest.mark.parametrize("recipe,t", [("nvfp4", 1), ("nvfp4", 37), ("w4a16", 8)])
-def test_moe_w_regs(rng, monkeypatch, recipe, t):
-    """``NVFP4JAX_GEMM_W_REGS=1``: both grouped GEMMs with W decoded into wgmma's A registers."""
+def test_moe_decode_paths(rng, monkeypatch, recipe, t, w_regs):
+    """Both grouped GEMMs' decode tiles with W decoded into wgmma's A registers (the default) and,
+    with ``NVFP4JAX_GEMM_W_REGS=0``, through BF16 shared-memory stages."""
     from nvfp4jax.kernels import gemm as kg
 
-    monkeypatch.setenv(kg.W_REGS_ENV, "1")
+    monkeypatch.setenv(kg.W_REGS_ENV, w_regs)
     e, d, inter, _ = MODELS["flash"]
-    assert km.choose_grouped_config(t * TOPK, e, 2 * inter, d, True, gate_up=True, swiglu_limit=10.0).w_regs
+    cfg = km.choose_grouped_config(t * TOPK, e, 2 * inter, d, True, gate_up=True, swiglu_limit=10.0)
+    assert cfg.w_regs == (w_regs == "1"), cfg
     x, weights, expert_ids = _inputs(rng, "flash", t)
-    _check(f"w_regs flash {recipe} {t=}", "flash", x, weights, expert_ids, RECIPES[recipe],
+    _check(f"w_regs={w_regs} flash {recipe} {t=}", "flash", x, weights, expert_ids, RECIPES[recipe],
            jax.jit(km.moe_experts, static_argnames=_STATIC))  # a fresh trace reads the variable
 
 
