@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -36,6 +37,45 @@ def test_quantize_bitwise(rng, m, k):
     got = jax.jit(kq.quantize_nvfp4)(x)
     case = f"{m=} {k=}"
     codes, scales, gscale = nvfp4_oracle(np.asarray(x, np.float32), per_row=True)
+    assert_bitwise_equal(got.global_scale, gscale, f"global {case}")
+    assert_bitwise_equal(got.scales, scales, f"scales {case}")
+    assert_bitwise_equal(got.values, codes[:, 0::2] | (codes[:, 1::2] << 4), f"values {case}")
+
+
+def adversarial_rows(k: int) -> np.ndarray:
+    """BF16 rows whose values sit exactly on E2M1 midpoints of their blocks' divisors and one BF16 ulp
+    above: a row's first value 2688 * 2**j makes the global scale exactly 2**j, a block's first value
+    6 s 2**j makes its E4M3 scale exactly s, so ``t s 2**j`` is the quotient ``t`` (a tie) exactly.
+    Scales s include E4M3 subnormals; 2**j spans the fast path, the slow path (divisors below 2**-64)
+    and, last, a row below MIN_AMAX (global scale 1, all codes 0). Signs alternate, -0.0 included."""
+    mids = np.float32([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    s_list = np.float32([1.0, 1.5, 0.875, 2.0**-7, 224.0, 2.0**-9, 3 * 2.0**-9, 448.0])
+    rows = []
+    for j in (0, -10, 20, -70, -90, -110):
+        row = np.zeros(k, np.float32)
+        for b in range(k // 16):
+            sc = s_list[b % len(s_list)]
+            ties = mids * sc
+            up = (ties.astype(ml_dtypes.bfloat16).view(np.uint16) + 1).view(ml_dtypes.bfloat16).astype(np.float32)
+            blk = np.concatenate([[6 * sc], ties, up, [-0.0]]).astype(np.float32)
+            blk[2::3] *= -1
+            row[16 * b:16 * b + 16] = blk * np.float32(2.0**j)
+        row[0] = np.float32(2688 * 2.0**j)
+        rows.append(row)
+    rows.append(np.float32(2.0**-118) * np.resize(np.float32([1, -1, 0.5]), k))  # amax < MIN_AMAX
+    x = np.stack(rows)
+    assert np.array_equal(x.astype(ml_dtypes.bfloat16).astype(np.float32), x), "not exact in BF16"
+    return x
+
+
+@pytest.mark.parametrize("k", (1024, 7168))
+def test_quantize_bitwise_adversarial(k):
+    """Exact E2M1 ties and their neighbours on the fast and slow paths, tiny rows: bitwise vs the oracle."""
+    x = jnp.asarray(adversarial_rows(k), jnp.bfloat16)
+    poison_device_memory()
+    got = jax.jit(kq.quantize_nvfp4)(x)
+    codes, scales, gscale = nvfp4_oracle(np.asarray(x, np.float32), per_row=True)
+    case = f"adversarial {k=}"
     assert_bitwise_equal(got.global_scale, gscale, f"global {case}")
     assert_bitwise_equal(got.scales, scales, f"scales {case}")
     assert_bitwise_equal(got.values, codes[:, 0::2] | (codes[:, 1::2] << 4), f"values {case}")
