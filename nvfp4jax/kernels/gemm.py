@@ -65,7 +65,10 @@ serializes every wgmma otherwise, C7513), so the overlap inside a CTA is loads-w
 Measured (H200, session 6): the GPU tests pass with it; W4A16 decode 3-10% faster than the
 shared-memory path on every V4 shape timed (Flash wq_b m = 1 14.8 vs 15.4 us); Nsight Compute on Flash
 wq_b m = 1: L1/TEX throughput 56% (was 76-79%), DRAM 22%, achieved occupancy 21% -- the kernel is now
-latency-bound (too few bytes in flight per SM), not L1-bound.
+latency-bound (too few bytes in flight per SM), not L1-bound. SASS then: 384 instructions per K tile
+per warp (m = 1 W4A16), ~185 of them the W decode and ~80 X's stage (16-bit stores, 4 wavefronts
+each). Since: X staged as BF16 pairs (32-bit stores) in the thread order of :func:`w_regs_x_coords`
+(one wavefront per store): 335 per tile (W4A16), 380 (W4A4, was 447); compiles, not yet GPU-run.
 
 Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; H200, session
 4: correct -- the quick GEMM and MoE GPU tests pass at P = 2 -- and no faster): the register path
@@ -165,6 +168,23 @@ def thread_coords(tidx, per_row: int, rows_pp: int, tile_k: int):
     if rows_by_quarter_warp(tile_k, rows_pp):
         return (tidx // (8 * per_row)) * 8 + tidx % 8, (tidx // 8) % per_row
     return tidx // per_row, tidx % per_row
+
+
+def w_regs_x_coords(tidx, x_chunk: int):
+    """``w_regs`` path: (row in the pass, chunk) of X that thread ``tidx`` loads and stages (K tile 128,
+    ``x_chunk`` = rows per pass = 8, 16 or 32).
+
+    A warp takes 8 rows (lane % 8) x the 4 lane groups ``q`` (lane // 8) of one chunk position ``j``
+    inside the 32-K groups (chunk ``q * 32 / x_chunk + j``); warps split ``j`` and 8-row blocks. Under
+    :func:`permuted_column` a pair store then lands in bank ``4 * ((t' % 8) ^ row % 8) + q`` of the
+    128-byte-swizzled stage (``t'`` the pair's byte index, the same across a warp): 32 distinct banks,
+    one wavefront per 32-bit warp store. The plain order had 2 per store, the quarter-warp order of
+    :func:`thread_coords` 4 (and 16-bit stores; ncu, H200: 4.5 wavefronts per shared store, 67% of
+    them "excessive"). Checked on the CPU with the swizzle's bank model
+    (``tests/kernels/test_compile.py::test_w_regs_x_stage_is_bank_conflict_free``)."""
+    per_q = 32 // x_chunk
+    w, lane = tidx // 32, tidx % 32
+    return (w // per_q) * 8 + lane % 8, (lane // 8) * per_q + w % per_q
 
 
 def permuted_column(kk):
@@ -320,6 +340,8 @@ class GemmNvfp4Sm90:
 
         x_per_row = cfg.tile_k // self.x_chunk
         x_row_in_tile, x_part = thread_coords(tidx, x_per_row, self.x_rows_pp, cfg.tile_k)
+        if cutlass.const_expr(cfg.w_regs):
+            x_row_in_tile, x_part = w_regs_x_coords(tidx, self.x_chunk)
         x_passes = cfg.tile_t // self.x_rows_pp
         tXrD = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)
         # the X row each pass reads (rows past count re-read the tile's last row; zeroed later)
@@ -522,10 +544,12 @@ class GemmNvfp4Sm90:
             if row >= count:
                 xd[None, p].fill(0.0)
             if x_row_in_tile < cfg.tile_t:
+                # K pairs (kk, kk + 1) stay adjacent columns: one 32-bit store per pair
+                pairs = cute.zipped_divide(sB[row, None, stage], (2,))
+                src = cute.zipped_divide(xd[None, p], (2,))
                 for i in cutlass.range_constexpr(self.x_chunk // 2):
                     col = permuted_column(x_part * self.x_chunk + 2 * i)
-                    sB[row, col, stage] = xd[2 * i, p]
-                    sB[row, col + 1, stage] = xd[2 * i + 1, p]
+                    cute.autovec_copy(src[None, i], pairs[None, col // 2])
         cute.arch.fence_proxy("async.shared", space="cta")
         cute.arch.sync_threads()
 

@@ -130,6 +130,8 @@ def test_gemm_w_regs_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
     assert ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"] == 8, ops
     assert re.search(r"wgmma\.mma_async\S+ \{[^}]+\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd", ptx), "A must come from registers"
     assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] == 0 and ops["wgmma.wait_group.sync.aligned"] >= 1
+    # X staged as BF16 pairs: one 32-bit store per pair (cfg.tile_t rows x 128 K / 128 threads / 2 per thread)
+    assert ops["st.shared.b32"] == cfg.tile_t // 2 and ops["st.shared.b16"] == 0, ops
     monkeypatch.setenv(kg.W_REGS_ENV, "0")
     assert not kg.choose_config(m, n, k, act_nvfp4).w_regs
 
@@ -141,6 +143,65 @@ def test_gemm_w_regs_prefetch_compiles_sm90a(tmp_path):
     assert kg.GemmNvfp4Sm90.can_implement(cfg)
     ops = opcodes(compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path))
     assert ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"] == 16 and ops["st.shared.v4.b32"] == 0
+
+
+def _x_stage_offsets(tile_t: int) -> dict:
+    """Element offsets (before the swizzle) of the w_regs X stage ``sB[row, col, 0]``, from CuTe's own
+    layout for it (``make_smem_layout_b`` as ``GemmNvfp4Sm90.__call__`` builds it)."""
+    import cutlass
+    import cutlass.utils.hopper_helpers as sm90_utils
+    from cutlass.utils import LayoutEnum
+
+    out = {}
+
+    @cute.jit
+    def probe():
+        layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (64, tile_t, 128), cutlass.BFloat16, 2)
+        out["swizzle"] = str(layout.inner)
+        for r in cutlass.range_constexpr(tile_t):
+            for c in cutlass.range_constexpr(128):
+                out[(r, c)] = cute.crd2idx((r, c, 0), layout.outer)
+
+    cute.compile(probe)
+    return out
+
+
+def _store_wavefronts(offsets, coords, x_chunk, tile_t) -> list:
+    """Shared-memory wavefronts of each 32-bit warp store of the w_regs X stage: the stage is 128-byte
+    swizzled (S<3,4,3> on byte addresses: 16-byte granule ^= 128-byte line % 8 -- the model that gives
+    the 4.5 wavefronts per store ncu measured for the quarter-warp order, 4.0 here), a warp store takes
+    as many wavefronts as the most distinct words it puts in one bank."""
+    rows_pp = x_chunk
+    waves = []
+    for p in range(tile_t // rows_pp):
+        for i in range(x_chunk // 2):
+            for w in range(4):
+                banks = collections.defaultdict(set)
+                for lane in range(32):
+                    row, part = coords(32 * w + lane)
+                    col = kg.permuted_column(part * x_chunk + 2 * i)
+                    byte = 2 * offsets[(row + p * rows_pp, col)]
+                    byte ^= (byte >> 3) & 0x70
+                    banks[(byte // 4) % 32].add(byte // 4)
+                waves.append(max(len(v) for v in banks.values()))
+    return waves
+
+
+@pytest.mark.parametrize("tile_t", [16, 32, 64])
+def test_w_regs_x_stage_is_bank_conflict_free(tile_t):
+    """``w_regs_x_coords``: a bijection of the 128 threads onto (row, chunk) of each pass, and one
+    wavefront per 32-bit stage store for every X chunk the path uses (BF16 X: 8; NVFP4 X: 16 or 32);
+    the quarter-warp order it replaced needs 4 (BF16 X) or 2 (NVFP4 X, 16-value chunks): the check can fail."""
+    offsets = _x_stage_offsets(tile_t)
+    assert offsets["swizzle"] == "S<3,4,3>", offsets["swizzle"]
+    for act_nvfp4 in (False, True):
+        cfg = kg.GemmConfig(64, tile_t, 128, 1, act_nvfp4, w_regs=True)
+        x_chunk = kg.GemmNvfp4Sm90(cfg).x_chunk
+        coords = lambda t: kg.w_regs_x_coords(t, x_chunk)  # noqa: E731
+        assert sorted(coords(t) for t in range(128)) == [(r, c) for r in range(x_chunk) for c in range(128 // x_chunk)]
+        assert set(_store_wavefronts(offsets, coords, x_chunk, tile_t)) == {1}, (act_nvfp4, x_chunk)
+        old = lambda t: kg.thread_coords(t, 128 // x_chunk, x_chunk, 128)  # noqa: E731
+        assert max(_store_wavefronts(offsets, old, x_chunk, tile_t)) == {8: 4, 16: 2, 32: 1}[x_chunk]
 
 
 @pytest.mark.parametrize("tile_w", [64, 128])
