@@ -1,6 +1,6 @@
-"""Decode-config sweep of the NVFP4 GEMM (GPU): time each (tile, K split, prefetch depth) candidate per shape.
+"""Config sweep of the NVFP4 GEMM (GPU): time each (tile, K split, prefetch depth) candidate per shape.
 
-For every decode shape (m <= 64) it times ``nvfp4_gemm`` with each candidate ``GemmConfig``
+For every shape (decode m <= 64; m > 64 with the 128 x 128 x 64 prefill tiles) it times ``nvfp4_gemm`` with each candidate ``GemmConfig``
 (forced by replacing ``choose_config`` for that trace), the XLA BF16 dot, and prints us and % of
 the measured copy bandwidth on the bytes moved, marking the config ``choose_config`` picks. Timing
 as in ``benchmarks/gemm.py`` (device kernel time from the profiler trace, L2 flushed). The numbers
@@ -30,7 +30,9 @@ from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
 
 def candidates(m: int, n: int, k: int, act_nvfp4: bool, tile_ws=(64, 128), tile_ks=(128,),
                splits=(1, 2, 4, 8, 16), prefetch_list=(1, 2, 3), w_regs_list=(False,)):
-    tile_t = max(16, -(-m // 16) * 16)
+    tile_t = max(16, -(-m // 16) * 16) if m <= 64 else 128  # prefill: choose_config's 128-token tiles
+    if m > 64:
+        tile_ks = tuple(t for t in tile_ks if t == 64) or (64,)
     for tile_w in tile_ws:
         if n % tile_w:
             continue

@@ -683,7 +683,11 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     Measured (H200, ``benchmarks/gemm_tune.py``, tiled weights): Flash wq_b m = 1 15.9 us at split 1
     (512 CTAs) vs 18.1 at split 4, the old choice (~16 CTAs per SM); m = 16 16.2 vs 20.7; wo_b m = 1
     17.0 us at split 8 (512 CTAs) vs 22.0 at split 4. Prefill: 128 x 128 tiles (a 256-token tile
-    needs 256 accumulator registers per thread and spills).
+    needs 256 accumulator registers per thread and spills); where those give fewer CTAs than SMs
+    (small n at mid m: Flash wq_a, n = 1024, at m = 1024 has 64 -- 82-88 us on an H200 vs 18 us for
+    XLA BF16, one CTA per SM on half the SMs), the K split goes up to 2 CTAs per SM with >= 8 K tiles
+    each (wq_a m = 1024: split 4; wkv, n = 512: split 8). That rule is unmeasured (session 6, no
+    device time left): ``benchmarks/gemm_tune.py --m 256,1024`` sweeps it.
     """
     if m <= 64:
         tile_t = max(16, -(-m // 16) * 16)
@@ -697,6 +701,9 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     split = 1
     while ctas * split * 2 <= DECODE_CTAS_PER_SM * NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * m * 16 <= k:
         split *= 2
+    if m > 64 and ctas < NUM_SMS:  # prefill tiles that leave SMs idle: split K, up to 2 CTAs per SM
+        while ctas * split * 2 <= 2 * NUM_SMS and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 8:
+            split *= 2
     cfg = with_env_prefetch(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
     return with_env_w_regs(cfg)
 
@@ -705,8 +712,8 @@ def with_env_w_regs(cfg: GemmConfig) -> GemmConfig:
     """``cfg`` on the register-A path where it applies (decode tiles: token tile <= 64, K tile 128), unless
     ``$NVFP4JAX_GEMM_W_REGS`` is ``0`` (read at trace time; W then goes through shared-memory stages).
 
-    Default since session 6 (H200, same process, W4A16 decode sweep): 3-10% faster on every V4 decode
-    shape timed (Flash wq_b m = 1 14.8 vs 15.4 us, Pro wq_b 38.8 vs 41.7), MoE decode 7% (T = 1) to 14%
+    Default since session 6 (H200, same process, W4A16 decode sweep): 4-19% faster on every V4 decode
+    shape timed (Flash wq_b m = 1 14.8 vs 15.4 us, Pro wq_b 38.8 vs 41.7), MoE decode 7% (T = 1) to 20%
     (T = 64) faster; the whole quick GPU suite passed with it.
     """
     if os.environ.get(W_REGS_ENV, "1") == "0" or cfg.tile_t > 64:

@@ -253,6 +253,27 @@ def test_choose_config_covers_v4_shapes():
                 assert n % cfg.tile_w == 0 and k % (cfg.tile_k * cfg.split) == 0, (m, n, k, cfg)
 
 
+def test_prefill_split_fills_idle_sms():
+    """Prefill tiles that would leave SMs idle split K up to 2 CTAs per SM, >= 8 K tiles per CTA
+    (Flash wq_a at m = 1024: 64 CTAs of 128 x 128 -> split 4); grids of >= 1 CTA per SM keep the
+    decode-style rule (split only while m <= k / 32)."""
+    def ctas(cfg, m, n):
+        return (n // cfg.tile_w) * -(-m // cfg.tile_t) * cfg.split
+
+    assert kg.choose_config(1024, 1024, 4096, True).split == 4
+    assert kg.choose_config(1024, 512, 4096, False).split == 8
+    assert kg.choose_config(4096, 512, 4096, True).split == 2
+    assert kg.choose_config(4096, 4096, 4096, True).split == 1
+    from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS
+
+    for _, n, k in FLASH_LINEARS + PRO_LINEARS:
+        for m in (65, 200, 1024, 4096):
+            cfg = kg.choose_config(m, n, k, True)
+            base = ctas(dataclasses.replace(cfg, split=1), m, n)
+            if base < kg.NUM_SMS:  # every V4 K has >= 16 prefill K tiles: a split is always possible
+                assert cfg.split > 1 and k // cfg.tile_k // cfg.split >= 8, (m, n, k, cfg)
+
+
 @pytest.mark.parametrize("t,act_nvfp4", [(1, True), (64, False), (4096, True)])
 @pytest.mark.parametrize("stage", ["L1", "L2"])
 def test_grouped_gemm_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4, stage):
