@@ -1,24 +1,49 @@
 #!/usr/bin/env bash
-# One GPU session: quick kernel tests, then the GEMM and MoE benchmarks, every log in OUTDIR.
-# Usage: bash benchmarks/gpu_session.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS]
-# Each stage runs under its own time limit and writes as it goes, so a session cut short by a
-# device-time limit still leaves its logs (the benchmarks print each table row when measured).
+# One GPU session in stages that each fit one device command (10 minutes), every log in OUTDIR.
+# Usage: bash benchmarks/gpu_session.sh OUTDIR STAGE
+#   tests: the quick GPU tests, newest-risk first (the quantize kernel's bitwise tests, both decode
+#          paths of the GEMM and MoE), then the rest of the quick set; then compute-sanitizer memcheck
+#          on the small GEMM case and a quantize case                                   (~9 min)
+#   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
+#   moe:   benchmarks/moe.py --quick, then the prefill K-split sweep on the small-n linears (~9 min)
+#   all:   the three in a row (for a machine without the 10-minute limit)
+# Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
+# its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS]}
-tests_s=${2:-300}
-bench_s=${3:-240}
+out=${1:?usage: gpu_session.sh OUTDIR tests|gemm|moe|all}
+stage=${2:-all}
 mkdir -p "$out"
+export PYTHONUNBUFFERED=1
 export NVFP4JAX_COMMIT=${NVFP4JAX_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-# -o addopts= drops the CPU-side jaxtyping/beartype hooks (beartype may be missing on the GPU image)
-# XLA's GEMM autotuning dominated the tests' time (the references compile many shapes); the tests
-# compare values, not speed, so it is off here (the benchmarks keep it on for their baselines)
-XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick timeout "$tests_s" python3 -m pytest -o addopts= -q -m gpu -p no:warnings --tb=short -rf \
-  tests/kernels tests/model/test_kernel_model.py > "$out/gpu_tests.log" 2>&1
-grep -E "^FAILED|passed|failed" "$out/gpu_tests.log" | tail -20
-timeout "$((bench_s + 120))" python3 benchmarks/gemm.py --quick --budget-s "$bench_s" --out "$out/RESULTS_gemm.md" \
-  > "$out/gemm_bench.log" 2>&1
-tail -5 "$out/gemm_bench.log"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "$((bench_s + 120))" python3 benchmarks/moe.py --quick --budget-s "$bench_s" \
-  --out "$out/RESULTS_moe.md" > "$out/moe_bench.log" 2>&1
-tail -5 "$out/moe_bench.log"
+# -o addopts= drops the CPU-side options (xdist workers, jaxtyping hooks); XLA's GEMM autotuning
+# dominated the tests' time (the references compile many shapes): off for tests, on for benchmarks
+P="python3 -m pytest -o addopts= -q -m gpu -p no:warnings --tb=short -rf"
+T="env XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"
+
+if [ "$stage" = tests ] || [ "$stage" = all ]; then
+  $T timeout 200 $P tests/kernels/test_quantize.py "tests/kernels/test_gemm.py::test_gemm_decode_paths" \
+    "tests/kernels/test_moe.py::test_moe_decode_paths" > "$out/tests_first.log" 2>&1
+  echo "first: $(tail -1 "$out/tests_first.log")"
+  $T timeout 260 $P tests/kernels tests/model/test_kernel_model.py --deselect tests/kernels/test_quantize.py \
+    --deselect tests/kernels/test_gemm.py::test_gemm_decode_paths --deselect tests/kernels/test_moe.py::test_moe_decode_paths \
+    > "$out/tests_rest.log" 2>&1
+  echo "rest: $(tail -1 "$out/tests_rest.log")"
+  grep -E "^FAILED" "$out/tests_first.log" "$out/tests_rest.log" | head -20
+  $T timeout 90 compute-sanitizer --tool memcheck --error-exitcode 1 $P \
+    tests/kernels/test_gemm.py::test_gemm_small_case "tests/kernels/test_quantize.py::test_quantize_bitwise_adversarial[1024]" \
+    > "$out/memcheck.log" 2>&1
+  echo "memcheck exit $?: $(grep -E "ERROR SUMMARY|passed|failed" "$out/memcheck.log" | tail -2 | tr '\n' ' ')"
+fi
+if [ "$stage" = gemm ] || [ "$stage" = all ]; then
+  timeout 560 python3 benchmarks/gemm.py --quick --budget-s 440 --out "$out/RESULTS_gemm.md" > "$out/gemm_bench.log" 2>&1
+  tail -5 "$out/gemm_bench.log"
+fi
+if [ "$stage" = moe ] || [ "$stage" = all ]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 330 python3 benchmarks/moe.py --quick --budget-s 220 \
+    --out "$out/RESULTS_moe.md" > "$out/moe_bench.log" 2>&1
+  grep -E "^\|" "$out/moe_bench.log" | tail -8
+  timeout 200 python3 benchmarks/gemm_tune.py --names wq_a,wkv --m 256,1024,4096 --tile-w 128 --recipes w4a4 \
+    --splits 1,2,4,8 --prefetch 1 --budget-s 170 > "$out/tune_prefill_split.log" 2>&1
+  cat "$out/tune_prefill_split.log"
+fi
