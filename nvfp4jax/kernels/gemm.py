@@ -68,7 +68,10 @@ wq_b m = 1: L1/TEX throughput 56% (was 76-79%), DRAM 22%, achieved occupancy 21%
 latency-bound (too few bytes in flight per SM), not L1-bound. SASS then: 384 instructions per K tile
 per warp (m = 1 W4A16), ~185 of them the W decode and ~80 X's stage (16-bit stores, 4 wavefronts
 each). Since: X staged as BF16 pairs (32-bit stores) in the thread order of :func:`w_regs_x_coords`
-(one wavefront per store): 335 per tile (W4A16), 380 (W4A4, was 447); compiles, not yet GPU-run.
+(one wavefront per store), in one stage buffer (addresses loop-invariant), W rows sliced once before
+the K loop: 298 per tile (W4A16), 336 (W4A4, was 447); registers 96 (W4A16) / 80 (W4A4, was 96),
+MoE L1 166, L2 80; compiles (ptxas: no spills), not yet GPU-run. The W decode (~185) is near its
+floor on sm_90 (4 integer/BF16 ops per BF16 pair, 8 per scale).
 
 Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; H200, session
 4: correct -- the quick GEMM and MoE GPU tests pass at P = 2 -- and no faster): the register path
@@ -467,30 +470,33 @@ class GemmNvfp4Sm90:
         register buffer would do. What overlaps wgmma(i) is the global loads of tiles i + 1 .. i + P,
         issued before it (``prefetch = P`` raw register buffers, cheap here: ~10-20 registers per tile
         of codes, scales and X; ptxas 13.0 nonetheless uses 96 / 159 / 168 registers at P = 1 / 2 / 3 for
-        Flash wq_b m = 1), and the other CTAs of the SM.
+        Flash wq_b m = 1), and the other CTAs of the SM. That same wait lets X use one stage buffer (all
+        warps pass it and a barrier before any writes the stage): the stage's addresses are then the same
+        every tile, and the compiler computes their swizzle once instead of per tile.
         """
         cfg = self.cfg
         P = cfg.prefetch
         tArA = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((cfg.tile_w, cfg.tile_k)))
         # P raw register buffers (W codes/scales, X): tile i in buffer i % P, static (P tiles per trip)
         bufs = [(tWrP, tWrS, tXrP, tXrS, tXrD)] + self.raw_buffers(P - 1, tXrD)
+        w_rows = self.w_regs_rows(gW, gW3, w_row0, q)  # this thread's W rows, every K tile
         for j in cutlass.range_constexpr(P):
             wp, ws, xp, xs, xd = bufs[j]
             if j < k_tiles:
-                self.load_w_regs(kt0 + j, gW, gW3, wp, ws, w_row0, q)
+                self.load_w_regs(kt0 + j, w_rows, wp, ws)
                 self.load_x(kt0 + j, gX, xp, xs, xd, x_rows, x_part)
         for i0 in cutlass.range(0, k_tiles, P, unroll=1):
             for j in cutlass.range_constexpr(P):
                 wp, ws, xp, xs, xd = bufs[j]
                 i = i0 + j
                 if i < k_tiles:
-                    stage = i % 2
+                    stage = 0  # one X stage: wgmma(i - 1), its last reader, completed before the barrier
                     warpgroup.wait_group(0)  # wgmma(i - 1), the reader of the A registers, is done
                     cute.arch.sync_threads()
                     self.decode_w_regs(wp, ws, tArA)
                     self.stage_x_permuted(stage, xp, xs, xd, sB, x_row_in_tile, x_part, count)
                     if i + P < k_tiles:
-                        self.load_w_regs(kt0 + i + P, gW, gW3, wp, ws, w_row0, q)
+                        self.load_w_regs(kt0 + i + P, w_rows, wp, ws)
                         self.load_x(kt0 + i + P, gX, xp, xs, xd, x_rows, x_part)
                     warpgroup.fence()
                     for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
@@ -498,9 +504,11 @@ class GemmNvfp4Sm90:
                     warpgroup.commit_group()
 
     @cute.jit
-    def load_w_regs(self, kt, gW, gW3, tWrP, tWrS, w_row0, q):
-        """Global loads of this thread's A rows (``w_row0 + 64 mb + 8 r``; gate_up: block 1 is W3's rows
-        ``w_row0 + 8 r``), chunk ``q`` of K tile ``kt``, into register pass ``2 mb + r``."""
+    def w_regs_rows(self, gW, gW3, w_row0, q):
+        """This thread's A rows (``w_row0 + 64 mb + 8 r``; gate_up: block 1 is W3's rows ``w_row0 + 8 r``),
+        chunk ``q``, as (codes, scales) tensors over the K tiles, sliced once before the K loop (so the
+        loop only adds the K tile's offset)."""
+        rows = []
         for mb in cutlass.range_constexpr(self.cfg.tile_w // 64):
             src, off = gW, 64 * mb
             if cutlass.const_expr(self.cfg.gate_up and mb == 1):
@@ -508,8 +516,16 @@ class GemmNvfp4Sm90:
             for r in cutlass.range_constexpr(2):
                 row = w_row0 + off + 8 * r
                 rb, rr = row // TILE_ROWS, row % TILE_ROWS
-                cute.autovec_copy(src[0][0, 0, 0, None, rb, kt, rr, q], tWrP[None, 2 * mb + r])
-                cute.autovec_copy(src[1][0, 0, 0, None, rb, kt, rr, q], tWrS[None, 2 * mb + r])
+                rows.append((src[0][0, 0, 0, None, rb, None, rr, q], src[1][0, 0, 0, None, rb, None, rr, q]))
+        return rows
+
+    @cute.jit
+    def load_w_regs(self, kt, w_rows, tWrP, tWrS):
+        """Global loads of K tile ``kt`` of this thread's A rows (:meth:`w_regs_rows`) into register
+        pass ``2 mb + r``."""
+        for p in cutlass.range_constexpr(len(w_rows)):
+            cute.autovec_copy(w_rows[p][0][None, kt], tWrP[None, p])
+            cute.autovec_copy(w_rows[p][1][None, kt], tWrS[None, p])
 
     @cute.jit
     def decode_w_regs(self, tWrP, tWrS, tArA):
