@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One GPU session in stages that each fit one device command (10 minutes), every log in OUTDIR.
 # Usage: bash benchmarks/gpu_session.sh OUTDIR STAGE
-#   tests: the quick GPU tests, newest-risk first (the quantize kernel's bitwise tests, both decode
-#          paths of the GEMM and MoE), then the rest of the quick set; then compute-sanitizer memcheck
-#          on the small GEMM case and a quantize case                                   (~9 min)
+#   tests: the quick kernel GPU tests, newest-risk first (the quantize kernel's bitwise tests, both
+#          decode paths of the GEMM and MoE), then the rest                             (~9 min)
+#   model: kernel model vs reference model logits (~3 min per recipe), then compute-sanitizer
+#          memcheck on the small GEMM case and a quantize case                          (~9 min)
 #   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
-#   moe:   benchmarks/moe.py --quick, then the prefill K-split sweep on the small-n linears (~9 min)
-#   all:   the three in a row (for a machine without the 10-minute limit)
+#   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
+#   all:   all four in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|gemm|moe|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|gemm|moe|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -25,12 +26,17 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
   $T timeout 200 $P tests/kernels/test_quantize.py "tests/kernels/test_gemm.py::test_gemm_decode_paths" \
     "tests/kernels/test_moe.py::test_moe_decode_paths" > "$out/tests_first.log" 2>&1
   echo "first: $(tail -1 "$out/tests_first.log")"
-  $T timeout 260 $P tests/kernels tests/model/test_kernel_model.py --deselect tests/kernels/test_quantize.py \
+  $T timeout 340 $P tests/kernels --deselect tests/kernels/test_quantize.py \
     --deselect tests/kernels/test_gemm.py::test_gemm_decode_paths --deselect tests/kernels/test_moe.py::test_moe_decode_paths \
     > "$out/tests_rest.log" 2>&1
   echo "rest: $(tail -1 "$out/tests_rest.log")"
   grep -E "^FAILED" "$out/tests_first.log" "$out/tests_rest.log" | head -20
-  $T timeout 90 compute-sanitizer --tool memcheck --error-exitcode 1 $P \
+fi
+if [ "$stage" = model ] || [ "$stage" = all ]; then
+  $T timeout 420 $P tests/model/test_kernel_model.py > "$out/tests_model.log" 2>&1
+  echo "model: $(tail -1 "$out/tests_model.log")"
+  grep -E "^FAILED" "$out/tests_model.log" | head
+  $T timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 $P \
     tests/kernels/test_gemm.py::test_gemm_small_case "tests/kernels/test_quantize.py::test_quantize_bitwise_adversarial[1024]" \
     > "$out/memcheck.log" 2>&1
   echo "memcheck exit $?: $(grep -E "ERROR SUMMARY|passed|failed" "$out/memcheck.log" | tail -2 | tr '\n' ' ')"
@@ -40,10 +46,13 @@ if [ "$stage" = gemm ] || [ "$stage" = all ]; then
   tail -5 "$out/gemm_bench.log"
 fi
 if [ "$stage" = moe ] || [ "$stage" = all ]; then
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 330 python3 benchmarks/moe.py --quick --budget-s 220 \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 280 python3 benchmarks/moe.py --quick --budget-s 190 \
     --out "$out/RESULTS_moe.md" > "$out/moe_bench.log" 2>&1
   grep -E "^\|" "$out/moe_bench.log" | tail -8
-  timeout 200 python3 benchmarks/gemm_tune.py --names wq_a,wkv --m 256,1024,4096 --tile-w 128 --recipes w4a4 \
-    --splits 1,2,4,8 --prefetch 1 --budget-s 170 > "$out/tune_prefill_split.log" 2>&1
+  NVFP4JAX_MOE_CTAS_PER_SM=4 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 130 python3 benchmarks/moe.py --t 1,64 \
+    --budget-s 80 > "$out/moe_4_per_sm.log" 2>&1  # the decode split rule's A/B (default 16 per SM)
+  grep -E "^\|" "$out/moe_4_per_sm.log" | tail -6
+  timeout 140 python3 benchmarks/gemm_tune.py --names wq_a,wkv --m 256,1024,4096 --tile-w 128 --recipes w4a4 \
+    --splits 1,2,4,8 --prefetch 1 --budget-s 110 > "$out/tune_prefill_split.log" 2>&1
   cat "$out/tune_prefill_split.log"
 fi

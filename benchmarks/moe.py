@@ -259,6 +259,7 @@ def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadli
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help=f"T in {QUICK_T} only")
+    ap.add_argument("--t", default=None, help="comma list of token counts (overrides --quick)")
     ap.add_argument("--out", default=None, help="append the table to this markdown file (e.g. benchmarks/RESULTS.md)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new measurements after this")
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -286,6 +287,8 @@ def main():
 
         # the two grouped GEMMs (L1, L2) at least must be in every timed call
         models, t_values, ours, kernel_calls = MODELS, QUICK_T if args.quick else T_VALUES, km.moe_experts, 2
+        if args.t:
+            t_values = tuple(int(v) for v in args.t.split(","))
         bw, peak = measure_ceilings()
     emit(f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev})", record=True)
     emit("", record=True)

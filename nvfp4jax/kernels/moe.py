@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +43,18 @@ from nvfp4jax.kernels.quantize import quantize_nvfp4
 from nvfp4jax.ref.moe import swiglu
 
 
+CTAS_PER_SM_ENV = "NVFP4JAX_MOE_CTAS_PER_SM"
+
+
 def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4: bool, *, gate_up: bool,
                           swiglu_limit: float | None) -> kg.GemmConfig:
     """Tiles for a grouped GEMM with ``rows`` (token, expert) rows over ``experts`` experts.
 
     The token tile follows the expected rows per active expert (uniform routing): decode-style
-    tiles (K 128, tokens 16..64) with a K split up to ~16 CTAs per SM while that many could be
-    active; prefill-style 128 x 128 x 64 tiles once an expert has more than 64 rows.
+    tiles (K 128, tokens 16..64) with a K split up to ~16 CTAs per SM while that many could be active
+    (``$NVFP4JAX_MOE_CTAS_PER_SM``, read at trace time, for an A/B: the dense GEMM measured one wave
+    of 4 per SM faster; unmeasured here); prefill-style 128 x 128 x 64 tiles once an expert has more
+    than 64 rows.
     """
     per_expert = -(-rows // min(experts, rows))
     tile_w = 128 if gate_up or n_out % 128 == 0 else 64
@@ -61,7 +67,8 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
     ctas = (n_out // tile_w) * num_tiles(rows, experts, tile_t)
     k_tiles = k // tile_k
     split = 1
-    while ctas * split * 2 <= 16 * kg.NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * tile_t * 16 <= k:
+    per_sm = int(os.environ.get(CTAS_PER_SM_ENV, "16") or 16)
+    while ctas * split * 2 <= per_sm * kg.NUM_SMS and k_tiles % (2 * split) == 0 and 2 * split * tile_t * 16 <= k:
         split *= 2
     cfg = kg.GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4, grouped=True, gather=gate_up, gate_up=gate_up,
                         swiglu_limit=swiglu_limit if gate_up and split == 1 else None)
