@@ -107,10 +107,10 @@ def e2m1_code_of_quotient(x: Float32, d: Float32, y: Float32, *, loc=None, ip=No
     1 in [2, 4), 2 from 4: region ``g = clamp(exponent, 0, 2)``), adding ``C = 1.5 * 2**(22 + g)``
     (whose ulp is ``step``) rounds ``q`` to a multiple of ``step`` with ties to the even multiple,
     which is E2M1's round-to-nearest-even; ``bits(q + C) - bits(C)`` counts the steps, and the code
-    is that count ``+ 2g``, saturated at 7 (= 6.0). The CPU test
-    ``tests/kernels/test_quantize_math.py`` checks both halves against ``div.rn`` and the E2M1
-    encoder on every float32 near every midpoint. 17 PTX instructions; the comparison encoder with
-    ``div.rn`` was ~32 SASS instructions per value.
+    is that count ``+ 2g``, saturated at 7 (= 6.0). ``tests/kernels/test_quantize_math.py`` emulates
+    both halves on the CPU: the encoder against the oracle's E2M1 rounding on every float32 in
+    [0, 16), the quotient against ``div.rn`` near every midpoint over adversarial divisors. 17 PTX
+    instructions (~15 SASS); the comparison encoder after a ``div.rn`` was ~32 SASS instructions.
     """
     return _asm_u32(
         [x.bitcast(Uint32, loc=loc, ip=ip), d.bitcast(Uint32, loc=loc, ip=ip), y.bitcast(Uint32, loc=loc, ip=ip)],

@@ -62,7 +62,7 @@ improve: 96 registers x 128 threads also allow 5 CTAs per SM, as the 40 KB stage
 order inside a tile is a permutation of the natural one (:func:`permuted_column`), which X's
 stage follows. wgmma(i) must complete before the A registers of tile i + 1 are written (ptxas
 serializes every wgmma otherwise, C7513), so the overlap inside a CTA is loads-with-MMA only.
-Measured (H200, session 6): the GPU tests pass with it; W4A16 decode 3-10% faster than the
+Measured (H200, session 6): the GPU tests pass with it; W4A16 decode 4-19% faster than the
 shared-memory path on every V4 shape timed (Flash wq_b m = 1 14.8 vs 15.4 us); Nsight Compute on Flash
 wq_b m = 1: L1/TEX throughput 56% (was 76-79%), DRAM 22%, achieved occupancy 21% -- the kernel is now
 latency-bound (too few bytes in flight per SM), not L1-bound. SASS then: 384 instructions per K tile
@@ -277,7 +277,7 @@ class GemmNvfp4Sm90:
         """Tiled copy registers -> shared memory, thread t owning (row, chunk) as :func:`thread_coords` says."""
         per_row = self.cfg.tile_k // chunk
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
-        if rows_by_quarter_warp(self.cfg.tile_k, rows_pp):  # (row, chunk) -> t = row % 8 + 8 chunk + 8 per_row (row // 8)
+        if rows_by_quarter_warp(self.cfg.tile_k, rows_pp):  # t = row % 8 + 8 chunk + 8 per_row (row // 8)
             threads = cute.make_layout(((8, rows_pp // 8), per_row), stride=((1, 8 * per_row), 8))
         else:
             threads = cute.make_layout((rows_pp, per_row), stride=(per_row, 1))

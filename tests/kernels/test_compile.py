@@ -94,7 +94,7 @@ def test_quantize_compiles_sm90a(tmp_path, k, fused):
     ins = (S((m, k), jnp.bfloat16), S((k,), jnp.bfloat16) if fused else None, S((1,), jnp.float32) if fused else None)
     outs = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
     ops = opcodes(compile_ptx(kq._kernel(k, fused), ins, outs, None, tmp_path))
-    assert ops["div.rn.f32"] >= 16, "quantize must use correctly rounded division (per block, and per value on the slow path)"
+    assert ops["div.rn.f32"] >= 16, "correctly rounded division (per block; per value on the slow path)"
     assert ops["fma.rn.f32"] >= 2 and ops["add.rn.f32"] >= 1, "the division-free fast path (e2m1_code_of_quotient)"
     assert not any(op.startswith(("div.approx", "div.full", "rcp.approx")) for op in ops), ops
     assert ops["cvt.rn.satfinite.e4m3x2.f32"] >= 1 and ops["ld.global.v4.b32"] >= 2
