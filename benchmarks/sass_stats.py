@@ -1,0 +1,89 @@
+"""SASS statistics of a GEMM kernel's K loop, on the CPU: registers, spills, instructions per K tile.
+
+Compiles the config ``choose_config`` (or ``moe.choose_grouped_config``) picks for a shape to PTX
+(CuTeDSL, sm_90a), assembles it with ptxas and disassembles it with cuobjdump, then counts the
+instructions of the K loop (the block from the back branch after the first HGMMA to its target)
+by opcode. These are the numbers quoted in ``nvfp4jax/kernels/gemm.py`` and ``benchmarks/RESULTS.md``
+("instructions per K tile per warp"). The GPU's driver may allocate registers differently (ncu showed
+72 where offline ptxas 13.0 used 96), so registers here are indicative.
+
+Needs ptxas (CUDA 13: ``$PTXAS`` or ``/usr/local/cuda-13.0/bin/ptxas``) and cuobjdump
+(``$CUOBJDUMP``; on a machine without the CUDA binutils: ``pip download --no-deps nvidia-cuda-cuobjdump``
+and unzip the wheel). Usage::
+
+    python benchmarks/sass_stats.py dense 1 32768 1024 w4a16     # Flash wq_b, m = 1
+    python benchmarks/sass_stats.py moe-l1 1 2048 4096 w4a4      # Flash experts, T = 1 (6 rows)
+    NVFP4JAX_GEMM_W_REGS=0 python benchmarks/sass_stats.py dense 1 32768 1024 w4a16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+
+def loop_counts(sass: str) -> collections.Counter:
+    """Opcode counts of the K loop: from the target of the first predicated back branch after the
+    first HGMMA up to that branch."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    first = next(i for i, ln in enumerate(lines) if "HGMMA" in ln)
+    back = next(i for i in range(first, len(lines)) if re.search(r"@!?U?P\d+ BRA", lines[i]))
+    target = re.search(r"BRA (0x[0-9a-f]+)", lines[back]).group(1)
+    start = next(i for i, ln in enumerate(lines) if re.match(rf"\s+/\*0*{int(target, 16):x}\*/", ln))
+    ops = collections.Counter()
+    for ln in lines[start:back + 1]:
+        words = ln.split("*/", 1)[1].split()
+        op = words[1] if words[0].startswith("@") else words[0]
+        ops[op.split(".")[0].rstrip(";")] += 1
+    return ops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kind", choices=("dense", "moe-l1", "moe-l2"))
+    ap.add_argument("m", type=int, help="tokens (dense: rows of x; MoE: tokens, 6 rows each)")
+    ap.add_argument("n", type=int, help="dense: output features; MoE: the expert's intermediate (L1) or d (L2)")
+    ap.add_argument("k", type=int)
+    ap.add_argument("recipe", choices=("w4a4", "w4a16"))
+    ap.add_argument("--experts", type=int, default=256)
+    args = ap.parse_args()
+
+    from nvfp4jax.kernels import gemm as kg, moe as km
+    from tests.kernels.test_compile import _dense_io, _grouped_io, compile_ptx
+
+    act = args.recipe == "w4a4"
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.kind == "dense":
+            cfg = kg.choose_config(args.m, args.n, args.k, act)
+            ptx = compile_ptx(kg._kernel(cfg), *_dense_io(cfg, args.m, args.n, args.k), tmp)
+        else:
+            gate_up, rows = args.kind == "moe-l1", 6 * args.m
+            cfg = km.choose_grouped_config(rows, args.experts, 2 * args.n if gate_up else args.n, args.k, act,
+                                           gate_up=gate_up, swiglu_limit=10.0)
+            io = _grouped_io(cfg, args.m, rows, args.experts, args.n, args.k, gate_up)
+            ptx = compile_ptx(km._kernel(cfg), *io, tmp)
+        # the CuTeDSL PTX says ISA 9.4; ptxas 13.0 takes 9.0 and the kernel uses nothing newer
+        (Path(tmp) / "k.ptx").write_text(ptx.replace(".version 9.4", ".version 9.0"))
+        ptxas = os.environ.get("PTXAS", "/usr/local/cuda-13.0/bin/ptxas")
+        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", "k.ptx", "-o", "k.cubin"], cwd=tmp,
+                             capture_output=True, text=True, check=True)
+        sass = subprocess.run([os.environ.get("CUOBJDUMP", "cuobjdump"), "-sass", "k.cubin"], cwd=tmp,
+                              capture_output=True, text=True, check=True).stdout
+    print(cfg)
+    print(" ".join(ln.split("info    : ")[-1] for ln in res.stderr.splitlines() if "Used" in ln or "spill" in ln))
+    ops = loop_counts(sass)
+    print(f"K loop: {sum(ops.values())} instructions per K tile per warp")
+    print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common()))
+
+
+if __name__ == "__main__":
+    main()
