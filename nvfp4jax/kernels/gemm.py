@@ -138,9 +138,15 @@ def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
     return THREADS * chunk // tile_k, chunk
 
 
+def x_stages(cfg: GemmConfig) -> int:
+    """BF16 X stages: two (the shared-memory path writes tile i + 1 while wgmma(i) reads tile i), one
+    with W in registers (wgmma(i - 1) completes before any warp writes tile i, see mainloop_w_regs)."""
+    return 1 if cfg.w_regs else 2
+
+
 def smem_bytes(cfg: GemmConfig) -> int:
-    """Shared memory of a CTA: two BF16 stages of the W (unless in registers) and X tiles."""
-    return 2 * 2 * ((0 if cfg.w_regs else cfg.tile_w) + cfg.tile_t) * cfg.tile_k
+    """Shared memory of a CTA: the BF16 stages of the W (two, unless in registers) and X tiles."""
+    return 2 * ((0 if cfg.w_regs else 2 * cfg.tile_w) + x_stages(cfg) * cfg.tile_t) * cfg.tile_k
 
 
 def rows_by_quarter_warp(tile_k: int, rows_pp: int) -> bool:
@@ -253,7 +259,7 @@ class GemmNvfp4Sm90:
         )
         tile_mnk = (cfg.tile_w, cfg.tile_t, cfg.tile_k)
         sA_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2)
-        sB_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2)
+        sB_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, x_stages(cfg))
         # with W in registers the A stage is 16 bytes (unused): shared memory holds X only
         a_elems = 8 if cfg.w_regs else cute.cosize(sA_layout)
 
@@ -326,11 +332,12 @@ class GemmNvfp4Sm90:
             w3v, w3s = mW3v[e, None, None, None, None], mW3s[e, None, None, None, None]
         w_per_row = cfg.tile_k // self.w_chunk
         w_rows_cta = cfg.tile_w // 2 if cutlass.const_expr(cfg.gate_up) else cfg.tile_w
-        w_row_in_pass, w_part = thread_coords(tidx, w_per_row, self.w_rows_pp, cfg.tile_k)
         if cutlass.const_expr(cfg.w_regs):
             # the A fragment's rows: warp w holds rows 16w + lane/4 and + 8 of each 64-row M block,
             # K columns of lane % 4
             w_row_in_pass, w_part = (tidx // 32) * 16 + (tidx % 32) // 4, tidx % 4
+        else:
+            w_row_in_pass, w_part = thread_coords(tidx, w_per_row, self.w_rows_pp, cfg.tile_k)
         w_row0 = bw * w_rows_cta + w_row_in_pass
         gW = (cute.local_tile(wv, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
               cute.local_tile(ws, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
@@ -342,9 +349,10 @@ class GemmNvfp4Sm90:
         tWrD = cute.make_rmem_tensor((self.w_chunk, w_passes), BFloat16)
 
         x_per_row = cfg.tile_k // self.x_chunk
-        x_row_in_tile, x_part = thread_coords(tidx, x_per_row, self.x_rows_pp, cfg.tile_k)
         if cutlass.const_expr(cfg.w_regs):
             x_row_in_tile, x_part = w_regs_x_coords(tidx, self.x_chunk)
+        else:
+            x_row_in_tile, x_part = thread_coords(tidx, x_per_row, self.x_rows_pp, cfg.tile_k)
         x_passes = cfg.tile_t // self.x_rows_pp
         tXrD = cute.make_rmem_tensor((self.x_chunk, x_passes), BFloat16)
         # the X row each pass reads (rows past count re-read the tile's last row; zeroed later)
@@ -490,7 +498,7 @@ class GemmNvfp4Sm90:
                 wp, ws, xp, xs, xd = bufs[j]
                 i = i0 + j
                 if i < k_tiles:
-                    stage = 0  # one X stage: wgmma(i - 1), its last reader, completed before the barrier
+                    stage = 0  # the one X stage (x_stages): wgmma(i - 1), its last reader, completed before the barrier
                     warpgroup.wait_group(0)  # wgmma(i - 1), the reader of the A registers, is done
                     cute.arch.sync_threads()
                     self.decode_w_regs(wp, ws, tArA)

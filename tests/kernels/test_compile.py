@@ -124,7 +124,7 @@ def test_gemm_w_regs_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
     monkeypatch.delenv(kg.W_REGS_ENV, raising=False)
     cfg = kg.choose_config(m, n, k, act_nvfp4)
     assert cfg.w_regs and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
-    assert kg.smem_bytes(cfg) == 2 * 2 * cfg.tile_t * cfg.tile_k
+    assert kg.smem_bytes(cfg) == 2 * cfg.tile_t * cfg.tile_k  # one BF16 X stage, nothing of W
     ptx = compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path)
     ops = opcodes(ptx)
     assert ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"] == 8, ops
