@@ -99,17 +99,22 @@ def main():
     ap.add_argument("--names", default="", help="comma list of linear names to measure (default: all)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new shapes after this")
+    ap.add_argument("--m", default="", help="comma list of m values for every shape (overrides --quick's)")
+    ap.add_argument("--no-quantize", action="store_true", help="skip the quantize table")
     args = ap.parse_args()
     t_start = time.time()
     dev = jax.devices()[0].device_kind
     bw, peak = measure_ceilings()
+    prefill = ("warp-specialized (gemm_ws, NVFP4JAX_GEMM_PREFILL=ws; W4A4 includes dequant_rows of X)"
+               if kg.uses_ws_prefill(4096, 4096, jnp.bfloat16) else "one-warpgroup (gemm)")
     lines = [f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev}); "
-             "device kernel times from the profiler trace, L2 flushed before each call (benchmarks/_timing.py)", ""]
+             "device kernel times from the profiler trace, L2 flushed before each call (benchmarks/_timing.py); "
+             f"m > 64 on the {prefill} kernel", ""]
     # quantize first: cheap, and a run cut short by the device budget should still have it
     lines += ["| quantize m | k | us | % copy BW | fused RMSNorm us | % copy BW |", "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    q_shapes = ((1, 4096), (16, 7168), (4096, 4096), (16384, 7168))
-    q = bench_quantize(q_shapes)
+    q_shapes = () if args.no_quantize else ((1, 4096), (16, 7168), (4096, 4096), (16384, 7168))
+    q = bench_quantize(q_shapes) if q_shapes else {}
     for m, k in q_shapes:
         cells = []
         for fused_norm in (False, True):
@@ -123,8 +128,10 @@ def main():
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines[-2:]), flush=True)
     quick_m = (1, 16, 64, 1024, 4096)
-    shapes = [("flash", *s, quick_m if args.quick else M_VALUES) for s in FLASH_LINEARS]
-    shapes += [("pro", *s, (1, 4096) if args.quick else M_VALUES) for s in PRO_LINEARS]
+    m_flash, m_pro = (quick_m, (1, 4096)) if args.quick else (M_VALUES, M_VALUES)
+    if args.m:
+        m_flash = m_pro = tuple(int(v) for v in args.m.split(","))
+    shapes = [("flash", *s, m_flash) for s in FLASH_LINEARS] + [("pro", *s, m_pro) for s in PRO_LINEARS]
     keep = set(filter(None, args.names.split(",")))
     for model, name, n, k, ms in shapes:
         if keep and name not in keep:

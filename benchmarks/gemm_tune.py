@@ -31,8 +31,9 @@ from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
 def candidates(m: int, n: int, k: int, act_nvfp4: bool, tile_ws=(64, 128), tile_ks=(128,),
                splits=(1, 2, 4, 8, 16), prefetch_list=(1, 2, 3), w_regs_list=(False,)):
     tile_t = max(16, -(-m // 16) * 16) if m <= 64 else 128  # prefill: choose_config's 128-token tiles
-    if m > 64:
+    if m > 64:  # prefill tiles: K tiles of 64 on the shared-memory path (w_regs needs K tiles of 128)
         tile_ks = tuple(t for t in tile_ks if t == 64) or (64,)
+        w_regs_list = (False,)
     for tile_w in tile_ws:
         if n % tile_w:
             continue

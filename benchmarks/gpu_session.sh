@@ -7,11 +7,13 @@
 #          memcheck on the small GEMM case and a quantize case                          (~9 min)
 #   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
-#   all:   all four in a row (for a machine without the 10-minute limit)
+#   ws:    the warp-specialized prefill GEMM (gemm_ws, opt-in, first GPU run pending): its GPU tests, then
+#          prefill GEMM tables with it (NVFP4JAX_GEMM_PREFILL=ws) and without, same shapes   (~9 min)
+#   all:   all five in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|gemm|moe|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|gemm|moe|ws|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -36,7 +38,7 @@ if [ "$stage" = model ] || [ "$stage" = all ]; then
   $T timeout 420 $P tests/model/test_kernel_model.py > "$out/tests_model.log" 2>&1
   echo "model: $(tail -1 "$out/tests_model.log")"
   grep -E "^FAILED" "$out/tests_model.log" | head
-  $T timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 $P \
+  $T timeout 120 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 $P \
     tests/kernels/test_gemm.py::test_gemm_small_case "tests/kernels/test_quantize.py::test_quantize_bitwise_adversarial[1024]" \
     > "$out/memcheck.log" 2>&1
   echo "memcheck exit $?: $(grep -E "ERROR SUMMARY|passed|failed" "$out/memcheck.log" | tail -2 | tr '\n' ' ')"
@@ -55,4 +57,14 @@ if [ "$stage" = moe ] || [ "$stage" = all ]; then
   timeout 140 python3 benchmarks/gemm_tune.py --names wq_a,wkv --m 256,1024,4096 --tile-w 128 --recipes w4a4 \
     --splits 1,2,4,8 --prefetch 1 --budget-s 110 > "$out/tune_prefill_split.log" 2>&1
   cat "$out/tune_prefill_split.log"
+fi
+if [ "$stage" = ws ] || [ "$stage" = all ]; then
+  $T timeout 200 $P tests/kernels/test_gemm_ws.py > "$out/tests_ws.log" 2>&1
+  echo "ws tests: $(tail -1 "$out/tests_ws.log")"
+  grep -E "^FAILED" "$out/tests_ws.log" | head
+  B="python3 benchmarks/gemm.py --no-quantize --m 1024,4096,16384 --names wq_a,wq_b,wo_b,shared.w1/w3 --budget-s 110"
+  NVFP4JAX_GEMM_PREFILL=ws timeout 170 $B --out "$out/RESULTS_gemm_ws.md" > "$out/gemm_ws.log" 2>&1
+  grep -E "^\| (flash|pro)|stopped" "$out/gemm_ws.log"
+  timeout 170 $B --out "$out/RESULTS_gemm_1wg.md" > "$out/gemm_1wg.log" 2>&1
+  grep -E "^\| (flash|pro)|stopped" "$out/gemm_1wg.log"
 fi

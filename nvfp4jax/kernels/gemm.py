@@ -112,6 +112,7 @@ SMEM_LIMIT = 113 * 1024  # per CTA so that two fit in an SM (228 KB, 1 KB reserv
 PREFETCH_ENV = "NVFP4JAX_GEMM_PREFETCH"
 W_REGS_ENV = "NVFP4JAX_GEMM_W_REGS"  # "0": decode configs stage W in shared memory (default: A registers)
 DECODE_CTAS_PER_SM = 4  # decode K split target (choose_config)
+PREFILL_ENV = "NVFP4JAX_GEMM_PREFILL"  # "ws": m > 64 goes to the warp-specialized kernel (gemm_ws), opt-in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +178,18 @@ def thread_coords(tidx, per_row: int, rows_pp: int, tile_k: int):
     if rows_by_quarter_warp(tile_k, rows_pp):
         return (tidx // (8 * per_row)) * 8 + tidx % 8, (tidx // 8) % per_row
     return tidx // per_row, tidx % per_row
+
+
+def store_copy(tile_k: int, rows_pp: int, chunk: int):
+    """Tiled copy registers -> shared memory of a BF16 stage ``[rows, tile_k]``, thread t owning (row, chunk)
+    as :func:`thread_coords` says (16-byte stores)."""
+    per_row = tile_k // chunk
+    atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
+    if rows_by_quarter_warp(tile_k, rows_pp):  # t = row % 8 + 8 chunk + 8 per_row (row // 8)
+        threads = cute.make_layout(((8, rows_pp // 8), per_row), stride=((1, 8 * per_row), 8))
+    else:
+        threads = cute.make_layout((rows_pp, per_row), stride=(per_row, 1))
+    return cute.make_tiled_copy_tv(atom, threads, cute.make_layout((1, chunk)))
 
 
 def w_regs_x_coords(tidx, x_chunk: int):
@@ -279,16 +292,6 @@ class GemmNvfp4Sm90:
         self.kernel(mXv, mXs, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRows, mTiles, mRouteW, mY,
                     tiled_mma, sA_layout, sB_layout).launch(grid=grid, block=[THREADS, 1, 1], stream=stream)
 
-    def _store_copy(self, rows_pp: int, chunk: int):
-        """Tiled copy registers -> shared memory, thread t owning (row, chunk) as :func:`thread_coords` says."""
-        per_row = self.cfg.tile_k // chunk
-        atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
-        if rows_by_quarter_warp(self.cfg.tile_k, rows_pp):  # t = row % 8 + 8 chunk + 8 per_row (row // 8)
-            threads = cute.make_layout(((8, rows_pp // 8), per_row), stride=((1, 8 * per_row), 8))
-        else:
-            threads = cute.make_layout((rows_pp, per_row), stride=(per_row, 1))
-        return cute.make_tiled_copy_tv(atom, threads, cute.make_layout((1, chunk)))
-
     @cute.kernel
     def kernel(self, mXv: cute.Tensor, mXs, mXg, mWv: cute.Tensor, mWs: cute.Tensor, mWg: cute.Tensor,
                mW3v, mW3s, mW3g, mRows, mTiles, mRouteW, mY: cute.Tensor, tiled_mma: cute.TiledMma,
@@ -372,7 +375,7 @@ class GemmNvfp4Sm90:
             tXrP = tXrD
             tXrS = tXrD
 
-        store_x = self._store_copy(self.x_rows_pp, self.x_chunk).get_slice(tidx)
+        store_x = store_copy(cfg.tile_k, self.x_rows_pp, self.x_chunk).get_slice(tidx)
         tBsB = store_x.partition_D(sB)
         thr_mma = tiled_mma.get_slice(tidx)
         tCsB = thr_mma.partition_B(sB)
@@ -387,7 +390,7 @@ class GemmNvfp4Sm90:
                                  x_row_in_tile, tXrP, tXrS, tXrD, sB, tCrB, acc, tiled_mma, thr_mma)
         else:
             sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
-            store_w = self._store_copy(self.w_rows_pp, self.w_chunk).get_slice(tidx)
+            store_w = store_copy(cfg.tile_k, self.w_rows_pp, self.w_chunk).get_slice(tidx)
             tAsA = store_w.partition_D(sA)  # (CPY, passes, 1, stage)
             tCsA = thr_mma.partition_A(sA)
             tCrA = tiled_mma.make_fragment_A(tCsA)
@@ -800,6 +803,14 @@ def supports(x, w) -> str | None:
     return None
 
 
+def uses_ws_prefill(m: int, n: int, out_dtype) -> bool:
+    """Whether :func:`nvfp4_gemm` hands ``m`` rows to the warp-specialized prefill kernel
+    (:mod:`nvfp4jax.kernels.gemm_ws`): only with ``$NVFP4JAX_GEMM_PREFILL=ws`` (read at trace time; off by
+    default until that kernel has run on a GPU), for ``m > 64``, ``n % 128 == 0`` and a BF16 output."""
+    return (os.environ.get(PREFILL_ENV, "") == "ws" and m > 64 and n % 128 == 0
+            and jnp.dtype(out_dtype) == jnp.bfloat16)
+
+
 def nvfp4_gemm(
     x: NVFP4Tensor | Float[Array, "m k"], w: NVFP4Tensor, out_dtype=jnp.bfloat16
 ) -> Float[Array, "m n"]:
@@ -815,6 +826,10 @@ def nvfp4_gemm(
     m, (n, k) = x.shape[0], w.shape
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
+    if uses_ws_prefill(m, n, out_dtype):
+        from nvfp4jax.kernels import gemm_ws  # imports this module
+
+        return gemm_ws.nvfp4_gemm_ws(x, w)
     act_nvfp4 = isinstance(x, NVFP4Tensor)
     cfg = choose_config(m, n, k, act_nvfp4)
     if act_nvfp4:

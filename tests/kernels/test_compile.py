@@ -20,7 +20,7 @@ from cutlass.jax import TensorSpec  # noqa: E402
 from cutlass.jax.compile import Arg, FunctionSpec, jit_wrapper  # noqa: E402
 from cutlass.jax.types import default_tensor_spec  # noqa: E402
 
-from nvfp4jax.kernels import gemm as kg, quantize as kq  # noqa: E402
+from nvfp4jax.kernels import gemm as kg, gemm_ws as kw, quantize as kq  # noqa: E402
 
 S = jax.ShapeDtypeStruct
 
@@ -114,6 +114,51 @@ def test_gemm_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
     assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
     assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["ld.global.v4.b32"] > 0
+
+
+@pytest.mark.parametrize("m,n,k,act_nvfp4", [(4096, 4096, 4096, False), (200, 512, 7168, True), (16384, 32768, 1024, True)])
+def test_gemm_ws_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
+    """The warp-specialized prefill kernel: X by TMA into an mbarrier pipeline, registers moved from the
+    producer warpgroup to the consumers (setmaxnreg), one wgmma shape, W decoded without conversions,
+    Y leaving in 16-byte stores."""
+    cfg = kw.choose_prefill_config(m, n, act_nvfp4)
+    assert cfg.tile_t == (128 if n == 512 else 256) and cfg.x_scaled == act_nvfp4
+    ins = (S((m, k), jnp.bfloat16), S((m,), jnp.float32) if act_nvfp4 else None) + _tiled_w((), n, k)
+    ins += (S((1,), jnp.float32),)
+    ops = opcodes(compile_ptx(kw._kernel(cfg), ins, (S((m, n), jnp.bfloat16),), None, tmp_path))
+    wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
+    assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
+    assert any(op.startswith("cp.async.bulk.tensor.2d.shared::cta.global") for op in ops), sorted(ops)
+    assert ops["setmaxnreg.dec.sync.aligned.u32"] == 1 and ops["setmaxnreg.inc.sync.aligned.u32"] == 1
+    assert ops["mbarrier.arrive.expect_tx.shared.b64"] > 0 and ops["mbarrier.try_wait.parity.shared.b64"] > 0
+    assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["st.global.v4.b32"] > 0
+
+
+def test_dequant_rows_compiles_sm90a(tmp_path):
+    """The X decoder of the prefill path: 16-byte code loads, no conversions, 16-byte stores."""
+    m, k = 300, 4096
+    ins = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8))
+    ops = opcodes(compile_ptx(kw._dequant_kernel(), ins, (S((m, k), jnp.bfloat16),), None, tmp_path))
+    assert decodes_without_conversions(ops) and ops["ld.global.v4.b32"] == 1 and ops["st.global.v4.b32"] == 4
+
+
+def test_ws_prefill_is_opt_in(monkeypatch):
+    """``nvfp4_gemm`` uses the warp-specialized kernel only with ``NVFP4JAX_GEMM_PREFILL=ws`` (not yet
+    GPU-run), for m > 64, n % 128 == 0 and a BF16 output; its own entry point rejects other n."""
+    monkeypatch.delenv(kg.PREFILL_ENV, raising=False)
+    assert not kg.uses_ws_prefill(4096, 4096, jnp.bfloat16)
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+    assert kg.uses_ws_prefill(65, 4096, jnp.bfloat16)
+    assert not kg.uses_ws_prefill(64, 4096, jnp.bfloat16)
+    assert not kg.uses_ws_prefill(4096, 4096, jnp.float32)
+    assert not kg.uses_ws_prefill(4096, 192, jnp.bfloat16)
+    from nvfp4jax.formats.nvfp4 import quantize
+
+    w = quantize(jnp.ones((192, 128), jnp.float32))
+    assert "n % 128" in kw.supports(jnp.ones((100, 128), jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="n % 128"):
+        kw.nvfp4_gemm_ws(jnp.ones((100, 128), jnp.bfloat16), w)
+    assert not kw.can_implement(kw.PrefillConfig(tile_t=96)) and not kw.can_implement(kw.PrefillConfig(stages=2))
 
 
 @pytest.mark.parametrize("m,n,k,act_nvfp4", [(1, 4096, 4096, False), (3, 1024, 4096, True), (64, 1536, 7168, True)])

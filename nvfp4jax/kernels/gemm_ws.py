@@ -1,0 +1,367 @@
+"""Warp-specialized NVFP4 prefill GEMM ``Y = X @ W^T`` (sm_90a): TMA for X, a decode warpgroup for W.
+
+Same math as :mod:`nvfp4jax.kernels.gemm` (and :func:`nvfp4jax.ref.gemm.nvfp4_gemm`): W NVFP4 ``[n, k]``
+in the kernels' tile layout with a per-tensor global scale, decoded exactly to
+``e2m1 * e4m3 * 2**-DECODE_SHIFT`` in BF16; X BF16 ``[m, k]``; float32 accumulation; the epilogue
+multiplies by ``gw * 2**DECODE_SHIFT`` (and by a per-row ``gx`` when ``x_scaled``) and rounds to BF16.
+Recipe ``nvfp4`` (NVFP4 X) reaches this kernel through :func:`dequant_rows`, which decodes X once per
+call (exact, the same ``2**-DECODE_SHIFT`` convention) instead of once per CTA column as the
+one-warpgroup kernel does (n / 128 times).
+
+Why a second kernel: the one-warpgroup kernel of :mod:`gemm` decodes, stores, fences and multiplies in
+the same 128 threads, so its tensor cores idle while a K tile is decoded (prefill at 31-40% of the
+roofline, 0.4-0.7x XLA BF16 on an H200, session 7). Here the roles are split across three warpgroups
+(384 threads, one CTA per SM):
+
+- warpgroup 0, the producer (``PRODUCER_REGS`` registers): one elected thread issues the TMA load of X's
+  ``[tile_t, 64]`` box into the swizzled B stage (rows past ``m`` arrive as zeros); all 128 threads
+  load W's codes and scales for the next K tile (128-bit loads, one tile ahead in registers), decode
+  the current one and store it to the swizzled A stage (16-byte stores, :func:`gemm.store_copy`).
+- warpgroups 1 and 2, the consumers (``CONSUMER_REGS``): wgmma ``64 x tile_t x 16``, one 64-row M block of
+  W each, A and B from shared memory, float32 accumulators (``tile_t / 2`` per thread).
+
+``STAGES`` K tiles of 64 are in flight. Per stage two mbarriers: ``full`` (129 arrivals: the TMA
+thread's ``arrive.expect_tx`` plus the 128 producer threads after their ``fence.proxy.async``;
+completes when the X bytes have landed too) and ``empty`` (8 arrivals, lane 0 of each consumer warp
+once ``wgmma.wait_group`` says the stage's wgmma are done). The epilogue reuses the B stages as a
+``[tile_t, 128 + 8]`` BF16 staging tile (the padding spreads a column's stores over the banks), so
+that Y leaves in 16-byte stores of whole 256-byte row segments instead of the 2-byte column stores of
+the one-warpgroup kernel.
+
+Limits: ``n % 128 == 0``, ``k % 64 == 0`` (the tile layout needs ``k % 128``), any ``m``; BF16 output.
+Dense only: the MoE's grouped and gathered GEMMs stay on :mod:`gemm`.
+
+Status (session 7): compiles for sm_90a on the CPU (``tests/kernels/test_compile.py``); NOT yet run on
+a GPU, so it is opt-in: ``NVFP4JAX_GEMM_PREFILL=ws`` at trace time (:func:`gemm.choose_config` /
+:func:`nvfp4_gemm_ws`). The GPU tests (``tests/kernels/test_gemm_ws.py``) and ``benchmarks/gemm.py``
+with that variable set are the next GPU session's first job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+import cuda.bindings.driver as cuda
+from cutlass import BFloat16, Float32, Int64, Uint8
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
+from cutlass.jax import cutlass_call
+from cutlass.utils import LayoutEnum
+
+from nvfp4jax.formats.nvfp4 import BLOCK, TILE_K, TILE_ROWS, NVFP4Tensor
+from nvfp4jax.kernels import gemm as kg
+from nvfp4jax.kernels._cute import DECODE_SHIFT, dequant_nvfp4_chunk
+
+TILE_W = 128  # weight rows per CTA: two 64-row wgmma M blocks, one per consumer warpgroup
+KSTAGE = 64  # K per pipeline stage (one 128-byte swizzle atom of BF16 per row)
+STAGES = 4
+WG = 128
+THREADS = 3 * WG
+PRODUCER_REGS = 96
+CONSUMER_REGS = 208  # 128 * 96 + 256 * 208 = 65536, the SM's register file
+Y_PAD = 8  # BF16 elements of padding per staged output row
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    tile_t: int = 256  # tokens per CTA (wgmma N): 64..256, multiple of 64
+    stages: int = STAGES
+    x_scaled: bool = False  # per-row X global scales in the epilogue (X decoded by dequant_rows)
+
+
+def smem_bytes(cfg: PrefillConfig) -> int:
+    return cfg.stages * (TILE_W + cfg.tile_t) * KSTAGE * 2 + 16 * cfg.stages
+
+
+def can_implement(cfg: PrefillConfig) -> bool:
+    return (cfg.tile_t % 64 == 0 and 64 <= cfg.tile_t <= 256 and cfg.stages >= 2
+            and smem_bytes(cfg) <= 227 * 1024
+            # the epilogue's staging tile fits in the B stages
+            and cfg.tile_t * (TILE_W + Y_PAD) <= cfg.stages * cfg.tile_t * KSTAGE)
+
+
+class GemmPrefillSm90:
+    """``Y[m, n] = (X[m, k] W[n, k]^T) * gw (* gx[m])``, W NVFP4 tiled, X BF16; see the module docstring."""
+
+    def __init__(self, cfg: PrefillConfig):
+        if not can_implement(cfg):
+            raise ValueError(f"unsupported prefill config {cfg}")
+        self.cfg = cfg
+        # W: 64 rows x 2 chunks of 32 K values per pass, 2 passes per 128-row stage
+        self.w_rows_pp, self.w_chunk = kg._chunk(TILE_W, KSTAGE, 32)
+        self.w_passes = TILE_W // self.w_rows_pp
+
+    @cute.jit
+    def __call__(self, stream: cuda.CUstream, mX, mXg, mWv, mWs, mWg, mY):
+        cfg = self.cfg
+        tile_mnk = (TILE_W, cfg.tile_t, KSTAGE)
+        tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (2, 1, 1), (64, cfg.tile_t))
+        sA_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, cfg.stages)
+        sB_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, cfg.stages)
+        tma_atom, mX_tma = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mX, cute.slice_(sB_layout, (None, None, 0)), (cfg.tile_t, KSTAGE))
+
+        @cute.struct
+        class SharedStorage:
+            full: cute.struct.MemRange[Int64, cfg.stages]
+            empty: cute.struct.MemRange[Int64, cfg.stages]
+            sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sA_layout)], 1024]
+            sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
+
+        self.shared_storage = SharedStorage
+        grid = [mWv.shape[0] * TILE_ROWS // TILE_W, (mX.shape[0] + cfg.tile_t - 1) // cfg.tile_t, 1]
+        self.kernel(tma_atom, mX_tma, mXg, mWv, mWs, mWg, mY, tiled_mma, sA_layout, sB_layout).launch(
+            grid=grid, block=[THREADS, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mXg, mWv: cute.Tensor, mWs: cute.Tensor,
+               mWg: cute.Tensor, mY: cute.Tensor, tiled_mma: cute.TiledMma, sA_layout: cute.ComposedLayout,
+               sB_layout: cute.ComposedLayout):
+        cfg = self.cfg
+        tidx, _, _ = cute.arch.thread_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        storage = cutlass.utils.SmemAllocator().allocate(self.shared_storage)
+        full = storage.full.data_ptr()
+        empty = storage.empty.data_ptr()
+        if warp == 0:
+            cpasync.prefetch_descriptor(tma_atom)
+            with cute.arch.elect_one():
+                for s in cutlass.range_constexpr(cfg.stages):
+                    cute.arch.mbarrier_init(full + s, WG + 1)
+                    cute.arch.mbarrier_init(empty + s, 2 * WG // 32)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
+        sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)
+        k_tiles = mWs.shape[1] * (TILE_K // KSTAGE)
+        if warp < WG // 32:
+            cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
+            self.produce(tma_atom, mX, mWv, mWs, sA, sB, full, empty, k_tiles)
+        else:
+            cute.arch.warpgroup_reg_alloc(CONSUMER_REGS)
+            self.consume(mXg, mWg, mY, sA, sB, storage.sB.data_ptr(), full, empty, tiled_mma, k_tiles)
+
+    @cute.jit
+    def produce(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mWv, mWs, sA: cute.Tensor, sB: cute.Tensor,
+                full, empty, k_tiles):
+        """Warpgroup 0: per K tile, wait for the stage to be free, TMA X into it, decode W into it."""
+        cfg = self.cfg
+        tidx, _, _ = cute.arch.thread_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        bw, bt, _ = cute.arch.block_idx()
+        # X: the [tile_t, 64] box of token tile bt and K tile kt -> B stage s
+        gX = cute.local_tile(mX, (cfg.tile_t, KSTAGE), (bt, None))
+        tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
+                                           cute.group_modes(gX, 0, 2))
+        x_bytes = cfg.tile_t * KSTAGE * 2
+        # W: thread (row, chunk) as gemm.thread_coords (plain order for K tiles of 64)
+        per_row = KSTAGE // self.w_chunk
+        w_row_in_pass, w_part = kg.thread_coords(tidx, per_row, self.w_rows_pp, KSTAGE)
+        w_row0 = bw * TILE_W + w_row_in_pass
+        gW = (cute.local_tile(mWv, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
+              cute.local_tile(mWs, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
+        tAsA = kg.store_copy(KSTAGE, self.w_rows_pp, self.w_chunk).get_slice(tidx).partition_D(sA)
+        bufs = [(cute.make_rmem_tensor((self.w_chunk // 2, self.w_passes), Uint8),
+                 cute.make_rmem_tensor((self.w_chunk // BLOCK, self.w_passes), Uint8)) for _ in range(2)]
+        tWrD = cute.make_rmem_tensor((self.w_chunk, self.w_passes), BFloat16)
+
+        self.load_w(0, gW, bufs[0], w_row0, w_part)
+        # two K tiles per trip so that the register buffer of each is static
+        for kt0 in cutlass.range(0, k_tiles, 2, unroll=1):
+            for j in cutlass.range_constexpr(2):
+                kt = kt0 + j
+                if kt < k_tiles:
+                    s = kt % cfg.stages
+                    if kt + 1 < k_tiles:
+                        self.load_w(kt + 1, gW, bufs[1 - j], w_row0, w_part)
+                    # the stage's previous contents (K tile kt - stages) have been consumed
+                    cute.arch.mbarrier_wait(empty + s, ((kt // cfg.stages) + 1) % 2)
+                    if warp == 0:
+                        with cute.arch.elect_one():
+                            cute.arch.mbarrier_arrive_and_expect_tx(full + s, x_bytes)
+                        cute.copy(tma_atom, tXgX[None, kt], tXsX[None, s], tma_bar_ptr=full + s)
+                    for p in cutlass.range_constexpr(self.w_passes):
+                        dequant_nvfp4_chunk(bufs[j][0][None, p], bufs[j][1][None, p], tWrD[None, p])
+                        cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, s])
+                    cute.arch.fence_proxy("async.shared", space="cta")
+                    cute.arch.mbarrier_arrive(full + s)
+
+    @cute.jit
+    def load_w(self, kt, gW, buf, w_row0, w_part):
+        """128-bit loads of this thread's W codes and scale bytes of K tile ``kt`` (64 K) into ``buf``;
+        the tile layout's 64 x 128 tiles hold two K tiles each (see ``GemmNvfp4Sm90.load_tile``)."""
+        per_tile = TILE_K // self.w_chunk
+        chunk = kt * (KSTAGE // self.w_chunk) + w_part
+        kb, c = chunk // per_tile, chunk % per_tile
+        for p in cutlass.range_constexpr(self.w_passes):
+            row = w_row0 + p * self.w_rows_pp
+            rb, r = row // TILE_ROWS, row % TILE_ROWS
+            cute.autovec_copy(gW[0][0, 0, 0, None, rb, kb, r, c], buf[0][None, p])
+            cute.autovec_copy(gW[1][0, 0, 0, None, rb, kb, r, c], buf[1][None, p])
+
+    @cute.jit
+    def consume(self, mXg, mWg, mY, sA: cute.Tensor, sB: cute.Tensor, stage_ptr, full, empty,
+                tiled_mma: cute.TiledMma, k_tiles):
+        """Warpgroups 1, 2: wgmma over each full stage, release it once its wgmma completed; epilogue."""
+        cfg = self.cfg
+        tidx, _, _ = cute.arch.thread_idx()
+        ctid = tidx - WG
+        thr_mma = tiled_mma.get_slice(ctid)
+        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_W, cfg.tile_t)), Float32)
+        acc.fill(0.0)
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        for kt in cutlass.range(k_tiles, unroll=1):
+            s = kt % cfg.stages
+            cute.arch.mbarrier_wait(full + s, (kt // cfg.stages) % 2)
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
+                cute.gemm(tiled_mma, acc, tCrA[None, None, kb, s], tCrB[None, None, kb, s], acc)
+            warpgroup.commit_group()
+            # wgmma(kt - 1) is done: its stage goes back to the producer
+            warpgroup.wait_group(1)
+            if kt > 0:
+                if tidx % 32 == 0:
+                    cute.arch.mbarrier_arrive(empty + (kt - 1) % cfg.stages)
+        warpgroup.wait_group(0)
+        self.epilogue(acc, thr_mma, mXg, mWg, mY, stage_ptr)
+
+    @cute.jit
+    def epilogue(self, acc, thr_mma, mXg, mWg, mY: cute.Tensor, stage_ptr):
+        """``acc * (gx[row] * gw * 2**shift)`` -> BF16 staging tile ``[tile_t, 128 + Y_PAD]`` in the B stages
+        -> 16-byte stores of ``Y[start + t, bw * 128 : bw * 128 + 128]`` for the tile's rows ``t < count``."""
+        cfg = self.cfg
+        tidx, _, _ = cute.arch.thread_idx()
+        ctid = tidx - WG
+        bw, bt, _ = cute.arch.block_idx()
+        m = mY.shape[0]
+        start = bt * cfg.tile_t
+        count = cutlass.min(m - start, cfg.tile_t)
+        consumers = 2 * WG
+        # both consumer warpgroups are done reading the stages (the producer wrote its last one before)
+        cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
+        sY = cute.make_tensor(stage_ptr, cute.make_layout((cfg.tile_t, TILE_W), stride=(TILE_W + Y_PAD, 1)))
+        cC = thr_mma.partition_C(cute.make_identity_tensor((TILE_W, cfg.tile_t)))
+        gw = mWg[0] * Float32(2.0 ** (DECODE_SHIFT * (2 if cfg.x_scaled else 1)))
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            r, c = cC[i]
+            scale = gw
+            if cutlass.const_expr(cfg.x_scaled):
+                scale = mXg[start + cutlass.min(c, count - 1)] * gw
+            sY[c, r] = (acc[i] * scale).to(BFloat16)
+        cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
+        # a warp stores two 256-byte row segments per step
+        vec = 8
+        per_row = TILE_W // vec
+        sYv = cute.zipped_divide(sY, (1, vec))
+        gY = cute.zipped_divide(cute.local_tile(mY, (cfg.tile_t, TILE_W), (bt, bw)), (1, vec))
+        for it in cutlass.range_constexpr(cfg.tile_t * per_row // consumers):
+            idx = it * consumers + ctid
+            row, ch = idx // per_row, idx % per_row
+            if row < count:
+                frag = cute.make_rmem_tensor((vec,), BFloat16)
+                cute.autovec_copy(sYv[None, (row, ch)], frag)
+                cute.autovec_copy(frag, gY[None, (row, ch)])
+
+
+@functools.cache
+def _kernel(cfg: PrefillConfig) -> GemmPrefillSm90:
+    return GemmPrefillSm90(cfg)
+
+
+def choose_prefill_config(m: int, n: int, act_nvfp4: bool) -> PrefillConfig:
+    """256-token tiles where they give a wave of CTAs, else 128 (first guess; unmeasured)."""
+    tile_t = 256 if (n // TILE_W) * -(-m // 256) >= kg.NUM_SMS else 128
+    return PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4)
+
+
+def supports(x, w) -> str | None:
+    """None when :func:`nvfp4_gemm_ws` runs ``x @ w^T``, else why not."""
+    reason = kg.supports(x, w)
+    if reason is None and w.shape[0] % TILE_W:
+        reason = f"the prefill kernel needs n % {TILE_W} == 0, got weight shape {w.shape}"
+    return reason
+
+
+def nvfp4_gemm_ws(x: NVFP4Tensor | jax.Array, w: NVFP4Tensor) -> jax.Array:
+    """``Y = X @ W^T`` in BF16 through the warp-specialized prefill kernel; the signature and math of
+    :func:`nvfp4jax.ref.gemm.nvfp4_gemm` with ``out_dtype`` BF16. NVFP4 ``x`` is decoded once by
+    :func:`dequant_rows`; its per-row global scales are applied in the epilogue."""
+    reason = supports(x, w)
+    if reason is not None:
+        raise ValueError(f"nvfp4_gemm_ws kernel: {reason}")
+    m, n = x.shape[0], w.shape[0]
+    if m == 0:
+        return jnp.zeros((0, n), jnp.bfloat16)
+    act_nvfp4 = isinstance(x, NVFP4Tensor)
+    cfg = choose_prefill_config(m, n, act_nvfp4)
+    gx = None
+    if act_nvfp4:
+        x, gx = dequant_rows(x), x.global_scale
+    w = kg.as_tiled(w)
+    ws = (w.values, jax.lax.bitcast_convert_type(w.scales, jnp.uint8), w.global_scale.reshape(1))
+    out = jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
+    return cutlass_call(_kernel(cfg), output_shape_dtype=out)(x, gx, *ws)
+
+
+# ---- NVFP4 rows -> BF16 (exact), for the W4A4 recipe's prefill ------------------------------------
+
+DQ_CHUNK = 32  # K values per thread
+
+
+class DequantRowsSm90:
+    """``X_bf16[m, k] = e2m1 * e4m3 * 2**-DECODE_SHIFT`` of NVFP4 ``X`` (codes ``[m, k/2]``, scale bytes
+    ``[m, k/16]``), without the per-row global scale; exact (:func:`dequant_nvfp4_chunk`). One thread per
+    32-value chunk: a 16-byte code load, a 2-byte scale load, four 16-byte stores."""
+
+    @cute.jit
+    def __call__(self, stream: cuda.CUstream, mXv, mXs, mY):
+        chunks = mXv.shape[0] * (mXv.shape[1] * 2 // DQ_CHUNK)
+        self.kernel(mXv, mXs, mY).launch(grid=[(chunks + WG - 1) // WG, 1, 1], block=[WG, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mXv: cute.Tensor, mXs: cute.Tensor, mY: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        per_row = mXv.shape[1] * 2 // DQ_CHUNK
+        idx = bidx * WG + tidx
+        if idx < mXv.shape[0] * per_row:
+            row, ch = idx // per_row, idx % per_row
+            gV = cute.local_tile(mXv, (1, DQ_CHUNK // 2), (row, ch))
+            gS = cute.local_tile(mXs, (1, DQ_CHUNK // BLOCK), (row, ch))
+            gY = cute.local_tile(mY, (1, DQ_CHUNK), (row, ch))
+            rV = cute.make_rmem_tensor((DQ_CHUNK // 2,), Uint8)
+            rS = cute.make_rmem_tensor((DQ_CHUNK // BLOCK,), Uint8)
+            rY = cute.make_rmem_tensor((DQ_CHUNK,), BFloat16)
+            cute.autovec_copy(gV[0, None], rV)
+            cute.autovec_copy(gS[0, None], rS)
+            dequant_nvfp4_chunk(rV, rS, rY)
+            cute.autovec_copy(rY, gY[0, None])
+
+
+@functools.cache
+def _dequant_kernel() -> DequantRowsSm90:
+    return DequantRowsSm90()
+
+
+def dequant_rows(x: NVFP4Tensor) -> jax.Array:
+    """BF16 ``[m, k]`` holding ``e2m1 * e4m3 * 2**-DECODE_SHIFT`` of NVFP4 ``x`` (exact; the per-row global
+    scale is not applied): the B operand of the prefill kernel in recipe ``nvfp4``."""
+    if x.values.ndim != 2 or x.shape[1] % DQ_CHUNK:
+        raise ValueError(f"dequant_rows takes NVFP4 [m, k] with k % {DQ_CHUNK} == 0, got {x.shape}")
+    m, k = x.shape
+    out = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    return cutlass_call(_dequant_kernel(), output_shape_dtype=out)(
+        x.values, jax.lax.bitcast_convert_type(x.scales, jnp.uint8))
+
+
+__all__ = ["GemmPrefillSm90", "PrefillConfig", "dequant_rows", "nvfp4_gemm_ws"]
