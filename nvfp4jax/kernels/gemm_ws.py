@@ -28,13 +28,24 @@ once ``wgmma.wait_group`` says the stage's wgmma are done). The epilogue reuses 
 that Y leaves in 16-byte stores of whole 256-byte row segments instead of the 2-byte column stores of
 the one-warpgroup kernel.
 
-Limits: ``n % 128 == 0``, ``k % 64 == 0`` (the tile layout needs ``k % 128``), any ``m``; BF16 output.
-Dense only: the MoE's grouped and gathered GEMMs stay on :mod:`gemm`.
+Grouped mode (the MoE GEMMs at prefill sizes, :func:`nvfp4jax.kernels.moe.grouped_gemm_ws`): ``W [experts,
+n, k]``; each CTA column takes ``(expert, first row, rows)`` from the tile table of :mod:`moe` and
+TMA-loads X from its first row (X's rows sorted by expert: the L1 input is gathered into that order by
+the caller, since TMA reads whole boxes). ``gate_up``: the CTA's 128 W rows are 64 rows of ``W1``
+(consumer warpgroup 1) and the same 64 rows of ``W3`` (warpgroup 2); both stage their BF16-rounded
+products and the store pass computes ``silu(min(g, l)) * clip(u, +-l) * routing weight`` per element
+(the reference's order of roundings), writing 64 columns of ``h``.
 
-Status (session 7): compiles for sm_90a on the CPU (``tests/kernels/test_compile.py``); NOT yet run on
-a GPU, so it is opt-in: ``NVFP4JAX_GEMM_PREFILL=ws`` at trace time (:func:`gemm.choose_config` /
-:func:`nvfp4_gemm_ws`). The GPU tests (``tests/kernels/test_gemm_ws.py``) and ``benchmarks/gemm.py``
-with that variable set are the next GPU session's first job.
+Limits: ``n % 128 == 0`` (gate_up: ``n % 64``), ``k % 64 == 0`` (the tile layout needs ``k % 128``), any
+``m``; BF16 output.
+
+Status (session 7): compiles for sm_90a on the CPU (``tests/kernels/test_compile.py``: 168 registers at
+launch, no spills, dense and grouped); the JAX wiring around it is checked on the CPU against the
+reference with emulated kernels (``tests/kernels/test_gemm_ws_glue.py``); NOT yet run on a GPU, so it
+is opt-in: ``NVFP4JAX_GEMM_PREFILL=ws`` at trace time (:func:`gemm.nvfp4_gemm` for m > 64,
+:func:`moe.grouped_gemm` for more than 64 rows per expert). Its GPU tests
+(``tests/kernels/test_gemm_ws.py``) and the A/B tables (``benchmarks/gpu_session.sh OUT ws``) are the
+next GPU session's first job.
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 import cuda.bindings.driver as cuda
-from cutlass import BFloat16, Float32, Int64, Uint8
+from cutlass import BFloat16, Float32, Int32, Int64, Uint8
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.jax import cutlass_call
 from cutlass.utils import LayoutEnum
@@ -73,6 +84,9 @@ class PrefillConfig:
     tile_t: int = 256  # tokens per CTA (wgmma N): 64..256, multiple of 64
     stages: int = STAGES
     x_scaled: bool = False  # per-row X global scales in the epilogue (X decoded by dequant_rows)
+    grouped: bool = False  # W is [experts, n, k]; CTA columns take (expert, first row, rows) from a tile table
+    gate_up: bool = False  # grouped MoE L1: a CTA's 128 W rows are 64 rows of W1 and the same 64 of W3
+    swiglu_limit: float | None = None  # gate_up: epilogue silu(min(g, l)) * clip(u, +-l) * routing weight
 
 
 def smem_bytes(cfg: PrefillConfig) -> int:
@@ -83,7 +97,8 @@ def can_implement(cfg: PrefillConfig) -> bool:
     return (cfg.tile_t % 64 == 0 and 64 <= cfg.tile_t <= 256 and cfg.stages >= 2
             and smem_bytes(cfg) <= 227 * 1024
             # the epilogue's staging tile fits in the B stages
-            and cfg.tile_t * (TILE_W + Y_PAD) <= cfg.stages * cfg.tile_t * KSTAGE)
+            and cfg.tile_t * (TILE_W + Y_PAD) <= cfg.stages * cfg.tile_t * KSTAGE
+            and (cfg.grouped or not cfg.gate_up) and (cfg.gate_up == (cfg.swiglu_limit is not None)))
 
 
 class GemmPrefillSm90:
@@ -96,9 +111,14 @@ class GemmPrefillSm90:
         # W: 64 rows x 2 chunks of 32 K values per pass, 2 passes per 128-row stage
         self.w_rows_pp, self.w_chunk = kg._chunk(TILE_W, KSTAGE, 32)
         self.w_passes = TILE_W // self.w_rows_pp
+        # weight rows of the output per CTA column: 64 h columns for gate_up (W1 and W3 rows pair up)
+        self.out_w = TILE_W // 2 if cfg.gate_up else TILE_W
 
     @cute.jit
-    def __call__(self, stream: cuda.CUstream, mX, mXg, mWv, mWs, mWg, mY):
+    def __call__(self, stream: cuda.CUstream, mX, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mTiles, mRouteW, mY):
+        """Dense: ``X [m, k]`` BF16, ``W [n, k]``, ``Y [m, n]``. Grouped: ``W [experts, n, k]`` (and ``W3``),
+        ``mTiles [tiles, 3]`` int32 ``(expert, first row, rows)`` per CTA column over X's rows (sorted by
+        expert), ``mRouteW [rows]`` float32 (SwiGLU); ``Y [rows, n]`` (gate_up: ``h [rows, n]``)."""
         cfg = self.cfg
         tile_mnk = (TILE_W, cfg.tile_t, KSTAGE)
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
@@ -116,16 +136,36 @@ class GemmPrefillSm90:
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
 
         self.shared_storage = SharedStorage
-        grid = [mWv.shape[0] * TILE_ROWS // TILE_W, (mX.shape[0] + cfg.tile_t - 1) // cfg.tile_t, 1]
-        self.kernel(tma_atom, mX_tma, mXg, mWv, mWs, mWg, mY, tiled_mma, sA_layout, sB_layout).launch(
-            grid=grid, block=[THREADS, 1, 1], stream=stream)
+        if cutlass.const_expr(cfg.grouped):
+            grid = [mWv.shape[1] * TILE_ROWS // self.out_w, mTiles.shape[0], 1]
+        else:
+            grid = [mWv.shape[0] * TILE_ROWS // TILE_W, (mX.shape[0] + cfg.tile_t - 1) // cfg.tile_t, 1]
+        self.kernel(tma_atom, mX_tma, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mTiles, mRouteW, mY, tiled_mma,
+                    sA_layout, sB_layout).launch(grid=grid, block=[THREADS, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mXg, mWv: cute.Tensor, mWs: cute.Tensor,
-               mWg: cute.Tensor, mY: cute.Tensor, tiled_mma: cute.TiledMma, sA_layout: cute.ComposedLayout,
-               sB_layout: cute.ComposedLayout):
+               mWg: cute.Tensor, mW3v, mW3s, mW3g, mTiles, mRouteW, mY: cute.Tensor, tiled_mma: cute.TiledMma,
+               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout):
         cfg = self.cfg
-        tidx, _, _ = cute.arch.thread_idx()
+        _, bt, _ = cute.arch.block_idx()
+        # this CTA's X rows [start, start + count) (of expert e)
+        e = Int32(0)
+        start = bt * cfg.tile_t
+        count = cutlass.min(mX.shape[0] - start, cfg.tile_t)
+        if cutlass.const_expr(cfg.grouped):
+            e = mTiles[bt, 0]
+            start = mTiles[bt, 1]
+            count = mTiles[bt, 2]
+        if count > 0:
+            self.body(tma_atom, mX, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRouteW, mY, tiled_mma, sA_layout,
+                      sB_layout, e, start, count)
+
+    @cute.jit
+    def body(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRouteW, mY,
+             tiled_mma: cute.TiledMma, sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, e, start,
+             count):
+        cfg = self.cfg
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         storage = cutlass.utils.SmemAllocator().allocate(self.shared_storage)
         full = storage.full.data_ptr()
@@ -141,39 +181,49 @@ class GemmPrefillSm90:
 
         sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
         sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)
-        k_tiles = mWs.shape[1] * (TILE_K // KSTAGE)
+        k_tiles = mWs.shape[cute.rank(mWs) - 3] * (TILE_K // KSTAGE)
         if warp < WG // 32:
             cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
-            self.produce(tma_atom, mX, mWv, mWs, sA, sB, full, empty, k_tiles)
+            wv, ws, w3v, w3s = mWv, mWs, mWv, mWs
+            if cutlass.const_expr(cfg.grouped):
+                wv, ws = mWv[e, None, None, None, None], mWs[e, None, None, None, None]
+                w3v, w3s = wv, ws
+            if cutlass.const_expr(cfg.gate_up):
+                w3v, w3s = mW3v[e, None, None, None, None], mW3s[e, None, None, None, None]
+            self.produce(tma_atom, mX, wv, ws, w3v, w3s, sA, sB, full, empty, k_tiles, start)
         else:
             cute.arch.warpgroup_reg_alloc(CONSUMER_REGS)
-            self.consume(mXg, mWg, mY, sA, sB, storage.sB.data_ptr(), full, empty, tiled_mma, k_tiles)
+            self.consume(mXg, mWg, mW3g, mRouteW, mY, sA, sB, storage.sB.data_ptr(), full, empty, tiled_mma,
+                         k_tiles, e, start, count)
 
     @cute.jit
-    def produce(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mWv, mWs, sA: cute.Tensor, sB: cute.Tensor,
-                full, empty, k_tiles):
+    def produce(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, wv, ws, w3v, w3s, sA: cute.Tensor,
+                sB: cute.Tensor, full, empty, k_tiles, start):
         """Warpgroup 0: per K tile, wait for the stage to be free, TMA X into it, decode W into it."""
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        bw, bt, _ = cute.arch.block_idx()
-        # X: the [tile_t, 64] box of token tile bt and K tile kt -> B stage s
-        gX = cute.local_tile(mX, (cfg.tile_t, KSTAGE), (bt, None))
+        bw, _, _ = cute.arch.block_idx()
+        # X: the [tile_t, 64] box at row `start`, K tile kt -> B stage s (rows past X's end read as zeros)
+        gX = cute.local_tile(cute.domain_offset((start, 0), mX), (cfg.tile_t, KSTAGE), (0, None))
         tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
                                            cute.group_modes(gX, 0, 2))
         x_bytes = cfg.tile_t * KSTAGE * 2
-        # W: thread (row, chunk) as gemm.thread_coords (plain order for K tiles of 64)
+        # W: thread (row, chunk) as gemm.thread_coords (plain order for K tiles of 64); pass p covers tile
+        # rows 64p .. 64p + 63: W rows bw * 128 + those, or (gate_up) the same 64 rows of W1 then of W3
         per_row = KSTAGE // self.w_chunk
         w_row_in_pass, w_part = kg.thread_coords(tidx, per_row, self.w_rows_pp, KSTAGE)
-        w_row0 = bw * TILE_W + w_row_in_pass
-        gW = (cute.local_tile(mWv, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
-              cute.local_tile(mWs, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
+        w_row0 = bw * self.out_w + w_row_in_pass
+        gW = (cute.local_tile(wv, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
+              cute.local_tile(ws, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
+        gW3 = (cute.local_tile(w3v, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
+               cute.local_tile(w3s, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
         tAsA = kg.store_copy(KSTAGE, self.w_rows_pp, self.w_chunk).get_slice(tidx).partition_D(sA)
         bufs = [(cute.make_rmem_tensor((self.w_chunk // 2, self.w_passes), Uint8),
                  cute.make_rmem_tensor((self.w_chunk // BLOCK, self.w_passes), Uint8)) for _ in range(2)]
         tWrD = cute.make_rmem_tensor((self.w_chunk, self.w_passes), BFloat16)
 
-        self.load_w(0, gW, bufs[0], w_row0, w_part)
+        self.load_w(0, gW, gW3, bufs[0], w_row0, w_part)
         # two K tiles per trip so that the register buffer of each is static
         for kt0 in cutlass.range(0, k_tiles, 2, unroll=1):
             for j in cutlass.range_constexpr(2):
@@ -181,7 +231,7 @@ class GemmPrefillSm90:
                 if kt < k_tiles:
                     s = kt % cfg.stages
                     if kt + 1 < k_tiles:
-                        self.load_w(kt + 1, gW, bufs[1 - j], w_row0, w_part)
+                        self.load_w(kt + 1, gW, gW3, bufs[1 - j], w_row0, w_part)
                     # the stage's previous contents (K tile kt - stages) have been consumed
                     cute.arch.mbarrier_wait(empty + s, ((kt // cfg.stages) + 1) % 2)
                     if warp == 0:
@@ -195,21 +245,25 @@ class GemmPrefillSm90:
                     cute.arch.mbarrier_arrive(full + s)
 
     @cute.jit
-    def load_w(self, kt, gW, buf, w_row0, w_part):
+    def load_w(self, kt, gW, gW3, buf, w_row0, w_part):
         """128-bit loads of this thread's W codes and scale bytes of K tile ``kt`` (64 K) into ``buf``;
         the tile layout's 64 x 128 tiles hold two K tiles each (see ``GemmNvfp4Sm90.load_tile``)."""
         per_tile = TILE_K // self.w_chunk
         chunk = kt * (KSTAGE // self.w_chunk) + w_part
         kb, c = chunk // per_tile, chunk % per_tile
         for p in cutlass.range_constexpr(self.w_passes):
+            src = gW
             row = w_row0 + p * self.w_rows_pp
+            if cutlass.const_expr(self.cfg.gate_up):
+                src = gW3 if p > 0 else gW
+                row = w_row0
             rb, r = row // TILE_ROWS, row % TILE_ROWS
-            cute.autovec_copy(gW[0][0, 0, 0, None, rb, kb, r, c], buf[0][None, p])
-            cute.autovec_copy(gW[1][0, 0, 0, None, rb, kb, r, c], buf[1][None, p])
+            cute.autovec_copy(src[0][0, 0, 0, None, rb, kb, r, c], buf[0][None, p])
+            cute.autovec_copy(src[1][0, 0, 0, None, rb, kb, r, c], buf[1][None, p])
 
     @cute.jit
-    def consume(self, mXg, mWg, mY, sA: cute.Tensor, sB: cute.Tensor, stage_ptr, full, empty,
-                tiled_mma: cute.TiledMma, k_tiles):
+    def consume(self, mXg, mWg, mW3g, mRouteW, mY, sA: cute.Tensor, sB: cute.Tensor, stage_ptr, full, empty,
+                tiled_mma: cute.TiledMma, k_tiles, e, start, count):
         """Warpgroups 1, 2: wgmma over each full stage, release it once its wgmma completed; epilogue."""
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
@@ -233,49 +287,74 @@ class GemmPrefillSm90:
                 if tidx % 32 == 0:
                     cute.arch.mbarrier_arrive(empty + (kt - 1) % cfg.stages)
         warpgroup.wait_group(0)
-        self.epilogue(acc, thr_mma, mXg, mWg, mY, stage_ptr)
+        self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY, stage_ptr, e, start, count)
 
     @cute.jit
-    def epilogue(self, acc, thr_mma, mXg, mWg, mY: cute.Tensor, stage_ptr):
+    def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY: cute.Tensor, stage_ptr, e, start, count):
         """``acc * (gx[row] * gw * 2**shift)`` -> BF16 staging tile ``[tile_t, 128 + Y_PAD]`` in the B stages
-        -> 16-byte stores of ``Y[start + t, bw * 128 : bw * 128 + 128]`` for the tile's rows ``t < count``."""
+        -> 16-byte stores of ``Y[start + t, bw * 128 : bw * 128 + 128]`` for the tile's rows ``t < count``.
+
+        gate_up: staged columns 0..63 are gate, 64..127 up (each rounded to BF16, as the reference's GEMM
+        outputs are); the store pass computes ``silu(min(g, l)) * clip(u, +-l) * routing weight`` and writes
+        ``h[start + t, bw * 64 : bw * 64 + 64]``."""
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
         ctid = tidx - WG
-        bw, bt, _ = cute.arch.block_idx()
-        m = mY.shape[0]
-        start = bt * cfg.tile_t
-        count = cutlass.min(m - start, cfg.tile_t)
+        bw, _, _ = cute.arch.block_idx()
         consumers = 2 * WG
         # both consumer warpgroups are done reading the stages (the producer wrote its last one before)
         cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
         sY = cute.make_tensor(stage_ptr, cute.make_layout((cfg.tile_t, TILE_W), stride=(TILE_W + Y_PAD, 1)))
         cC = thr_mma.partition_C(cute.make_identity_tensor((TILE_W, cfg.tile_t)))
-        gw = mWg[0] * Float32(2.0 ** (DECODE_SHIFT * (2 if cfg.x_scaled else 1)))
+        unscale = Float32(2.0 ** (DECODE_SHIFT * (2 if cfg.x_scaled else 1)))
+        gw = mWg[e] * unscale
+        gw3 = gw
+        if cutlass.const_expr(cfg.gate_up):
+            gw3 = mW3g[e] * unscale
         for i in cutlass.range_constexpr(cute.size(acc)):
             r, c = cC[i]
             scale = gw
+            if cutlass.const_expr(cfg.gate_up):
+                if r >= TILE_W // 2:
+                    scale = gw3
             if cutlass.const_expr(cfg.x_scaled):
-                scale = mXg[start + cutlass.min(c, count - 1)] * gw
+                scale = mXg[start + cutlass.min(c, count - 1)] * scale
             sY[c, r] = (acc[i] * scale).to(BFloat16)
         cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
-        # a warp stores two 256-byte row segments per step
+        # a warp stores whole row segments (256 bytes, or 128 for h) per step
         vec = 8
-        per_row = TILE_W // vec
+        per_row = self.out_w // vec
         sYv = cute.zipped_divide(sY, (1, vec))
-        gY = cute.zipped_divide(cute.local_tile(mY, (cfg.tile_t, TILE_W), (bt, bw)), (1, vec))
+        gY = cute.local_tile(cute.domain_offset((start, 0), mY), (cfg.tile_t, self.out_w), (0, bw))
+        gYv = cute.zipped_divide(gY, (1, vec))
         for it in cutlass.range_constexpr(cfg.tile_t * per_row // consumers):
             idx = it * consumers + ctid
             row, ch = idx // per_row, idx % per_row
             if row < count:
                 frag = cute.make_rmem_tensor((vec,), BFloat16)
-                cute.autovec_copy(sYv[None, (row, ch)], frag)
-                cute.autovec_copy(frag, gY[None, (row, ch)])
+                if cutlass.const_expr(cfg.gate_up):
+                    up = cute.make_rmem_tensor((vec,), BFloat16)
+                    cute.autovec_copy(sYv[None, (row, ch)], frag)
+                    cute.autovec_copy(sYv[None, (row, ch + per_row)], up)
+                    limit = Float32(cfg.swiglu_limit)
+                    rw = mRouteW[start + row]
+                    for j in cutlass.range_constexpr(vec):
+                        g = cute.arch.fmin(frag[j].to(Float32), limit)
+                        u = cute.arch.fmax(cute.arch.fmin(up[j].to(Float32), limit), -limit)
+                        frag[j] = (g / (Float32(1.0) + cute.math.exp(-g)) * u * rw).to(BFloat16)
+                else:
+                    cute.autovec_copy(sYv[None, (row, ch)], frag)
+                cute.autovec_copy(frag, gYv[None, (row, ch)])
+
+
+_NO_GROUPS = (None,) * 5  # W3 (values, scales, global), tile table, routing weights
 
 
 @functools.cache
-def _kernel(cfg: PrefillConfig) -> GemmPrefillSm90:
+def kernel_for(cfg: PrefillConfig) -> GemmPrefillSm90:
+    """The (cached) kernel object of a config; ``cutlass_call`` compiles it once per shape."""
     return GemmPrefillSm90(cfg)
+
 
 
 def choose_prefill_config(m: int, n: int, act_nvfp4: bool) -> PrefillConfig:
@@ -310,7 +389,7 @@ def nvfp4_gemm_ws(x: NVFP4Tensor | jax.Array, w: NVFP4Tensor) -> jax.Array:
     w = kg.as_tiled(w)
     ws = (w.values, jax.lax.bitcast_convert_type(w.scales, jnp.uint8), w.global_scale.reshape(1))
     out = jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
-    return cutlass_call(_kernel(cfg), output_shape_dtype=out)(x, gx, *ws)
+    return cutlass_call(kernel_for(cfg), output_shape_dtype=out)(x, gx, *ws, *_NO_GROUPS)
 
 
 # ---- NVFP4 rows -> BF16 (exact), for the W4A4 recipe's prefill ------------------------------------

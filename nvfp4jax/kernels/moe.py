@@ -19,6 +19,11 @@ Same signature and math as :func:`nvfp4jax.ref.moe.moe_experts` (spec §4); one 
 6. combine (XLA): each token's k rows gathered back and summed in float32 (the shared expert is
    added by the model).
 
+With ``$NVFP4JAX_GEMM_PREFILL=ws`` (opt-in, not yet run on a GPU), calls with more than 64 rows per expert
+run both GEMMs on the warp-specialized prefill kernel instead (:func:`grouped_gemm_ws`,
+:mod:`nvfp4jax.kernels.gemm_ws`): the L1 input is gathered into expert order by XLA first (``rows x dim``
+BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads whole boxes of consecutive rows.
+
 What stays in XLA, by measurement (H100, ``benchmarks/RESULTS.md``): the sort/bincount/tile table and
 the combine touch ``tokens x k`` indices and ``tokens x k x dim`` BF16 values. In a V4-Flash layer at
 T = 1 they take ~20 us of a 106 us call (the GEMMs ~80 us), at T = 16384 routing plus grouping in XLA
@@ -38,7 +43,7 @@ from jaxtyping import Array, Float, Int
 from cutlass.jax import TensorSpec, cutlass_call
 
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
-from nvfp4jax.kernels import gemm as kg
+from nvfp4jax.kernels import gemm as kg, gemm_ws
 from nvfp4jax.kernels.quantize import quantize_nvfp4
 from nvfp4jax.ref.moe import swiglu
 
@@ -126,6 +131,8 @@ def grouped_gemm(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes
     r = rows.shape[0] if rows is not None else x.shape[0]
     gate_up = w3 is not None
     n_out = 2 * n if gate_up else n
+    if kg.uses_ws_prefill(-(-r // min(experts, r)), n_out, jnp.bfloat16):
+        return grouped_gemm_ws(x, rows, sizes, w, w3, route_w, swiglu_limit)
     cfg = choose_grouped_config(r, experts, n_out, k, act_nvfp4, gate_up=gate_up, swiglu_limit=swiglu_limit)
     if rows is None:
         cfg = dataclasses.replace(cfg, gather=False)
@@ -155,6 +162,44 @@ def grouped_gemm(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes
     gate, up = y[:, :, 0].reshape(r, n), y[:, :, 1].reshape(r, n)
     h = swiglu(gate, up, swiglu_limit) * route_w[:, None]
     return h.astype(jnp.bfloat16)
+
+
+def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, gate_up: bool,
+                                  swiglu_limit: float | None) -> gemm_ws.PrefillConfig:
+    """Token tile of the warp-specialized kernel for ``rows`` rows over ``experts`` experts: the one of 128
+    and 256 that pads the expected rows per expert (uniform routing) least, 256 on a tie."""
+    per_expert = -(-rows // min(experts, rows))
+    tile_t = min((256, 128), key=lambda t: -(-per_expert // t) * t)
+    return gemm_ws.PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up,
+                                 swiglu_limit=swiglu_limit if gate_up else None)
+
+
+def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes: Int[Array, " experts"],
+                    w: NVFP4Tensor, w3: NVFP4Tensor | None = None, route_w: Float[Array, " rows"] | None = None,
+                    swiglu_limit: float | None = None) -> Array:
+    """:func:`grouped_gemm` on the warp-specialized prefill kernel (:mod:`nvfp4jax.kernels.gemm_ws`, opt-in
+    through ``$NVFP4JAX_GEMM_PREFILL=ws``), same arguments and result.
+
+    That kernel reads X with TMA, whole ``[tile_t, 64]`` boxes of consecutive rows, so the L1 input is
+    gathered into expert order first (``x[rows]``: ``rows x dim`` values, once per call, instead of the
+    in-kernel gather of :mod:`gemm`); NVFP4 X is decoded to BF16 once (:func:`gemm_ws.dequant_rows`) and its
+    per-row global scales go to the epilogue. Always a BF16 result (no K split: prefill tiles fill the GPU).
+    """
+    experts, n, _ = w.shape
+    act_nvfp4 = isinstance(x, NVFP4Tensor)
+    gate_up = w3 is not None
+    if rows is not None:
+        x = NVFP4Tensor(x.values[rows], x.scales[rows], x.global_scale[rows]) if act_nvfp4 else x[rows]
+    r = x.shape[0]
+    cfg = choose_grouped_prefill_config(r, experts, act_nvfp4, gate_up=gate_up, swiglu_limit=swiglu_limit)
+    gx = None
+    if act_nvfp4:
+        x, gx = gemm_ws.dequant_rows(x), x.global_scale
+    tiles = tile_table(sizes, cfg.tile_t, num_tiles(r, experts, cfg.tile_t))
+    w3s = _weight_args(w3) if gate_up else (None, None, None)
+    out = jax.ShapeDtypeStruct((r, n), jnp.bfloat16)
+    return cutlass_call(gemm_ws.kernel_for(cfg), output_shape_dtype=out)(
+        x, gx, *_weight_args(w), *w3s, tiles, route_w if gate_up else None)
 
 
 @functools.cache

@@ -124,8 +124,8 @@ def test_gemm_ws_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
     cfg = kw.choose_prefill_config(m, n, act_nvfp4)
     assert cfg.tile_t == (128 if n == 512 else 256) and cfg.x_scaled == act_nvfp4
     ins = (S((m, k), jnp.bfloat16), S((m,), jnp.float32) if act_nvfp4 else None) + _tiled_w((), n, k)
-    ins += (S((1,), jnp.float32),)
-    ops = opcodes(compile_ptx(kw._kernel(cfg), ins, (S((m, n), jnp.bfloat16),), None, tmp_path))
+    ins += (S((1,), jnp.float32),) + kw._NO_GROUPS
+    ops = opcodes(compile_ptx(kw.kernel_for(cfg), ins, (S((m, n), jnp.bfloat16),), None, tmp_path))
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
     assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
     assert any(op.startswith("cp.async.bulk.tensor.2d.shared::cta.global") for op in ops), sorted(ops)
@@ -133,6 +133,32 @@ def test_gemm_ws_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
     assert ops["mbarrier.arrive.expect_tx.shared.b64"] > 0 and ops["mbarrier.try_wait.parity.shared.b64"] > 0
     assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["st.global.v4.b32"] > 0
 
+
+
+@pytest.mark.parametrize("stage,act_nvfp4", [("L1", True), ("L1", False), ("L2", True)])
+def test_grouped_gemm_ws_compiles_sm90a(tmp_path, stage, act_nvfp4):
+    """The MoE GEMMs on the warp-specialized kernel (Flash shapes, T = 16384): expert tiles from the tile
+    table, X rows by TMA at each tile's first row; L1 with gate/up paired across the two consumer
+    warpgroups and the SwiGLU x routing-weight epilogue (``ex2``), writing BF16 h in 16-byte stores."""
+    from nvfp4jax.kernels import moe as km
+
+    experts, d, inter, t = 256, 4096, 2048, 16384
+    rows = 6 * t
+    gate_up = stage == "L1"
+    n, k = (inter, d) if gate_up else (d, inter)
+    cfg = km.choose_grouped_prefill_config(rows, experts, act_nvfp4, gate_up=gate_up,
+                                           swiglu_limit=10.0 if gate_up else None)
+    assert cfg.tile_t == 128 and cfg.grouped  # 384 rows per expert: 3 x 128 pads nothing, 2 x 256 would
+    w = _tiled_w((experts,), n, k) + (S((experts,), jnp.float32),)
+    ins = (S((rows, k), jnp.bfloat16), S((rows,), jnp.float32) if act_nvfp4 else None) + w
+    ins += (w if gate_up else (None,) * 3) + (S((km.num_tiles(rows, experts, cfg.tile_t), 3), jnp.int32),)
+    ins += (S((rows,), jnp.float32) if gate_up else None,)
+    ops = opcodes(compile_ptx(kw.kernel_for(cfg), ins, (S((rows, n), jnp.bfloat16),), None, tmp_path))
+    wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
+    assert wgmma == ["wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"], wgmma
+    assert any(op.startswith("cp.async.bulk.tensor.2d.shared::cta.global") for op in ops), sorted(ops)
+    assert decodes_without_conversions(ops) and ops["st.global.v4.b32"] > 0
+    assert (ops["ex2.approx.ftz.f32"] > 0) == gate_up
 
 def test_dequant_rows_compiles_sm90a(tmp_path):
     """The X decoder of the prefill path: 16-byte code loads, no conversions, 16-byte stores."""

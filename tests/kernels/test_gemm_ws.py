@@ -52,3 +52,27 @@ def test_nvfp4_gemm_routes_prefill_to_ws(rng, monkeypatch):
     w = _weights(rng, 1024, 4096)
     x = ref.quantize_nvfp4(activations(rng, 300, 4096))
     assert_bitwise_equal(jax.jit(kg.nvfp4_gemm)(x, w), _ws(x, w), "routed vs direct")
+
+
+@pytest.mark.parametrize("model,recipe,t", [("flash", "nvfp4", 200), ("flash", "w4a16", 1000), ("pro", "nvfp4", 1000)])
+def test_moe_on_ws_prefill(rng, monkeypatch, model, recipe, t):
+    """The MoE layer with both grouped GEMMs on this kernel (``NVFP4JAX_GEMM_PREFILL=ws``, more than 64
+    rows per expert): the gate_up SwiGLU epilogue across the two consumer warpgroups, expert tiles from
+    the tile table with partial last tiles, rows gathered before the TMA loads; the MoE test gates."""
+    from tests.kernels import test_moe as tm
+
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+    x, weights, expert_ids = tm._inputs(rng, model, t)
+    tm._check(f"ws {model} {recipe} {t=}", model, x, weights, expert_ids, tm.RECIPES[recipe],
+              jax.jit(tm.km.moe_experts, static_argnames=tm._STATIC))  # a fresh trace reads the variable
+
+
+def test_moe_on_ws_prefill_one_expert_gets_every_row(rng, monkeypatch):
+    """All 1200 rows on expert 0 (the others empty): 10 tiles of 128 on one expert (the last partial), the
+    other tile-table entries empty (their CTAs exit at once)."""
+    from tests.kernels import test_moe as tm
+
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+    x, weights, expert_ids = tm._inputs(rng, "flash", 200)
+    tm._check("ws all rows on expert 0", "flash", x, weights, jnp.zeros_like(expert_ids), True,
+              jax.jit(tm.km.moe_experts, static_argnames=tm._STATIC))

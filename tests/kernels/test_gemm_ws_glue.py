@@ -1,0 +1,117 @@
+"""CPU: the JAX side of the warp-specialized prefill path (``gemm_ws.nvfp4_gemm_ws``, ``moe.grouped_gemm_ws``)
+against the reference, with the two kernels replaced by emulators of their documented contracts.
+
+The kernels themselves run only on a GPU (``test_gemm_ws.py``); what this checks on every CI run is the
+wiring around them: the argument order of each ``cutlass_call``, the ``2**-DECODE_SHIFT`` convention
+of the decoded operands and its undoing in the epilogue, the per-row global scales of NVFP4 X, the L1
+gather into expert order, the tile table (``(expert, first row, rows)`` per CTA column: partial last
+tiles, experts without rows) and the SwiGLU epilogue's order of roundings. A wrong wiring moves the
+result by orders of magnitude more than the emulator's float32 summation order does.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvfp4jax.formats.nvfp4 import NVFP4Tensor, quantize, tile_weight
+from nvfp4jax.ref import gemm as ref_gemm, moe as ref_moe
+from tests.kernels._gpu import activations
+
+cutlass = pytest.importorskip("cutlass")
+from nvfp4jax.kernels import gemm as kg, gemm_ws as kw, moe as km  # noqa: E402
+
+SHIFT = 2.0**-kw.DECODE_SHIFT
+
+
+def _decoded_w(v, s):
+    """A tiled weight's codes and scale bytes -> ``e2m1 * e4m3 * 2**-8`` (what the producer stages)."""
+    scales = jax.lax.bitcast_convert_type(s, jnp.float8_e4m3fn)
+    lead = v.shape[:-4]
+    t = NVFP4Tensor(v, scales, jnp.ones(lead, jnp.float32), layout="tiled")
+    return ref_gemm._dequant_unscaled(t) * SHIFT
+
+
+def _emulate_gemm(cfg, x, gx, wv, ws, wg, w3v, w3s, w3g, tiles, route_w, out):
+    """GemmPrefillSm90's contract: float32 accumulation of BF16 X times the decoded W, epilogue scale
+    ``gw * 2**shift (* gx)``, BF16 out; grouped: per tile-table row; gate_up: BF16 gate/up, SwiGLU."""
+    unscale = 2.0 ** (kw.DECODE_SHIFT * (2 if cfg.x_scaled else 1))
+    x = np.asarray(x, np.float32)
+    gx = np.ones(x.shape[0], np.float32) if gx is None else np.asarray(gx)
+    if not cfg.grouped:
+        acc = x @ np.asarray(_decoded_w(wv, ws)).T
+        return jnp.asarray(acc * (gx[:, None] * (np.asarray(wg)[0] * unscale))).astype(out.dtype)
+    w, w3 = np.asarray(_decoded_w(wv, ws)), np.asarray(_decoded_w(w3v, w3s)) if cfg.gate_up else None
+    y = np.full(out.shape, np.nan, np.float32)
+    for e, start, count in np.asarray(tiles):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        g = x[rows] @ w[e].T * (gx[rows, None] * (np.asarray(wg)[e] * unscale))
+        if not cfg.gate_up:
+            y[rows] = g
+            continue
+        u = x[rows] @ w3[e].T * (gx[rows, None] * (np.asarray(w3g)[e] * unscale))
+        g, u = (np.asarray(jnp.asarray(v).astype(jnp.bfloat16), np.float32) for v in (g, u))
+        y[rows] = np.asarray(ref_moe.swiglu(g, u, cfg.swiglu_limit)) * np.asarray(route_w)[rows, None]
+    return jnp.asarray(y).astype(out.dtype)
+
+
+def _emulate_dequant(xv, xs, out):
+    t = NVFP4Tensor(xv, jax.lax.bitcast_convert_type(xs, jnp.float8_e4m3fn), jnp.ones(xv.shape[0], jnp.float32))
+    return (ref_gemm._dequant_unscaled(t) * SHIFT).astype(out.dtype)
+
+
+def _fake_cutlass_call(kernel, output_shape_dtype, **_):
+    def run(*args):
+        if isinstance(kernel, kw.DequantRowsSm90):
+            return _emulate_dequant(*args, output_shape_dtype)
+        assert isinstance(kernel, kw.GemmPrefillSm90), kernel
+        return _emulate_gemm(kernel.cfg, *args, output_shape_dtype)
+    return run
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(kw, "cutlass_call", _fake_cutlass_call)
+    monkeypatch.setattr(km, "cutlass_call", _fake_cutlass_call)
+    monkeypatch.setattr(km, "quantize_nvfp4", lambda x: ref_gemm.quantize_nvfp4(x))
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.all(np.isfinite(got)), "non-finite output (a row no tile wrote?)"
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+@pytest.mark.parametrize("act_nvfp4", [True, False])
+def test_dense_wiring(rng, emulated, act_nvfp4):
+    w = quantize(jnp.asarray(rng.standard_normal((256, 512)) * 0.02, jnp.float32))
+    x = activations(rng, 70, 512)
+    x = ref_gemm.quantize_nvfp4(x) if act_nvfp4 else x
+    got = kg.nvfp4_gemm(x, tile_weight(w))  # routed to gemm_ws by the variable
+    assert _rel_err(got, ref_gemm.nvfp4_gemm(x, w)) < 1e-2
+
+
+@pytest.mark.parametrize("quantize_activations", [True, False])
+@pytest.mark.parametrize("t,experts,skew", [(100, 4, False), (150, 6, True)])
+def test_moe_wiring(rng, emulated, quantize_activations, t, experts, skew):
+    """Both grouped GEMMs through ``grouped_gemm_ws`` (> 64 rows per expert). ``skew``: expert 5 gets no
+    rows and expert 0 most of them, so tiles are partial and some table entries empty."""
+    dim, inter = 256, 256
+    keys = jax.random.split(jax.random.key(1), 3)
+    mk = lambda k, s: jax.vmap(quantize)(0.02 * jax.random.normal(k, s, jnp.float32))  # noqa: E731
+    w1, w3, w2 = mk(keys[0], (experts, inter, dim)), mk(keys[1], (experts, inter, dim)), mk(keys[2], (experts, dim, inter))
+    x = activations(rng, t, dim) * jnp.bfloat16(0.25)
+    logits = jnp.asarray(rng.standard_normal((t, experts)), jnp.float32)
+    bias = jnp.zeros(experts, jnp.float32)
+    if skew:
+        bias = bias.at[0].set(1e4).at[experts - 1].set(-1e4)
+    topk = 3
+    weights, ids = ref_moe.route(logits, topk, 1.5, bias=bias)
+    assert -(-(t * topk) // experts) > 64  # the prefill regime that takes the ws path
+    kw_ = {"swiglu_limit": 10.0, "quantize_activations": quantize_activations}
+    got = km.moe_experts(x, weights, ids, *(tile_weight(w) for w in (w1, w3, w2)), **kw_)
+    want = ref_moe.moe_experts(x, weights, ids, w1, w3, w2, **kw_)
+    assert _rel_err(got, want) < 1e-2
