@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 import traceback
@@ -290,7 +291,11 @@ def main():
         if args.t:
             t_values = tuple(int(v) for v in args.t.split(","))
         bw, peak = measure_ceilings()
-    emit(f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev})", record=True)
+    opt_in = " ".join(f"{v}={os.environ[v]}" for v in ("NVFP4JAX_GEMM_PREFILL", "NVFP4JAX_MOE_GROUP",
+                                                        "NVFP4JAX_GEMM_W_REGS", "NVFP4JAX_MOE_CTAS_PER_SM")
+                      if os.environ.get(v))
+    emit(f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev})"
+         + (f"; kernel options: {opt_in}" if opt_in else ""), record=True)
     emit("", record=True)
     emit("| model | experts | T | experts hit | ours nvfp4 us | nvfp4 span us | ours w4a16 us | route+group (XLA) us "
          "| ragged_dot BF16 us | roofline us | bound | nvfp4 % roof | w4a16 % roof | x ragged (nvfp4) | x ragged (w4a16) |",

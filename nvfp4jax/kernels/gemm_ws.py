@@ -358,8 +358,11 @@ def kernel_for(cfg: PrefillConfig) -> GemmPrefillSm90:
 
 
 def choose_prefill_config(m: int, n: int, act_nvfp4: bool) -> PrefillConfig:
-    """256-token tiles where they give a wave of CTAs, else 128 (first guess; unmeasured)."""
-    tile_t = 256 if (n // TILE_W) * -(-m // 256) >= kg.NUM_SMS else 128
+    """The largest token tile (256, 128) that gives a wave of CTAs; else 128 while that gives half a wave,
+    else 64 (small n at mid m: Flash wq_a, n = 1024, at m = 1024 has 64 CTAs of 128 tokens, 128 of 64).
+    A first guess, unmeasured; there is no K split here."""
+    ctas = lambda t: (n // TILE_W) * -(-m // t)  # noqa: E731
+    tile_t = next((t for t in (256, 128) if ctas(t) >= kg.NUM_SMS), 128 if 2 * ctas(128) >= kg.NUM_SMS else 64)
     return PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4)
 
 

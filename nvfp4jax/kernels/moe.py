@@ -24,6 +24,10 @@ run both GEMMs on the warp-specialized prefill kernel instead (:func:`grouped_ge
 :mod:`nvfp4jax.kernels.gemm_ws`): the L1 input is gathered into expert order by XLA first (``rows x dim``
 BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads whole boxes of consecutive rows.
 
+With ``$NVFP4JAX_MOE_GROUP=kernel`` (opt-in, not yet run on a GPU), step 1 and the gathers of the routing
+weights and of the combine's inverse permutation run as one kernel for up to 1024 rows
+(:mod:`nvfp4jax.kernels.group`, same bits as :func:`group_rows_xla`).
+
 What stays in XLA, by measurement (H100, ``benchmarks/RESULTS.md``): the sort/bincount/tile table and
 the combine touch ``tokens x k`` indices and ``tokens x k x dim`` BF16 values. In a V4-Flash layer at
 T = 1 they take ~20 us of a 106 us call (the GEMMs ~80 us), at T = 16384 routing plus grouping in XLA
@@ -43,7 +47,7 @@ from jaxtyping import Array, Float, Int
 from cutlass.jax import TensorSpec, cutlass_call
 
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
-from nvfp4jax.kernels import gemm as kg, gemm_ws
+from nvfp4jax.kernels import gemm as kg, gemm_ws, group
 from nvfp4jax.kernels.quantize import quantize_nvfp4
 from nvfp4jax.ref.moe import swiglu
 
@@ -118,13 +122,14 @@ def _weight_args(w: NVFP4Tensor) -> tuple:
 
 def grouped_gemm(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes: Int[Array, " experts"],
                  w: NVFP4Tensor, w3: NVFP4Tensor | None = None, route_w: Float[Array, " rows"] | None = None,
-                 swiglu_limit: float | None = None) -> Array:
+                 swiglu_limit: float | None = None, tiles: tuple[int, Array] | None = None) -> Array:
     """Grouped ``Y[r] = X[rows[r]] @ W[e(r)]^T`` for rows sorted by expert (``sizes`` rows per expert).
 
     ``rows`` (gather map) is None when ``x`` is already in row order. Without ``w3``: BF16
     ``[rows, n]``. With ``w3`` (the gate+up pass), ``route_w`` and ``swiglu_limit``: BF16
     ``h = silu(min(gate, limit)) * clip(up, +-limit) * route_w`` ``[rows, inter]``, in the kernel's
-    epilogue, or in XLA after a split-K reduction.
+    epilogue, or in XLA after a split-K reduction. ``tiles``: ``(tile_t, table)``, a tile table already
+    built for the token tile ``tile_t`` (:func:`group.group_rows`), else it is built here from ``sizes``.
     """
     experts, n, k = w.shape
     act_nvfp4 = isinstance(x, NVFP4Tensor)
@@ -132,11 +137,16 @@ def grouped_gemm(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes
     gate_up = w3 is not None
     n_out = 2 * n if gate_up else n
     if kg.uses_ws_prefill(-(-r // min(experts, r)), n_out, jnp.bfloat16):
-        return grouped_gemm_ws(x, rows, sizes, w, w3, route_w, swiglu_limit)
+        return grouped_gemm_ws(x, rows, sizes, w, w3, route_w, swiglu_limit)  # builds its own tile table
     cfg = choose_grouped_config(r, experts, n_out, k, act_nvfp4, gate_up=gate_up, swiglu_limit=swiglu_limit)
     if rows is None:
         cfg = dataclasses.replace(cfg, gather=False)
-    tiles = tile_table(sizes, cfg.tile_t, num_tiles(r, experts, cfg.tile_t))
+    if tiles is None:
+        tiles = tile_table(sizes, cfg.tile_t, num_tiles(r, experts, cfg.tile_t))
+    elif tiles[0] != cfg.tile_t:
+        raise ValueError(f"grouped_gemm: a tile table for {tiles[0]}-row tiles, the kernel uses {cfg.tile_t}")
+    else:
+        tiles = tiles[1]
     xs = (x.values, jax.lax.bitcast_convert_type(x.scales, jnp.uint8), x.global_scale) if act_nvfp4 else (x, None, None)
     w3s = _weight_args(w3) if gate_up else (None, None, None)
     if cfg.swiglu_limit is not None:
@@ -250,13 +260,33 @@ def moe_experts(
         raise ValueError(f"moe_experts: x {x.shape}, weights {weights.shape}, expert_ids {expert_ids.shape}, dim {dim}")
     if t == 0:
         return jnp.zeros((0, dim), jnp.float32)
+    r, inter = t * k, w1.shape[1]
+    tiles = None
+    if group.applies(r, experts) and not kg.uses_ws_prefill(-(-r // min(experts, r)), 2 * inter, jnp.bfloat16):
+        # the grouping in one kernel launch; the tile table is built for the GEMMs' token tile
+        tile_t = choose_grouped_config(r, experts, 2 * inter, dim, quantize_activations, gate_up=True,
+                                       swiglu_limit=swiglu_limit).tile_t
+        order, rows, sizes, route_w, table, inverse = group.group_rows(
+            expert_ids, weights, experts, tile_t, num_tiles(r, experts, tile_t))
+        tiles = (tile_t, table)
+    else:
+        order, rows, sizes, route_w, inverse = group_rows_xla(expert_ids, weights, experts)
+    xa = quantize_nvfp4(x) if quantize_activations else x
+    h = grouped_gemm(xa, rows, sizes, w1, w3, route_w, swiglu_limit, tiles=tiles)
+    ha = quantize_nvfp4(h) if quantize_activations else h
+    y = grouped_gemm(ha, None, sizes, w2, tiles=tiles)
+    return y.astype(jnp.float32)[inverse].reshape(t, k, dim).sum(axis=1)
+
+
+def group_rows_xla(expert_ids: Int[Array, "tokens k"], weights: Float[Array, "tokens k"], experts: int):
+    """``(order, rows, sizes, route_w, inverse)``: the (token, expert) rows sorted by expert (stable),
+    each sorted row's token (the L1 gather map), rows per expert, the routing weights in sorted order
+    and the sorted position of every row (for the combine). :func:`group.group_rows` computes the same
+    (plus the tile table) in one kernel."""
+    t, k = expert_ids.shape
     flat = expert_ids.reshape(-1).astype(jnp.int32)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     sizes = jnp.bincount(flat, length=experts).astype(jnp.int32)
     route_w = weights.reshape(-1).astype(jnp.float32)[order]
-    xa = quantize_nvfp4(x) if quantize_activations else x
-    h = grouped_gemm(xa, order // k, sizes, w1, w3, route_w, swiglu_limit)
-    ha = quantize_nvfp4(h) if quantize_activations else h
-    y = grouped_gemm(ha, None, sizes, w2)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
-    return y.astype(jnp.float32)[inverse].reshape(t, k, dim).sum(axis=1)
+    return order, order // k, sizes, route_w, inverse

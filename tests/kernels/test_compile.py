@@ -116,13 +116,14 @@ def test_gemm_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
     assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["ld.global.v4.b32"] > 0
 
 
-@pytest.mark.parametrize("m,n,k,act_nvfp4", [(4096, 4096, 4096, False), (200, 512, 7168, True), (16384, 32768, 1024, True)])
-def test_gemm_ws_compiles_sm90a(tmp_path, m, n, k, act_nvfp4):
+@pytest.mark.parametrize("m,n,k,act_nvfp4,tile_t", [(4096, 4096, 4096, False, 256), (200, 512, 7168, True, 64),
+                                                     (4096, 1024, 4096, True, 128), (16384, 32768, 1024, True, 256)])
+def test_gemm_ws_compiles_sm90a(tmp_path, m, n, k, act_nvfp4, tile_t):
     """The warp-specialized prefill kernel: X by TMA into an mbarrier pipeline, registers moved from the
     producer warpgroup to the consumers (setmaxnreg), one wgmma shape, W decoded without conversions,
     Y leaving in 16-byte stores."""
     cfg = kw.choose_prefill_config(m, n, act_nvfp4)
-    assert cfg.tile_t == (128 if n == 512 else 256) and cfg.x_scaled == act_nvfp4
+    assert cfg.tile_t == tile_t and cfg.x_scaled == act_nvfp4
     ins = (S((m, k), jnp.bfloat16), S((m,), jnp.float32) if act_nvfp4 else None) + _tiled_w((), n, k)
     ins += (S((1,), jnp.float32),) + kw._NO_GROUPS
     ops = opcodes(compile_ptx(kw.kernel_for(cfg), ins, (S((m, n), jnp.bfloat16),), None, tmp_path))
@@ -159,6 +160,32 @@ def test_grouped_gemm_ws_compiles_sm90a(tmp_path, stage, act_nvfp4):
     assert any(op.startswith("cp.async.bulk.tensor.2d.shared::cta.global") for op in ops), sorted(ops)
     assert decodes_without_conversions(ops) and ops["st.global.v4.b32"] > 0
     assert (ops["ex2.approx.ftz.f32"] > 0) == gate_up
+
+
+@pytest.mark.parametrize("rows,experts", [(6, 256), (384, 384), (1024, 16), (37, 8)])
+def test_group_rows_compiles_sm90a(tmp_path, rows, experts):
+    """The MoE grouping kernel: stable ranks by ``match.any`` + ``popc``, the scans by shuffles."""
+    from nvfp4jax.kernels import group as kgr, moe as km
+
+    tile_t = 16
+    tiles = km.num_tiles(rows, experts, tile_t)
+    ins = (S((rows,), jnp.int32), S((rows,), jnp.float32))
+    i32 = jnp.int32
+    outs = (S((rows,), i32), S((rows,), i32), S((experts,), i32), S((rows,), jnp.float32), S((tiles, 3), i32),
+            S((rows,), i32))
+    ops = opcodes(compile_ptx(kgr._kernel(rows, experts, 6, tile_t, tiles), ins, outs, None, tmp_path))
+    assert ops["match.any.sync.b32"] == 1 and ops["popc.b32"] == 2 and ops["shfl.sync.up.b32"] == 10, ops
+
+
+def test_group_kernel_is_opt_in(monkeypatch):
+    from nvfp4jax.kernels import group as kgr
+
+    monkeypatch.delenv(kgr.ENV, raising=False)
+    assert not kgr.applies(6, 256)
+    monkeypatch.setenv(kgr.ENV, "kernel")
+    assert kgr.applies(6, 256) and kgr.applies(kgr.MAX_ROWS, 256) and not kgr.applies(kgr.MAX_ROWS + 1, 256)
+    with pytest.raises(ValueError, match="1..1024 rows"):
+        kgr.group_rows(jnp.zeros((200, 6), jnp.int32), jnp.zeros((200, 6)), 16, 128, 100)
 
 def test_dequant_rows_compiles_sm90a(tmp_path):
     """The X decoder of the prefill path: 16-byte code loads, no conversions, 16-byte stores."""
