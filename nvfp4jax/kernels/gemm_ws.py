@@ -40,8 +40,10 @@ Limits: ``n % 128 == 0`` (gate_up: ``n % 64``), ``k % 64 == 0`` (the tile layout
 ``m``; BF16 output.
 
 Status (session 7): compiles for sm_90a on the CPU (``tests/kernels/test_compile.py``: 168 registers at
-launch, no spills, dense and grouped); the JAX wiring around it is checked on the CPU against the
-reference with emulated kernels (``tests/kernels/test_gemm_ws_glue.py``); NOT yet run on a GPU, so it
+launch, no spills, dense and grouped); its mbarrier protocol (parities, arrival counts) is simulated
+under random interleavings (``tests/kernels/test_gemm_ws_protocol.py``: no hang, no stage overwritten
+while read); the JAX wiring around it is checked on the CPU against the reference with emulated
+kernels (``tests/kernels/test_gemm_ws_glue.py``); NOT yet run on a GPU, so it
 is opt-in: ``NVFP4JAX_GEMM_PREFILL=ws`` at trace time (:func:`gemm.nvfp4_gemm` for m > 64,
 :func:`moe.grouped_gemm` for more than 64 rows per expert). Its GPU tests
 (``tests/kernels/test_gemm_ws.py``) and the A/B tables (``benchmarks/gpu_session.sh OUT ws``) are the
@@ -77,6 +79,18 @@ THREADS = 3 * WG
 PRODUCER_REGS = 96
 CONSUMER_REGS = 208  # 128 * 96 + 256 * 208 = 65536, the SM's register file
 Y_PAD = 8  # BF16 elements of padding per staged output row
+
+
+def free_parity(kt, stages: int):
+    """Parity the producer waits for on ``empty[kt % stages]`` before writing K tile ``kt``: the phase
+    completed by the consumers' release of tile ``kt - stages``; 1 for the first pass (a fresh barrier
+    counts its preceding phase, parity 1, as complete). Python or DSL integers."""
+    return ((kt // stages) + 1) % 2
+
+
+def full_parity(kt, stages: int):
+    """Parity the consumers wait for on ``full[kt % stages]`` before reading K tile ``kt``."""
+    return (kt // stages) % 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +247,7 @@ class GemmPrefillSm90:
                     if kt + 1 < k_tiles:
                         self.load_w(kt + 1, gW, gW3, bufs[1 - j], w_row0, w_part)
                     # the stage's previous contents (K tile kt - stages) have been consumed
-                    cute.arch.mbarrier_wait(empty + s, ((kt // cfg.stages) + 1) % 2)
+                    cute.arch.mbarrier_wait(empty + s, free_parity(kt, cfg.stages))
                     if warp == 0:
                         with cute.arch.elect_one():
                             cute.arch.mbarrier_arrive_and_expect_tx(full + s, x_bytes)
@@ -276,7 +290,7 @@ class GemmPrefillSm90:
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         for kt in cutlass.range(k_tiles, unroll=1):
             s = kt % cfg.stages
-            cute.arch.mbarrier_wait(full + s, (kt // cfg.stages) % 2)
+            cute.arch.mbarrier_wait(full + s, full_parity(kt, cfg.stages))
             warpgroup.fence()
             for kb in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
                 cute.gemm(tiled_mma, acc, tCrA[None, None, kb, s], tCrB[None, None, kb, s], acc)

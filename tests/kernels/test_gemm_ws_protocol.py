@@ -1,0 +1,117 @@
+"""CPU: the mbarrier protocol of the warp-specialized GEMM (``gemm_ws``), simulated.
+
+A hang or a stage overwritten while wgmma still reads it would only show on a GPU (a hang costs the
+whole command's time). This runs the producer warpgroup, the TMA unit and the two consumer warpgroups
+as actors under random interleavings, with mbarriers modelled as in PTX (arrival counts, phases,
+``try_wait.parity``: the phase of that parity has completed) and the kernel's own parity functions
+(``gemm_ws.free_parity`` / ``full_parity``) and arrival counts; it checks that every schedule finishes,
+that each consumer reads K tile ``kt`` from a stage holding ``kt`` (both operands), and that neither
+the producer's stores nor a TMA write land in a stage a wgmma is still reading.
+"""
+
+import random
+
+import pytest
+
+pytest.importorskip("cutlass")
+from nvfp4jax.kernels import gemm_ws as kw  # noqa: E402
+
+
+class MBarrier:
+    def __init__(self, count: int):
+        self.count, self.pending, self.phase = count, count, 0
+
+    def arrive(self, n: int = 1):
+        assert self.pending >= n, "more arrivals than the phase expects"
+        self.pending -= n
+        if self.pending == 0:
+            self.phase, self.pending = self.phase + 1, self.count
+
+    def passed(self, parity: int) -> bool:
+        """``try_wait.parity``: true once the phase of that parity has completed (a fresh barrier's
+        preceding phase, parity 1, counts as completed)."""
+        return self.phase % 2 != parity
+
+
+def simulate(k_tiles: int, stages: int, rng: random.Random) -> None:
+    full = [MBarrier(kw.WG + 1) for _ in range(stages)]  # 128 producer arrivals + arrive.expect_tx; tx below
+    empty = [MBarrier(2 * kw.WG // 32) for _ in range(stages)]  # lane 0 of the 8 consumer warps
+    a_tag, b_tag = [None] * stages, [None] * stages
+    reading = [set() for _ in range(stages)]  # consumer warpgroups whose wgmma still read the stage
+    tx_pending = [0] * stages
+    tma_queue = []
+
+    def producer():
+        for kt in range(k_tiles):
+            s = kt % stages
+            while not empty[s].passed(kw.free_parity(kt, stages)):
+                yield False
+            full[s].arrive()  # the elected thread's arrive.expect_tx ...
+            tx_pending[s] += 1  # ... whose bytes arrive with the TMA write
+            tma_queue.append((s, kt))
+            assert not reading[s], f"producer stores into stage {s} (tile {kt}) while wgmma reads it"
+            a_tag[s] = kt
+            yield True
+            full[s].arrive(kw.WG)  # after fence.proxy.async
+            yield True
+
+    def tma():  # copies complete in any order, any time after they were issued
+        while True:
+            if tma_queue and rng.random() < 0.5:
+                s, kt = tma_queue.pop(rng.randrange(len(tma_queue)))
+                assert not reading[s], f"TMA writes stage {s} (tile {kt}) while wgmma reads it"
+                b_tag[s] = kt
+                tx_pending[s] -= 1
+                yield True
+            else:
+                yield False
+
+    def consumer(wg):
+        for kt in range(k_tiles):
+            s = kt % stages
+            # full's phase completes once all arrivals are in and no transaction bytes are pending
+            while not (full[s].passed(kw.full_parity(kt, stages)) and tx_pending[s] == 0):
+                yield False
+            assert a_tag[s] == kt and b_tag[s] == kt, (
+                f"consumer {wg} reads tile {kt} from stage {s} holding A {a_tag[s]}, B {b_tag[s]}")
+            reading[s].add(wg)  # wgmma issued
+            yield True
+            if kt > 0:  # wait_group(1): wgmma(kt - 1) done, its stage released by the 4 warps
+                prev = (kt - 1) % stages
+                reading[prev].discard(wg)
+                empty[prev].arrive(4)
+            yield True
+        reading[(k_tiles - 1) % stages].discard(wg)  # wait_group(0)
+
+    actors = {"producer": producer(), "c1": consumer(1), "c2": consumer(2)}
+    tma_actor = tma()
+    idle = 0
+    while actors:
+        name = rng.choice(sorted(actors) + ["tma"])
+        if name == "tma":
+            progressed = next(tma_actor)
+        else:
+            try:
+                progressed = next(actors[name])
+            except StopIteration:
+                del actors[name]
+                progressed = True
+        idle = 0 if progressed else idle + 1
+        assert idle < 10_000, f"deadlock: k_tiles={k_tiles} stages={stages}, still running {sorted(actors)}"
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 5])
+def test_pipeline_protocol(stages):
+    rng = random.Random(stages)
+    for k_tiles in (1, 2, 3, stages, stages + 1, 2 * stages + 1, 16):
+        for _ in range(30):
+            simulate(k_tiles, stages, rng)
+
+
+def test_protocol_check_can_fail(monkeypatch):
+    """A wrong parity (the consumers' for the producer) is caught: the producer then overwrites a stage
+    before its tile was consumed, or the schedule hangs."""
+    monkeypatch.setattr(kw, "free_parity", kw.full_parity)
+    with pytest.raises(AssertionError):
+        for seed in range(20):
+            simulate(9, 3, random.Random(seed))
