@@ -7,7 +7,6 @@ degenerate ones (every row on expert 0, experts without rows, ``k = 1``, rows no
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from nvfp4jax.ref import moe as ref
