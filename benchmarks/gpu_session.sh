@@ -65,6 +65,9 @@ if [ "$stage" = ws ] || [ "$stage" = all ]; then
   $T timeout 250 $P tests/kernels/test_gemm_ws.py tests/kernels/test_group.py > "$out/tests_ws.log" 2>&1
   echo "ws + group tests: $(tail -1 "$out/tests_ws.log")"
   grep -E "^FAILED" "$out/tests_ws.log" | head
+  if grep -q -E "^FAILED.*test_gemm_ws" "$out/tests_ws.log"; then  # where it is wrong, for the next fix
+    timeout 120 python3 benchmarks/diagnose_ws.py > "$out/diagnose_ws.log" 2>&1; tail -20 "$out/diagnose_ws.log"
+  fi
   B="python3 benchmarks/gemm.py --no-quantize --m 1024,4096,16384 --names wq_a,wq_b,wo_b,shared.w1/w3 --budget-s 90"
   NVFP4JAX_GEMM_PREFILL=ws timeout 150 $B --out "$out/RESULTS_gemm_ws.md" > "$out/gemm_ws.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_ws.log"
