@@ -15,6 +15,7 @@ Usage (GPU machine): ``python benchmarks/gemm.py [--quick] [--out benchmarks/RES
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,8 +106,8 @@ def main():
     t_start = time.time()
     dev = jax.devices()[0].device_kind
     bw, peak = measure_ceilings()
-    prefill = ("warp-specialized (gemm_ws, NVFP4JAX_GEMM_PREFILL=ws; W4A4 includes dequant_rows of X)"
-               if kg.uses_ws_prefill(4096, 4096, jnp.bfloat16) else "one-warpgroup (gemm)")
+    prefill = (f"warp-specialized (gemm_ws, NVFP4JAX_GEMM_PREFILL={os.environ.get(kg.PREFILL_ENV)}; W4A4 includes "
+               "dequant_rows of X)" if kg.uses_ws_prefill(4096, 4096, jnp.bfloat16) else "one-warpgroup (gemm)")
     lines = [f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev}); "
              "device kernel times from the profiler trace, L2 flushed before each call (benchmarks/_timing.py); "
              f"m > 64 on the {prefill} kernel", ""]

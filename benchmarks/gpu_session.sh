@@ -8,15 +8,16 @@
 #   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
 #   ws:    session 7's opt-in kernels, first GPU run: the GPU tests of the warp-specialized prefill GEMM
-#          (gemm_ws) and of the MoE grouping kernel (group), then prefill GEMM tables with
-#          NVFP4JAX_GEMM_PREFILL=ws and without, same shapes                                 (~9 min)
-#   ws-moe: the MoE benchmark with both opt-in kernels on (T = 1, 64, 16384), then T = 1, 64 without
-#          (the baseline for the grouping kernel; the prefill baseline is the moe stage)      (~7 min)
-#   all:   all six in a row (for a machine without the 10-minute limit)
+#          (gemm_ws, one CTA per tile and persistent) and of the MoE grouping kernel (group);
+#          benchmarks/diagnose_ws.py if a gemm_ws test fails                                 (~5 min)
+#   ws-gemm: prefill GEMM tables with NVFP4JAX_GEMM_PREFILL=ws, =ws-persistent and unset     (~8 min)
+#   ws-moe: the MoE benchmark at T = 16384 with ws and ws-persistent, at T = 1, 64 with the grouping
+#          kernel (NVFP4JAX_MOE_GROUP=kernel) and without                                    (~7 min)
+#   all:   all seven in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|gemm|moe|ws|ws-moe|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|gemm|moe|ws|ws-gemm|ws-moe|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -62,23 +63,29 @@ if [ "$stage" = moe ] || [ "$stage" = all ]; then
   cat "$out/tune_prefill_split.log"
 fi
 if [ "$stage" = ws ] || [ "$stage" = all ]; then
-  $T timeout 250 $P tests/kernels/test_gemm_ws.py tests/kernels/test_group.py > "$out/tests_ws.log" 2>&1
+  $T timeout 300 $P tests/kernels/test_gemm_ws.py tests/kernels/test_group.py > "$out/tests_ws.log" 2>&1
   echo "ws + group tests: $(tail -1 "$out/tests_ws.log")"
-  grep -E "^FAILED" "$out/tests_ws.log" | head
+  grep -E "^FAILED" "$out/tests_ws.log" | head -20
   if grep -q -E "^FAILED.*test_gemm_ws" "$out/tests_ws.log"; then  # where it is wrong, for the next fix
-    timeout 120 python3 benchmarks/diagnose_ws.py > "$out/diagnose_ws.log" 2>&1; tail -20 "$out/diagnose_ws.log"
+    timeout 150 python3 benchmarks/diagnose_ws.py > "$out/diagnose_ws.log" 2>&1; tail -20 "$out/diagnose_ws.log"
   fi
+fi
+if [ "$stage" = ws-gemm ] || [ "$stage" = all ]; then
   B="python3 benchmarks/gemm.py --no-quantize --m 1024,4096,16384 --names wq_a,wq_b,wo_b,shared.w1/w3 --budget-s 90"
-  NVFP4JAX_GEMM_PREFILL=ws timeout 150 $B --out "$out/RESULTS_gemm_ws.md" > "$out/gemm_ws.log" 2>&1
-  grep -E "^\| (flash|pro)|stopped" "$out/gemm_ws.log"
-  timeout 150 $B --out "$out/RESULTS_gemm_1wg.md" > "$out/gemm_1wg.log" 2>&1
-  grep -E "^\| (flash|pro)|stopped" "$out/gemm_1wg.log"
+  for mode in ws ws-persistent one-warpgroup; do
+    NVFP4JAX_GEMM_PREFILL=$mode timeout 150 $B --out "$out/RESULTS_gemm_$mode.md" > "$out/gemm_$mode.log" 2>&1
+    echo "$mode:"; grep -E "^\| (flash|pro)|stopped" "$out/gemm_$mode.log"
+  done
 fi
 if [ "$stage" = ws-moe ] || [ "$stage" = all ]; then
-  NVFP4JAX_GEMM_PREFILL=ws NVFP4JAX_MOE_GROUP=kernel XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 280 \
-    python3 benchmarks/moe.py --quick --budget-s 190 --out "$out/RESULTS_moe_ws.md" > "$out/moe_ws.log" 2>&1
-  grep -E "^\|" "$out/moe_ws.log" | tail -8
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 130 python3 benchmarks/moe.py --t 1,64 --budget-s 80 \
-    > "$out/moe_base.log" 2>&1
-  grep -E "^\|" "$out/moe_base.log" | tail -6
+  M="python3 benchmarks/moe.py --budget-s 70"
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+  for mode in ws ws-persistent; do
+    NVFP4JAX_GEMM_PREFILL=$mode timeout 100 $M --t 16384 --out "$out/RESULTS_moe_$mode.md" > "$out/moe_$mode.log" 2>&1
+    echo "$mode:"; grep -E "^\| (flash|pro)" "$out/moe_$mode.log"
+  done
+  NVFP4JAX_MOE_GROUP=kernel timeout 110 $M --t 1,64 --out "$out/RESULTS_moe_group.md" > "$out/moe_group.log" 2>&1
+  echo "group kernel:"; grep -E "^\| (flash|pro)" "$out/moe_group.log"
+  timeout 110 $M --t 1,64 > "$out/moe_base.log" 2>&1
+  echo "XLA grouping:"; grep -E "^\| (flash|pro)" "$out/moe_base.log"
 fi

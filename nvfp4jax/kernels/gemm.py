@@ -112,7 +112,7 @@ SMEM_LIMIT = 113 * 1024  # per CTA so that two fit in an SM (228 KB, 1 KB reserv
 PREFETCH_ENV = "NVFP4JAX_GEMM_PREFETCH"
 W_REGS_ENV = "NVFP4JAX_GEMM_W_REGS"  # "0": decode configs stage W in shared memory (default: A registers)
 DECODE_CTAS_PER_SM = 4  # decode K split target (choose_config)
-PREFILL_ENV = "NVFP4JAX_GEMM_PREFILL"  # "ws": m > 64 goes to the warp-specialized kernel (gemm_ws), opt-in
+PREFILL_ENV = "NVFP4JAX_GEMM_PREFILL"  # "ws" / "ws-persistent": m > 64 goes to gemm_ws (opt-in)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -805,9 +805,10 @@ def supports(x, w) -> str | None:
 
 def uses_ws_prefill(m: int, n: int, out_dtype) -> bool:
     """Whether :func:`nvfp4_gemm` hands ``m`` rows to the warp-specialized prefill kernel
-    (:mod:`nvfp4jax.kernels.gemm_ws`): only with ``$NVFP4JAX_GEMM_PREFILL=ws`` (read at trace time; off by
-    default until that kernel has run on a GPU), for ``m > 64``, ``n % 128 == 0`` and a BF16 output."""
-    return (os.environ.get(PREFILL_ENV, "") == "ws" and m > 64 and n % 128 == 0
+    (:mod:`nvfp4jax.kernels.gemm_ws`): only with ``$NVFP4JAX_GEMM_PREFILL`` set to ``ws`` (one CTA per tile)
+    or ``ws-persistent`` (read at trace time; off by default until that kernel has run on a GPU), for
+    ``m > 64``, ``n % 128 == 0`` and a BF16 output."""
+    return (os.environ.get(PREFILL_ENV, "") in ("ws", "ws-persistent") and m > 64 and n % 128 == 0
             and jnp.dtype(out_dtype) == jnp.bfloat16)
 
 

@@ -20,6 +20,14 @@ roofline, 0.4-0.7x XLA BF16 on an H200, session 7). Here the roles are split acr
 - warpgroups 1 and 2, the consumers (``CONSUMER_REGS``): wgmma ``64 x tile_t x 16``, one 64-row M block of
   W each, A and B from shared memory, float32 accumulators (``tile_t / 2`` per thread).
 
+Persistent option (``PrefillConfig.persistent``, ``NVFP4JAX_GEMM_PREFILL=ws-persistent``): ``NUM_SMS`` CTAs
+loop over the tiles (W-tile fastest, as the one-CTA-per-tile grid orders them); the pipeline's stage
+and parities run on across a CTA's tiles (``done``), so the producer fills stages for the next tile
+while the consumers finish the current one (its last stage is released after ``wait_group(0)``) and
+run its epilogue, which then needs its own staging buffer (3 stages at 256 tokens instead of 4). Hides
+each tile's pipeline fill and epilogue behind work of the next, which matters for short K loops
+(k = 1024: 16 K tiles).
+
 ``STAGES`` K tiles of 64 are in flight. Per stage two mbarriers: ``full`` (129 arrivals: the TMA
 thread's ``arrive.expect_tx`` plus the 128 producer threads after their ``fence.proxy.async``;
 completes when the X bytes have landed too) and ``empty`` (8 arrivals, lane 0 of each consumer warp
@@ -54,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -101,17 +110,24 @@ class PrefillConfig:
     grouped: bool = False  # W is [experts, n, k]; CTA columns take (expert, first row, rows) from a tile table
     gate_up: bool = False  # grouped MoE L1: a CTA's 128 W rows are 64 rows of W1 and the same 64 of W3
     swiglu_limit: float | None = None  # gate_up: epilogue silu(min(g, l)) * clip(u, +-l) * routing weight
+    persistent: bool = False  # NUM_SMS CTAs looping over the tiles (own staging buffer), else one CTA per tile
+
+
+def staging_elems(cfg: PrefillConfig) -> int:
+    """BF16 elements of the epilogue's staging tile ``[tile_t, 128 + Y_PAD]``."""
+    return cfg.tile_t * (TILE_W + Y_PAD)
 
 
 def smem_bytes(cfg: PrefillConfig) -> int:
-    return cfg.stages * (TILE_W + cfg.tile_t) * KSTAGE * 2 + 16 * cfg.stages
+    own_staging = 2 * staging_elems(cfg) if cfg.persistent else 0
+    return cfg.stages * (TILE_W + cfg.tile_t) * KSTAGE * 2 + 16 * cfg.stages + own_staging + 1024
 
 
 def can_implement(cfg: PrefillConfig) -> bool:
     return (cfg.tile_t % 64 == 0 and 64 <= cfg.tile_t <= 256 and cfg.stages >= 2
             and smem_bytes(cfg) <= 227 * 1024
-            # the epilogue's staging tile fits in the B stages
-            and cfg.tile_t * (TILE_W + Y_PAD) <= cfg.stages * cfg.tile_t * KSTAGE
+            # one tile per CTA: the epilogue's staging tile reuses the B stages
+            and (cfg.persistent or staging_elems(cfg) <= cfg.stages * cfg.tile_t * KSTAGE)
             and (cfg.grouped or not cfg.gate_up) and (cfg.gate_up == (cfg.swiglu_limit is not None)))
 
 
@@ -148,37 +164,25 @@ class GemmPrefillSm90:
             empty: cute.struct.MemRange[Int64, cfg.stages]
             sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sA_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
+            sY: cute.struct.Align[cute.struct.MemRange[BFloat16, staging_elems(cfg) if cfg.persistent else 8], 128]
 
         self.shared_storage = SharedStorage
+        # tiles in W-tile-fastest order (consecutive CTAs share X's token tile)
         if cutlass.const_expr(cfg.grouped):
-            grid = [mWv.shape[1] * TILE_ROWS // self.out_w, mTiles.shape[0], 1]
+            tiles_w, tiles_t = mWv.shape[1] * TILE_ROWS // self.out_w, mTiles.shape[0]
         else:
-            grid = [mWv.shape[0] * TILE_ROWS // TILE_W, (mX.shape[0] + cfg.tile_t - 1) // cfg.tile_t, 1]
+            tiles_w, tiles_t = mWv.shape[0] * TILE_ROWS // TILE_W, (mX.shape[0] + cfg.tile_t - 1) // cfg.tile_t
+        ctas = tiles_w * tiles_t
+        if cutlass.const_expr(cfg.persistent):
+            ctas = cutlass.min(ctas, kg.NUM_SMS)
         self.kernel(tma_atom, mX_tma, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mTiles, mRouteW, mY, tiled_mma,
-                    sA_layout, sB_layout).launch(grid=grid, block=[THREADS, 1, 1], stream=stream)
+                    sA_layout, sB_layout, tiles_w, tiles_t).launch(grid=[ctas, 1, 1], block=[THREADS, 1, 1],
+                                                                  stream=stream)
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mXg, mWv: cute.Tensor, mWs: cute.Tensor,
                mWg: cute.Tensor, mW3v, mW3s, mW3g, mTiles, mRouteW, mY: cute.Tensor, tiled_mma: cute.TiledMma,
-               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout):
-        cfg = self.cfg
-        _, bt, _ = cute.arch.block_idx()
-        # this CTA's X rows [start, start + count) (of expert e)
-        e = Int32(0)
-        start = bt * cfg.tile_t
-        count = cutlass.min(mX.shape[0] - start, cfg.tile_t)
-        if cutlass.const_expr(cfg.grouped):
-            e = mTiles[bt, 0]
-            start = mTiles[bt, 1]
-            count = mTiles[bt, 2]
-        if count > 0:
-            self.body(tma_atom, mX, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRouteW, mY, tiled_mma, sA_layout,
-                      sB_layout, e, start, count)
-
-    @cute.jit
-    def body(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mRouteW, mY,
-             tiled_mma: cute.TiledMma, sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, e, start,
-             count):
+               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, tiles_w, tiles_t):
         cfg = self.cfg
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         storage = cutlass.utils.SmemAllocator().allocate(self.shared_storage)
@@ -195,29 +199,60 @@ class GemmPrefillSm90:
 
         sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
         sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)
+        # one tile per CTA: the staging tile reuses the B stages; persistent: its own buffer, since the
+        # producer already fills the stages for the CTA's next tile during the epilogue
+        stage_ptr = storage.sY.data_ptr() if cutlass.const_expr(cfg.persistent) else storage.sB.data_ptr()
         k_tiles = mWs.shape[cute.rank(mWs) - 3] * (TILE_K // KSTAGE)
+        bid, _, _ = cute.arch.block_idx()
+        nctas, _, _ = cute.arch.grid_dim()
+        # K tiles this CTA has pipelined so far: stage and parities continue across its tiles
+        done = Int32(0)
         if warp < WG // 32:
             cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
-            wv, ws, w3v, w3s = mWv, mWs, mWv, mWs
-            if cutlass.const_expr(cfg.grouped):
-                wv, ws = mWv[e, None, None, None, None], mWs[e, None, None, None, None]
-                w3v, w3s = wv, ws
-            if cutlass.const_expr(cfg.gate_up):
-                w3v, w3s = mW3v[e, None, None, None, None], mW3s[e, None, None, None, None]
-            self.produce(tma_atom, mX, wv, ws, w3v, w3s, sA, sB, full, empty, k_tiles, start)
+            for tile in cutlass.range(bid, tiles_w * tiles_t, nctas, unroll=1):
+                bw, bt = tile % tiles_w, tile // tiles_w
+                e, start, count = self.tile_rows(mX, mTiles, bt)
+                if count > 0:
+                    wv, ws, w3v, w3s = mWv, mWs, mWv, mWs
+                    if cutlass.const_expr(cfg.grouped):
+                        wv, ws = mWv[e, None, None, None, None], mWs[e, None, None, None, None]
+                        w3v, w3s = wv, ws
+                    if cutlass.const_expr(cfg.gate_up):
+                        w3v, w3s = mW3v[e, None, None, None, None], mW3s[e, None, None, None, None]
+                    self.produce(tma_atom, mX, wv, ws, w3v, w3s, sA, sB, full, empty, k_tiles, bw, start, done)
+                    done += k_tiles
         else:
             cute.arch.warpgroup_reg_alloc(CONSUMER_REGS)
-            self.consume(mXg, mWg, mW3g, mRouteW, mY, sA, sB, storage.sB.data_ptr(), full, empty, tiled_mma,
-                         k_tiles, e, start, count)
+            for tile in cutlass.range(bid, tiles_w * tiles_t, nctas, unroll=1):
+                bw, bt = tile % tiles_w, tile // tiles_w
+                e, start, count = self.tile_rows(mX, mTiles, bt)
+                if count > 0:
+                    self.consume(mXg, mWg, mW3g, mRouteW, mY, sA, sB, stage_ptr, full, empty, tiled_mma, k_tiles,
+                                 bw, e, start, count, done)
+                    done += k_tiles
+
+    @cute.jit
+    def tile_rows(self, mX: cute.Tensor, mTiles, bt):
+        """(expert, first X row, rows) of token tile ``bt``: from the tile table (grouped), else the
+        dense tile ``[bt * tile_t, ...)`` clipped to X's rows."""
+        cfg = self.cfg
+        e = Int32(0)
+        start = bt * cfg.tile_t
+        count = cutlass.min(mX.shape[0] - start, cfg.tile_t)
+        if cutlass.const_expr(cfg.grouped):
+            e = mTiles[bt, 0]
+            start = mTiles[bt, 1]
+            count = mTiles[bt, 2]
+        return e, start, count
 
     @cute.jit
     def produce(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, wv, ws, w3v, w3s, sA: cute.Tensor,
-                sB: cute.Tensor, full, empty, k_tiles, start):
-        """Warpgroup 0: per K tile, wait for the stage to be free, TMA X into it, decode W into it."""
+                sB: cute.Tensor, full, empty, k_tiles, bw, start, done):
+        """Warpgroup 0, one tile: per K tile, wait for its stage to be free, TMA X into it, decode W into
+        it. ``done``: K tiles this CTA pipelined before this tile (stage and parity continue)."""
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        bw, _, _ = cute.arch.block_idx()
         # X: the [tile_t, 64] box at row `start`, K tile kt -> B stage s (rows past X's end read as zeros)
         gX = cute.local_tile(cute.domain_offset((start, 0), mX), (cfg.tile_t, KSTAGE), (0, None))
         tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
@@ -243,11 +278,12 @@ class GemmPrefillSm90:
             for j in cutlass.range_constexpr(2):
                 kt = kt0 + j
                 if kt < k_tiles:
-                    s = kt % cfg.stages
+                    g = done + kt
+                    s = g % cfg.stages
                     if kt + 1 < k_tiles:
                         self.load_w(kt + 1, gW, gW3, bufs[1 - j], w_row0, w_part)
-                    # the stage's previous contents (K tile kt - stages) have been consumed
-                    cute.arch.mbarrier_wait(empty + s, free_parity(kt, cfg.stages))
+                    # the stage's previous contents (pipelined K tile g - stages) have been consumed
+                    cute.arch.mbarrier_wait(empty + s, free_parity(g, cfg.stages))
                     if warp == 0:
                         with cute.arch.elect_one():
                             cute.arch.mbarrier_arrive_and_expect_tx(full + s, x_bytes)
@@ -277,8 +313,9 @@ class GemmPrefillSm90:
 
     @cute.jit
     def consume(self, mXg, mWg, mW3g, mRouteW, mY, sA: cute.Tensor, sB: cute.Tensor, stage_ptr, full, empty,
-                tiled_mma: cute.TiledMma, k_tiles, e, start, count):
-        """Warpgroups 1, 2: wgmma over each full stage, release it once its wgmma completed; epilogue."""
+                tiled_mma: cute.TiledMma, k_tiles, bw, e, start, count, done):
+        """Warpgroups 1, 2, one tile: wgmma over each full stage, release it once its wgmma completed;
+        the last stage once all completed; epilogue."""
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
         ctid = tidx - WG
@@ -289,8 +326,9 @@ class GemmPrefillSm90:
         acc.fill(0.0)
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         for kt in cutlass.range(k_tiles, unroll=1):
-            s = kt % cfg.stages
-            cute.arch.mbarrier_wait(full + s, full_parity(kt, cfg.stages))
+            g = done + kt
+            s = g % cfg.stages
+            cute.arch.mbarrier_wait(full + s, full_parity(g, cfg.stages))
             warpgroup.fence()
             for kb in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
                 cute.gemm(tiled_mma, acc, tCrA[None, None, kb, s], tCrB[None, None, kb, s], acc)
@@ -299,12 +337,14 @@ class GemmPrefillSm90:
             warpgroup.wait_group(1)
             if kt > 0:
                 if tidx % 32 == 0:
-                    cute.arch.mbarrier_arrive(empty + (kt - 1) % cfg.stages)
+                    cute.arch.mbarrier_arrive(empty + (g - 1) % cfg.stages)
         warpgroup.wait_group(0)
-        self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY, stage_ptr, e, start, count)
+        if tidx % 32 == 0:
+            cute.arch.mbarrier_arrive(empty + (done + k_tiles - 1) % cfg.stages)
+        self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY, stage_ptr, bw, e, start, count)
 
     @cute.jit
-    def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY: cute.Tensor, stage_ptr, e, start, count):
+    def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY: cute.Tensor, stage_ptr, bw, e, start, count):
         """``acc * (gx[row] * gw * 2**shift)`` -> BF16 staging tile ``[tile_t, 128 + Y_PAD]`` in the B stages
         -> 16-byte stores of ``Y[start + t, bw * 128 : bw * 128 + 128]`` for the tile's rows ``t < count``.
 
@@ -314,9 +354,9 @@ class GemmPrefillSm90:
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
         ctid = tidx - WG
-        bw, _, _ = cute.arch.block_idx()
         consumers = 2 * WG
-        # both consumer warpgroups are done reading the stages (the producer wrote its last one before)
+        # both consumer warpgroups are done reading the stages (one tile per CTA: the producer wrote its
+        # last one before) and, persistent, reading the staging tile of the CTA's previous tile
         cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
         sY = cute.make_tensor(stage_ptr, cute.make_layout((cfg.tile_t, TILE_W), stride=(TILE_W + Y_PAD, 1)))
         cC = thr_mma.partition_C(cute.make_identity_tensor((TILE_W, cfg.tile_t)))
@@ -377,7 +417,18 @@ def choose_prefill_config(m: int, n: int, act_nvfp4: bool) -> PrefillConfig:
     A first guess, unmeasured; there is no K split here."""
     ctas = lambda t: (n // TILE_W) * -(-m // t)  # noqa: E731
     tile_t = next((t for t in (256, 128) if ctas(t) >= kg.NUM_SMS), 128 if 2 * ctas(128) >= kg.NUM_SMS else 64)
-    return PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4)
+    return with_env_persistent(PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4))
+
+
+def with_env_persistent(cfg: PrefillConfig) -> PrefillConfig:
+    """``cfg`` persistent when ``$NVFP4JAX_GEMM_PREFILL`` is ``ws-persistent`` (read at trace time), with the
+    most stages that fit beside its own staging tile (3 at 256 tokens, 4 below)."""
+    if os.environ.get(kg.PREFILL_ENV, "") != "ws-persistent":
+        return cfg
+    stages = cfg.stages
+    while stages > 2 and not can_implement(dataclasses.replace(cfg, persistent=True, stages=stages)):
+        stages -= 1
+    return dataclasses.replace(cfg, persistent=True, stages=stages)
 
 
 def supports(x, w) -> str | None:

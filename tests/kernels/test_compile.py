@@ -118,12 +118,15 @@ def test_gemm_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
 
 @pytest.mark.parametrize("m,n,k,act_nvfp4,tile_t", [(4096, 4096, 4096, False, 256), (200, 512, 7168, True, 64),
                                                      (4096, 1024, 4096, True, 128), (16384, 32768, 1024, True, 256)])
-def test_gemm_ws_compiles_sm90a(tmp_path, m, n, k, act_nvfp4, tile_t):
-    """The warp-specialized prefill kernel: X by TMA into an mbarrier pipeline, registers moved from the
-    producer warpgroup to the consumers (setmaxnreg), one wgmma shape, W decoded without conversions,
-    Y leaving in 16-byte stores."""
+@pytest.mark.parametrize("mode", ["ws", "ws-persistent"])
+def test_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4, tile_t, mode):
+    """The warp-specialized prefill kernel (one CTA per tile, or persistent): X by TMA into an mbarrier
+    pipeline, registers moved from the producer warpgroup to the consumers (setmaxnreg), one wgmma
+    shape, W decoded without conversions, Y leaving in 16-byte stores."""
+    monkeypatch.setenv(kg.PREFILL_ENV, mode)
     cfg = kw.choose_prefill_config(m, n, act_nvfp4)
-    assert cfg.tile_t == tile_t and cfg.x_scaled == act_nvfp4
+    assert cfg.tile_t == tile_t and cfg.x_scaled == act_nvfp4 and cfg.persistent == (mode == "ws-persistent")
+    assert kw.can_implement(cfg) and (cfg.stages == 3 if cfg.persistent and tile_t == 256 else cfg.stages == 4)
     ins = (S((m, k), jnp.bfloat16), S((m,), jnp.float32) if act_nvfp4 else None) + _tiled_w((), n, k)
     ins += (S((1,), jnp.float32),) + kw._NO_GROUPS
     ops = opcodes(compile_ptx(kw.kernel_for(cfg), ins, (S((m, n), jnp.bfloat16),), None, tmp_path))
@@ -205,6 +208,10 @@ def test_ws_prefill_is_opt_in(monkeypatch):
     assert not kg.uses_ws_prefill(64, 4096, jnp.bfloat16)
     assert not kg.uses_ws_prefill(4096, 4096, jnp.float32)
     assert not kg.uses_ws_prefill(4096, 192, jnp.bfloat16)
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws-persistent")
+    assert kg.uses_ws_prefill(65, 4096, jnp.bfloat16)
+    monkeypatch.setenv(kg.PREFILL_ENV, "wss")
+    assert not kg.uses_ws_prefill(4096, 4096, jnp.bfloat16)
     from nvfp4jax.formats.nvfp4 import quantize
 
     w = quantize(jnp.ones((192, 128), jnp.float32))

@@ -18,7 +18,7 @@ cutlass = pytest.importorskip("cutlass")
 from nvfp4jax.kernels import gemm as kg, gemm_ws as kw  # noqa: E402
 from tests.kernels.test_gemm import _check, _weights  # noqa: E402
 
-_ws = jax.jit(kw.nvfp4_gemm_ws)
+_ws = jax.jit(kw.nvfp4_gemm_ws)  # NVFP4JAX_GEMM_PREFILL unset or "ws" when first traced
 
 CASES = [  # (n, k, m): tile_t 128 (n // 128 * m // 256 < 132 SMs) and 256
     (128, 1024, 65), (512, 4096, 200), (1024, 4096, 257), (4096, 2048, 1000), (1536, 7168, 4096),
@@ -26,14 +26,20 @@ CASES = [  # (n, k, m): tile_t 128 (n // 128 * m // 256 < 132 SMs) and 256
 ]
 
 
-@pytest.mark.parametrize("n,k,m", CASES)
+#: persistent: several tiles per CTA (512 and 4096 tiles over 132 CTAs), one tile, an idle-CTA-free grid
+PERSISTENT_CASES = [(128, 1024, 65), (4096, 4096, 4096), (32768, 1024, 4096), (7168, 16384, 300)]
+
+
+@pytest.mark.parametrize("n,k,m,mode", [(*c, "ws") for c in CASES] + [(*c, "ws-persistent") for c in PERSISTENT_CASES])
 @pytest.mark.parametrize("act_nvfp4", [True, False])
-def test_gemm_ws(rng, n, k, m, act_nvfp4):
+def test_gemm_ws(rng, monkeypatch, n, k, m, mode, act_nvfp4):
+    monkeypatch.setenv(kg.PREFILL_ENV, mode)
     cfg = kw.choose_prefill_config(m, n, act_nvfp4)
+    assert cfg.persistent == (mode == "ws-persistent")
     w = _weights(rng, n, k)
     x = activations(rng, m, k)
     x = ref.quantize_nvfp4(x) if act_nvfp4 else x
-    _check(x, w, f"ws {cfg} {m=} {n=} {k=} {act_nvfp4=}", _ws)
+    _check(x, w, f"{cfg} {m=} {n=} {k=}", jax.jit(kw.nvfp4_gemm_ws))  # a fresh trace reads the variable
 
 
 @pytest.mark.parametrize("m,k", [(1, 1024), (70, 4096), (4096, 7168)])
@@ -54,16 +60,17 @@ def test_nvfp4_gemm_routes_prefill_to_ws(rng, monkeypatch):
     assert_bitwise_equal(jax.jit(kg.nvfp4_gemm)(x, w), _ws(x, w), "routed vs direct")
 
 
-@pytest.mark.parametrize("model,recipe,t", [("flash", "nvfp4", 200), ("flash", "w4a16", 1000), ("pro", "nvfp4", 1000)])
-def test_moe_on_ws_prefill(rng, monkeypatch, model, recipe, t):
+@pytest.mark.parametrize("model,recipe,t,mode", [("flash", "nvfp4", 200, "ws"), ("flash", "w4a16", 1000, "ws"),
+                                                  ("pro", "nvfp4", 1000, "ws"), ("flash", "nvfp4", 1000, "ws-persistent")])
+def test_moe_on_ws_prefill(rng, monkeypatch, model, recipe, t, mode):
     """The MoE layer with both grouped GEMMs on this kernel (``NVFP4JAX_GEMM_PREFILL=ws``, more than 64
     rows per expert): the gate_up SwiGLU epilogue across the two consumer warpgroups, expert tiles from
     the tile table with partial last tiles, rows gathered before the TMA loads; the MoE test gates."""
     from tests.kernels import test_moe as tm
 
-    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+    monkeypatch.setenv(kg.PREFILL_ENV, mode)
     x, weights, expert_ids = tm._inputs(rng, model, t)
-    tm._check(f"ws {model} {recipe} {t=}", model, x, weights, expert_ids, tm.RECIPES[recipe],
+    tm._check(f"{mode} {model} {recipe} {t=}", model, x, weights, expert_ids, tm.RECIPES[recipe],
               jax.jit(tm.km.moe_experts, static_argnames=tm._STATIC))  # a fresh trace reads the variable
 
 

@@ -33,7 +33,10 @@ class MBarrier:
         return self.phase % 2 != parity
 
 
-def simulate(k_tiles: int, stages: int, rng: random.Random) -> None:
+def simulate(k_tiles: int, stages: int, rng: random.Random, tiles: int = 1) -> None:
+    """``tiles`` tiles of ``k_tiles`` K tiles through one CTA (persistent when > 1): stage and parity
+    continue across tiles (the kernel's ``done`` count), the consumers release a tile's last stage after
+    ``wait_group(0)``, the producer starts the next tile meanwhile."""
     full = [MBarrier(kw.WG + 1) for _ in range(stages)]  # 128 producer arrivals + arrive.expect_tx; tx below
     empty = [MBarrier(2 * kw.WG // 32) for _ in range(stages)]  # lane 0 of the 8 consumer warps
     a_tag, b_tag = [None] * stages, [None] * stages
@@ -42,9 +45,9 @@ def simulate(k_tiles: int, stages: int, rng: random.Random) -> None:
     tma_queue = []
 
     def producer():
-        for kt in range(k_tiles):
-            s = kt % stages
-            while not empty[s].passed(kw.free_parity(kt, stages)):
+        for g in range(tiles * k_tiles):
+            s, kt = g % stages, g
+            while not empty[s].passed(kw.free_parity(g, stages)):
                 yield False
             full[s].arrive()  # the elected thread's arrive.expect_tx ...
             tx_pending[s] += 1  # ... whose bytes arrive with the TMA write
@@ -67,21 +70,27 @@ def simulate(k_tiles: int, stages: int, rng: random.Random) -> None:
                 yield False
 
     def consumer(wg):
-        for kt in range(k_tiles):
-            s = kt % stages
-            # full's phase completes once all arrivals are in and no transaction bytes are pending
-            while not (full[s].passed(kw.full_parity(kt, stages)) and tx_pending[s] == 0):
-                yield False
-            assert a_tag[s] == kt and b_tag[s] == kt, (
-                f"consumer {wg} reads tile {kt} from stage {s} holding A {a_tag[s]}, B {b_tag[s]}")
-            reading[s].add(wg)  # wgmma issued
-            yield True
-            if kt > 0:  # wait_group(1): wgmma(kt - 1) done, its stage released by the 4 warps
-                prev = (kt - 1) % stages
-                reading[prev].discard(wg)
-                empty[prev].arrive(4)
-            yield True
-        reading[(k_tiles - 1) % stages].discard(wg)  # wait_group(0)
+        for tile in range(tiles):
+            done = tile * k_tiles
+            for kt in range(k_tiles):
+                g = done + kt
+                s = g % stages
+                # full's phase completes once all arrivals are in and no transaction bytes are pending
+                while not (full[s].passed(kw.full_parity(g, stages)) and tx_pending[s] == 0):
+                    yield False
+                assert a_tag[s] == g and b_tag[s] == g, (
+                    f"consumer {wg} reads K tile {g} from stage {s} holding A {a_tag[s]}, B {b_tag[s]}")
+                reading[s].add(wg)  # wgmma issued
+                yield True
+                if kt > 0:  # wait_group(1): wgmma(g - 1) done, its stage released by the 4 warps
+                    prev = (g - 1) % stages
+                    reading[prev].discard(wg)
+                    empty[prev].arrive(4)
+                yield True
+            last = (done + k_tiles - 1) % stages  # wait_group(0), then the tile's last stage is released
+            reading[last].discard(wg)
+            empty[last].arrive(4)
+            yield True  # the epilogue
 
     actors = {"producer": producer(), "c1": consumer(1), "c2": consumer(2)}
     tma_actor = tma()
@@ -101,11 +110,12 @@ def simulate(k_tiles: int, stages: int, rng: random.Random) -> None:
 
 
 @pytest.mark.parametrize("stages", [2, 3, 4, 5])
-def test_pipeline_protocol(stages):
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_pipeline_protocol(stages, tiles):
     rng = random.Random(stages)
     for k_tiles in (1, 2, 3, stages, stages + 1, 2 * stages + 1, 16):
         for _ in range(30):
-            simulate(k_tiles, stages, rng)
+            simulate(k_tiles, stages, rng, tiles)
 
 
 def test_protocol_check_can_fail(monkeypatch):
