@@ -13,7 +13,7 @@ the same 128 threads, so its tensor cores idle while a K tile is decoded (prefil
 roofline, 0.4-0.7x XLA BF16 on an H200, session 7). Here the roles are split across three warpgroups
 (384 threads, one CTA per SM):
 
-- warpgroup 0, the producer (``PRODUCER_REGS`` registers): one elected thread issues the TMA load of X's
+- warpgroup 0, the producer (``PRODUCER_REGS`` registers after ``setmaxnreg``): one elected thread issues the TMA load of X's
   ``[tile_t, 64]`` box into the swizzled B stage (rows past ``m`` arrive as zeros); all 128 threads
   load W's codes and scales for the next K tile (128-bit loads, one tile ahead in registers), decode
   the current one and store it to the swizzled A stage (16-byte stores, :func:`gemm.store_copy`).
@@ -85,8 +85,15 @@ KSTAGE = 64  # K per pipeline stage (one 128-byte swizzle atom of BF16 per row)
 STAGES = 4
 WG = 128
 THREADS = 3 * WG
+#: registers per thread at launch: 384 threads share the SM's 65536 (ptxas: 168, a multiple of 8)
+LAUNCH_REGS = 65536 // THREADS // 8 * 8
+#: setmaxnreg moves registers through a per-CTA pool (SASS: USETMAXREG.DEALLOC/TRY_ALLOC.CTAPOOL): the
+#: consumers' increase must be covered by what the producer releases, or TRY_ALLOC spins forever (the
+#: first draft's 96 / 208 asked for 10240 of 9216: a hang). ptxas, sm_90a: the producer's code uses 58
+#: registers, the consumers' 166 (tile_t 256), no spills.
 PRODUCER_REGS = 96
-CONSUMER_REGS = 208  # 128 * 96 + 256 * 208 = 65536, the SM's register file
+CONSUMER_REGS = 200
+assert WG * (LAUNCH_REGS - PRODUCER_REGS) >= 2 * WG * (CONSUMER_REGS - LAUNCH_REGS), "register pool overdrawn"
 Y_PAD = 8  # BF16 elements of padding per staged output row
 
 

@@ -38,6 +38,24 @@ def compile_ptx(launcher, inputs, outputs, out_spec, dump_dir) -> str:
     return compiled.__ptx__
 
 
+def _ptxas_fits(ptx: str, tmp_path, max_regs: int) -> None:
+    """Where ptxas is installed (CUDA 13; ``$PTXAS``): the PTX assembles for sm_90a within ``max_regs``
+    registers per thread, without spills."""
+    import os
+    import shutil
+    import subprocess
+
+    ptxas = os.environ.get("PTXAS") or shutil.which("ptxas") or "/usr/local/cuda-13.0/bin/ptxas"
+    if not os.path.exists(ptxas):
+        return
+    src = tmp_path / "k.ptx"
+    src.write_text(re.sub(r"^\.version 9\.\d+", ".version 9.0", ptx, flags=re.M))  # ptxas 13.0 reads <= 9.0
+    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    assert regs <= max_regs and "0 bytes spill stores" in out, out
+
+
 def decodes_without_conversions(ops: collections.Counter) -> bool:
     """The NVFP4 -> BF16 decode is inline PTX (prmt, mul.lo, bf16x2 multiplies) with no conversion from
     FP8/FP16 left in the kernel (those once bounded it: 16 per clock per SM; the epilogue's f32 -> bf16
@@ -129,7 +147,14 @@ def test_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4, tile_
     assert kw.can_implement(cfg) and (cfg.stages == 3 if cfg.persistent and tile_t == 256 else cfg.stages == 4)
     ins = (S((m, k), jnp.bfloat16), S((m,), jnp.float32) if act_nvfp4 else None) + _tiled_w((), n, k)
     ins += (S((1,), jnp.float32),) + kw._NO_GROUPS
-    ops = opcodes(compile_ptx(kw.kernel_for(cfg), ins, (S((m, n), jnp.bfloat16),), None, tmp_path))
+    ptx = compile_ptx(kw.kernel_for(cfg), ins, (S((m, n), jnp.bfloat16),), None, tmp_path)
+    ops = opcodes(ptx)
+    # the register moves balance through the CTA's pool (an overdrawn increase spins forever)
+    dec = int(re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+);", ptx).group(1))
+    inc = int(re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+);", ptx).group(1))
+    assert (dec, inc) == (kw.PRODUCER_REGS, kw.CONSUMER_REGS) and ".reqntid 384, 1, 1" in ptx
+    assert kw.WG * (kw.LAUNCH_REGS - dec) >= 2 * kw.WG * (inc - kw.LAUNCH_REGS)
+    _ptxas_fits(ptx, tmp_path, kw.LAUNCH_REGS)
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
     assert wgmma == [f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"], wgmma
     assert any(op.startswith("cp.async.bulk.tensor.2d.shared::cta.global") for op in ops), sorted(ops)
