@@ -13,9 +13,9 @@ the same 128 threads, so its tensor cores idle while a K tile is decoded (prefil
 roofline, 0.4-0.7x XLA BF16 on an H200, session 7). Here the roles are split across three warpgroups
 (384 threads, one CTA per SM):
 
-- warpgroup 0, the producer (``PRODUCER_REGS`` registers after ``setmaxnreg``): one elected thread issues the TMA load of X's
-  ``[tile_t, 64]`` box into the swizzled B stage (rows past ``m`` arrive as zeros); all 128 threads
-  load W's codes and scales for the next K tile (128-bit loads, one tile ahead in registers), decode
+- warpgroup 0, the producer (``PRODUCER_REGS`` registers after ``setmaxnreg``): one elected thread
+  issues the TMA load of X's ``[tile_t, 64]`` box into the swizzled B stage (rows past ``m`` arrive as
+  zeros); all 128 threads load W's codes and scales for the next K tile (128-bit loads, one tile ahead in registers), decode
   the current one and store it to the swizzled A stage (16-byte stores, :func:`gemm.store_copy`).
 - warpgroups 1 and 2, the consumers (``CONSUMER_REGS``): wgmma ``64 x tile_t x 16``, one 64-row M block of
   W each, A and B from shared memory, float32 accumulators (``tile_t / 2`` per thread).
@@ -31,10 +31,10 @@ each tile's pipeline fill and epilogue behind work of the next, which matters fo
 ``STAGES`` K tiles of 64 are in flight. Per stage two mbarriers: ``full`` (129 arrivals: the TMA
 thread's ``arrive.expect_tx`` plus the 128 producer threads after their ``fence.proxy.async``;
 completes when the X bytes have landed too) and ``empty`` (8 arrivals, lane 0 of each consumer warp
-once ``wgmma.wait_group`` says the stage's wgmma are done). The epilogue reuses the B stages as a
-``[tile_t, 128 + 8]`` BF16 staging tile (the padding spreads a column's stores over the banks), so
-that Y leaves in 16-byte stores of whole 256-byte row segments instead of the 2-byte column stores of
-the one-warpgroup kernel.
+once ``wgmma.wait_group`` says the stage's wgmma are done). The epilogue goes through a
+``[tile_t, 128 + 8]`` BF16 staging tile (the B stages with one tile per CTA, its own buffer when
+persistent; the padding spreads a column's stores over the banks), so that Y leaves in 16-byte stores
+of whole 256-byte row segments instead of the 2-byte column stores of the one-warpgroup kernel.
 
 Grouped mode (the MoE GEMMs at prefill sizes, :func:`nvfp4jax.kernels.moe.grouped_gemm_ws`): ``W [experts,
 n, k]``; each CTA column takes ``(expert, first row, rows)`` from the tile table of :mod:`moe` and
@@ -51,11 +51,11 @@ Status (session 7): compiles for sm_90a on the CPU (``tests/kernels/test_compile
 launch, no spills, dense and grouped); its mbarrier protocol (parities, arrival counts) is simulated
 under random interleavings (``tests/kernels/test_gemm_ws_protocol.py``: no hang, no stage overwritten
 while read); the JAX wiring around it is checked on the CPU against the reference with emulated
-kernels (``tests/kernels/test_gemm_ws_glue.py``); NOT yet run on a GPU, so it
-is opt-in: ``NVFP4JAX_GEMM_PREFILL=ws`` at trace time (:func:`gemm.nvfp4_gemm` for m > 64,
-:func:`moe.grouped_gemm` for more than 64 rows per expert). Its GPU tests
-(``tests/kernels/test_gemm_ws.py``) and the A/B tables (``benchmarks/gpu_session.sh OUT ws``) are the
-next GPU session's first job.
+kernels (``tests/kernels/test_gemm_ws_glue.py``); NOT yet run on a GPU, so it is opt-in:
+``NVFP4JAX_GEMM_PREFILL=ws`` or ``ws-persistent`` at trace time (:func:`gemm.nvfp4_gemm` for m > 64,
+:func:`moe.grouped_gemm` for more than 64 rows per expert). Its GPU tests (``tests/kernels/test_gemm_ws.py``,
+``benchmarks/diagnose_ws.py`` for a failure) and the A/B tables (``benchmarks/gpu_session.sh OUT ws``,
+``ws-gemm``, ``ws-moe``) are the next GPU session's first job.
 """
 
 from __future__ import annotations

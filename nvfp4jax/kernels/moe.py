@@ -180,8 +180,9 @@ def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, g
     and 256 that pads the expected rows per expert (uniform routing) least, 256 on a tie."""
     per_expert = -(-rows // min(experts, rows))
     tile_t = min((256, 128), key=lambda t: -(-per_expert // t) * t)
-    return gemm_ws.with_env_persistent(gemm_ws.PrefillConfig(
-        tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up, swiglu_limit=swiglu_limit if gate_up else None))
+    cfg = gemm_ws.PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up,
+                                swiglu_limit=swiglu_limit if gate_up else None)
+    return gemm_ws.with_env_persistent(cfg)
 
 
 def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes: Int[Array, " experts"],

@@ -60,8 +60,9 @@ def test_nvfp4_gemm_routes_prefill_to_ws(rng, monkeypatch):
     assert_bitwise_equal(jax.jit(kg.nvfp4_gemm)(x, w), _ws(x, w), "routed vs direct")
 
 
-@pytest.mark.parametrize("model,recipe,t,mode", [("flash", "nvfp4", 200, "ws"), ("flash", "w4a16", 1000, "ws"),
-                                                  ("pro", "nvfp4", 1000, "ws"), ("flash", "nvfp4", 1000, "ws-persistent")])
+@pytest.mark.parametrize("model,recipe,t,mode", [
+    ("flash", "nvfp4", 200, "ws"), ("flash", "w4a16", 1000, "ws"), ("pro", "nvfp4", 1000, "ws"),
+    ("flash", "nvfp4", 1000, "ws-persistent")])
 def test_moe_on_ws_prefill(rng, monkeypatch, model, recipe, t, mode):
     """The MoE layer with both grouped GEMMs on this kernel (``NVFP4JAX_GEMM_PREFILL=ws``, more than 64
     rows per expert): the gate_up SwiGLU epilogue across the two consumer warpgroups, expert tiles from

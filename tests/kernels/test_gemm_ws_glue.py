@@ -103,7 +103,8 @@ def test_moe_wiring(rng, emulated, t, experts, skew, quantize_activations):
     dim, inter = 256, 256
     keys = jax.random.split(jax.random.key(1), 3)
     mk = lambda k, s: jax.vmap(quantize)(0.02 * jax.random.normal(k, s, jnp.float32))  # noqa: E731
-    w1, w3, w2 = mk(keys[0], (experts, inter, dim)), mk(keys[1], (experts, inter, dim)), mk(keys[2], (experts, dim, inter))
+    w1, w3 = mk(keys[0], (experts, inter, dim)), mk(keys[1], (experts, inter, dim))
+    w2 = mk(keys[2], (experts, dim, inter))
     x = activations(rng, t, dim) * jnp.bfloat16(0.25)
     logits = jnp.asarray(rng.standard_normal((t, experts)), jnp.float32)
     bias = jnp.zeros(experts, jnp.float32)

@@ -58,5 +58,6 @@ def test_moe_with_group_kernel(rng, monkeypatch, t, recipe):
     kw = {"swiglu_limit": tm.SWIGLU_LIMIT, "quantize_activations": tm.RECIPES[recipe]}
     with_kernel = fresh(x, weights, expert_ids, *tm._tiled_experts("flash"), **kw)
     monkeypatch.setenv(kgr.ENV, "")
-    with_xla = jax.jit(km.moe_experts, static_argnames=tm._STATIC)(x, weights, expert_ids, *tm._tiled_experts("flash"), **kw)
+    xla = jax.jit(km.moe_experts, static_argnames=tm._STATIC)  # traced without the variable
+    with_xla = xla(x, weights, expert_ids, *tm._tiled_experts("flash"), **kw)
     assert_bitwise_equal(with_kernel, with_xla, f"group kernel vs XLA grouping {recipe} {t=}")
