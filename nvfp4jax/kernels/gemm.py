@@ -70,8 +70,9 @@ per warp (m = 1 W4A16), ~185 of them the W decode and ~80 X's stage (16-bit stor
 each). Since: X staged as BF16 pairs (32-bit stores) in the thread order of :func:`w_regs_x_coords`
 (one wavefront per store), in one stage buffer (addresses loop-invariant), W rows sliced once before
 the K loop: 298 per tile (W4A16), 336 (W4A4, was 447); registers 96 (W4A16) / 80 (W4A4, was 96),
-MoE L1 166, L2 80; compiles (ptxas: no spills), not yet GPU-run. The W decode (~185) is near its
-floor on sm_90 (4 integer/BF16 ops per BF16 pair, 8 per scale).
+MoE L1 166, L2 80 (ptxas: no spills). Measured (H200, session 7): the GPU tests pass; Flash wq_b m = 1
+W4A16 12.8 us (was 14.8; 1.99x XLA BF16, 44% of copy BW), Pro wq_b 33.9 us (was 38.8); MoE decode 10-15%
+faster. The W decode (~185) is near its floor on sm_90 (4 integer/BF16 ops per BF16 pair, 8 per scale).
 
 Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; H200, session
 4: correct -- the quick GEMM and MoE GPU tests pass at P = 2 -- and no faster): the register path
@@ -163,8 +164,8 @@ def rows_by_quarter_warp(tile_k: int, rows_pp: int) -> bool:
     which matters when X is BF16 (16 KB per 128-token tile): with the 8-row order (06f6340 .. session 6)
     each quarter warp read 16 bytes of 8 rows, 2x the cache lines per load, and the MoE's prefill ran
     slower on an H200 in both recipes (T = 16384 Flash: W4A16 24.4 vs 15.5 ms, NVFP4 20.1 vs 18.5 ms,
-    session 6 vs 4; the prefill tiles' SASS is otherwise instruction for instruction the same) -- the
-    likely cause, not yet confirmed by a GPU run, so prefill tiles are back on the plain order."""
+    session 6 vs 4; the prefill tiles' SASS is otherwise instruction for instruction the same). Prefill
+    tiles are back on the plain order: confirmed on an H200 in session 7 (W4A16 15.4 ms, NVFP4 18.3 ms)."""
     return rows_pp % 8 == 0 and tile_k > 64
 
 
@@ -713,8 +714,9 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
     needs 256 accumulator registers per thread and spills); where those give fewer CTAs than SMs
     (small n at mid m: Flash wq_a, n = 1024, at m = 1024 has 64 -- 82-88 us on an H200 vs 18 us for
     XLA BF16, one CTA per SM on half the SMs), the K split goes up to 2 CTAs per SM with >= 8 K tiles
-    each (wq_a m = 1024: split 4; wkv, n = 512: split 8). That rule is unmeasured (session 6, no
-    device time left): ``benchmarks/gemm_tune.py --m 256,1024`` sweeps it.
+    each (wq_a m = 1024: split 4; wkv, n = 512: split 8). Measured (H200, session 7): wq_a m = 1024
+    88.1 -> 39.4 us (W4A4), 82.4 -> 33.3 (W4A16); other splits not swept yet (``benchmarks/gemm_tune.py
+    --m 256,1024`` does).
     """
     if m <= 64:
         tile_t = max(16, -(-m // 16) * 16)

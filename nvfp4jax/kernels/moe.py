@@ -62,7 +62,8 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
     The token tile follows the expected rows per active expert (uniform routing): decode-style
     tiles (K 128, tokens 16..64) with a K split up to ~16 CTAs per SM while that many could be active
     (``$NVFP4JAX_MOE_CTAS_PER_SM``, read at trace time, for an A/B: the dense GEMM measured one wave
-    of 4 per SM faster; unmeasured here); prefill-style 128 x 128 x 64 tiles once an expert has more
+    of 4 per SM faster; here 4 per SM measured no faster at T = 64 and slower at Pro T = 1, 172 vs 148
+    us on an H200, session 7); prefill-style 128 x 128 x 64 tiles once an expert has more
     than 64 rows.
     """
     per_expert = -(-rows // min(experts, rows))
