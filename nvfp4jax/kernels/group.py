@@ -171,7 +171,10 @@ def applies(rows: int, experts: int) -> bool:
 
 def group_rows(expert_ids: jax.Array, weights: jax.Array, experts: int, tile_t: int, tiles: int):
     """``(order, rows, sizes, route_w, tiles, inverse)`` of :func:`nvfp4jax.kernels.moe.group_rows_xla`
-    (same values, bit for bit) in one kernel launch; ``expert_ids``/``weights`` ``[tokens, k]``."""
+    (same values, bit for bit) in one kernel launch; ``expert_ids``/``weights`` ``[tokens, k]``.
+
+    Precondition (as for the MoE op itself, whose routing produces them): every id in ``[0, experts)``;
+    the kernel indexes its per-expert counters by id, and traced ids cannot be checked before launch."""
     t, k = expert_ids.shape
     r = t * k
     if not 1 <= r <= MAX_ROWS:
