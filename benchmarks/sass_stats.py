@@ -14,6 +14,10 @@ and unzip the wheel). Usage::
     python benchmarks/sass_stats.py dense 1 32768 1024 w4a16     # Flash wq_b, m = 1
     python benchmarks/sass_stats.py moe-l1 1 2048 4096 w4a4      # Flash experts, T = 1 (6 rows)
     NVFP4JAX_GEMM_W_REGS=0 python benchmarks/sass_stats.py dense 1 32768 1024 w4a16
+    python benchmarks/sass_stats.py ws 4096 32768 1024 w4a16     # the warp-specialized prefill kernel
+
+For ``ws`` it also prints the highest register each warpgroup role's code uses after its ``setmaxnreg``
+(SASS ``USETMAXREG``), which must stay within ``gemm_ws.PRODUCER_REGS`` / ``CONSUMER_REGS``.
 """
 
 from __future__ import annotations
@@ -47,9 +51,20 @@ def loop_counts(sass: str) -> collections.Counter:
     return ops
 
 
+def region_registers(sass: str) -> list[tuple[str, int]]:
+    """(the ``USETMAXREG`` instruction, highest register index + 1 used after it up to the next one)."""
+    lines = sass.splitlines()
+    marks = [i for i, ln in enumerate(lines) if "USETMAXREG" in ln] + [len(lines)]
+    out = []
+    for a, b in zip(marks, marks[1:]):
+        regs = [int(r) for ln in lines[a:b] for r in re.findall(r"\bR(\d+)\b", ln)]
+        out.append((lines[a].split("*/", 1)[1].split(";")[0].strip(), max(regs, default=-1) + 1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=("dense", "moe-l1", "moe-l2"))
+    ap.add_argument("kind", choices=("dense", "moe-l1", "moe-l2", "ws"))
     ap.add_argument("m", type=int, help="tokens (dense: rows of x; MoE: tokens, 6 rows each)")
     ap.add_argument("n", type=int, help="dense: output features; MoE: the expert's intermediate (L1) or d (L2)")
     ap.add_argument("k", type=int)
@@ -65,6 +80,16 @@ def main() -> None:
         if args.kind == "dense":
             cfg = kg.choose_config(args.m, args.n, args.k, act)
             ptx = compile_ptx(kg._kernel(cfg), *_dense_io(cfg, args.m, args.n, args.k), tmp)
+        elif args.kind == "ws":
+            import jax.numpy as jnp
+
+            from nvfp4jax.kernels import gemm_ws as kw
+            from tests.kernels.test_compile import S, _tiled_w
+
+            cfg = kw.choose_prefill_config(args.m, args.n, act)
+            ins = (S((args.m, args.k), jnp.bfloat16), S((args.m,), jnp.float32) if act else None)
+            ins += _tiled_w((), args.n, args.k) + (S((1,), jnp.float32),) + kw._NO_GROUPS
+            ptx = compile_ptx(kw.kernel_for(cfg), ins, (S((args.m, args.n), jnp.bfloat16),), None, tmp)
         else:
             gate_up, rows = args.kind == "moe-l1", 6 * args.m
             cfg = km.choose_grouped_config(rows, args.experts, 2 * args.n if gate_up else args.n, args.k, act,
@@ -80,6 +105,8 @@ def main() -> None:
                               capture_output=True, text=True, check=True).stdout
     print(cfg)
     print(" ".join(ln.split("info    : ")[-1] for ln in res.stderr.splitlines() if "Used" in ln or "spill" in ln))
+    for instr, regs in region_registers(sass):
+        print(f"after {instr}: registers used {regs}")
     ops = loop_counts(sass)
     print(f"K loop: {sum(ops.values())} instructions per K tile per warp")
     print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common()))
