@@ -90,8 +90,8 @@ THREADS = 3 * WG
 LAUNCH_REGS = 65536 // THREADS // 8 * 8
 #: setmaxnreg moves registers through a per-CTA pool (SASS: USETMAXREG.DEALLOC/TRY_ALLOC.CTAPOOL): the
 #: consumers' increase must be covered by what the producer releases, or TRY_ALLOC spins forever (the
-#: first draft's 96 / 208 asked for 10240 of 9216: a hang). ptxas, sm_90a (benchmarks/sass_stats.py ws): the producer's code uses 58
-#: registers, the consumers' 152-166 (tile_t 256; W4A16, W4A4), no spills.
+#: first draft's 96 / 208 asked for 10240 of 9216: a hang). ptxas, sm_90a (``benchmarks/sass_stats.py
+#: ws``): the producer's code uses 58 registers, the consumers' 152-166 (tile_t 256; W4A16, W4A4), no spills.
 PRODUCER_REGS = 96
 CONSUMER_REGS = 200
 assert WG * (LAUNCH_REGS - PRODUCER_REGS) >= 2 * WG * (CONSUMER_REGS - LAUNCH_REGS), "register pool overdrawn"
