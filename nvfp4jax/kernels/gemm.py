@@ -71,7 +71,7 @@ each). Since: X staged as BF16 pairs (32-bit stores) in the thread order of :fun
 (one wavefront per store), in one stage buffer (addresses loop-invariant), W rows sliced once before
 the K loop: 298 per tile (W4A16), 336 (W4A4, was 447); registers 96 (W4A16) / 80 (W4A4, was 96),
 MoE L1 166, L2 80 (ptxas: no spills). Measured (H200, session 7): the GPU tests pass; Flash wq_b m = 1
-W4A16 12.8 us (was 14.8; 1.99x XLA BF16, 44% of copy BW), Pro wq_b 33.9 us (was 38.8); MoE decode 10-15%
+W4A16 12.8 us (was 14.8; 1.99x XLA BF16, 44% of copy BW), Pro wq_b 33.9 us (was 38.8); MoE decode 9-13%
 faster. The W decode (~185) is near its floor on sm_90 (4 integer/BF16 ops per BF16 pair, 8 per scale).
 
 Prefetch option (``GemmConfig.prefetch = P`` in 2..4, env ``NVFP4JAX_GEMM_PREFETCH``; H200, session
