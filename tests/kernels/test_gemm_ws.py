@@ -1,8 +1,8 @@
 """Warp-specialized prefill GEMM (``nvfp4jax.kernels.gemm_ws``) vs nvfp4jax.ref, and its X decoder.
 
 Same gates as ``test_gemm.py`` (cosine difference < 1e-5, the two-reference rule against a float32
-oracle of the same quantized math, outputs poisoned first); m values that leave partial 128- and
-256-token tiles, both recipes, shapes with 128-token tiles (few CTAs) and 256-token tiles.
+oracle of the same quantized math, outputs poisoned first); m values that leave partial token tiles, both recipes,
+token tiles of 64, 128 and 256 (``choose_prefill_config``), one CTA per tile and persistent.
 """
 
 import jax
@@ -20,13 +20,13 @@ from tests.kernels.test_gemm import _check, _weights  # noqa: E402
 
 _ws = jax.jit(kw.nvfp4_gemm_ws)  # NVFP4JAX_GEMM_PREFILL unset or "ws" when first traced
 
-CASES = [  # (n, k, m): tile_t 128 (n // 128 * m // 256 < 132 SMs) and 256
+CASES = [  # (n, k, m)
     (128, 1024, 65), (512, 4096, 200), (1024, 4096, 257), (4096, 2048, 1000), (1536, 7168, 4096),
     (4096, 4096, 4096), (32768, 1024, 4096), (7168, 16384, 300),
 ]
 
 
-#: persistent: several tiles per CTA (512 and 4096 tiles over 132 CTAs), one tile, an idle-CTA-free grid
+#: persistent: 2 tiles (2 CTAs), 512 and 4096 tiles over 132 CTAs (several per CTA), 168 tiles (1-2 per CTA)
 PERSISTENT_CASES = [(128, 1024, 65), (4096, 4096, 4096), (32768, 1024, 4096), (7168, 16384, 300)]
 
 
