@@ -7,11 +7,13 @@ the tests' single cosine number. Prints, per case: max |kernel - reference| rela
 scale, the fraction of elements off by more than 1%, NaNs (unwritten elements: outputs are poisoned),
 and the bad (token tile, 64-row W block) pairs.
 
-Usage (GPU machine): ``python benchmarks/diagnose_ws.py`` (~1 min).
+Both modes (one CTA per tile, persistent), smallest case first, each announced before it runs, so that
+a hang shows as the last "running" line. Usage (GPU machine): ``python benchmarks/diagnose_ws.py`` (~1-2 min).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nvfp4jax.formats.nvfp4 import quantize, tile_weight  # noqa: E402
 from nvfp4jax.ref import gemm as ref  # noqa: E402
-from nvfp4jax.kernels import gemm_ws as kw  # noqa: E402
+from nvfp4jax.kernels import gemm as kg, gemm_ws as kw  # noqa: E402
 from tests.kernels._gpu import activations, poison_device_memory  # noqa: E402
 
 
@@ -44,16 +46,20 @@ def report(name: str, got, want, tile_t: int) -> None:
 
 def main():
     rng = np.random.default_rng(0)
-    for m, n, k, act in [(70, 128, 128, False), (300, 256, 1024, False), (300, 256, 1024, True),
-                         (1000, 1024, 4096, False), (4096, 4096, 4096, True)]:
-        w = jax.jit(quantize)(jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.float32))
-        x = activations(rng, m, k)
-        x = ref.quantize_nvfp4(x) if act else x
-        cfg = kw.choose_prefill_config(m, n, act)
-        poison_device_memory()
-        got = jax.jit(kw.nvfp4_gemm_ws)(x, tile_weight(w))
-        report(f"dense m={m} n={n} k={k} {'W4A4' if act else 'W4A16'} tile_t={cfg.tile_t}", got,
-               jax.jit(ref.nvfp4_gemm)(x, w), cfg.tile_t)
+    # smallest first: a hang (the pipeline's barriers) shows as the last case printed
+    for mode in ("ws", "ws-persistent"):
+        os.environ[kg.PREFILL_ENV] = mode
+        for m, n, k, act in [(70, 128, 128, False), (300, 256, 1024, False), (300, 256, 1024, True),
+                             (1000, 1024, 4096, False), (4096, 4096, 4096, True)]:
+            w = jax.jit(quantize)(jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.float32))
+            x = activations(rng, m, k)
+            x = ref.quantize_nvfp4(x) if act else x
+            cfg = kw.choose_prefill_config(m, n, act)
+            print(f"running {mode} m={m} n={n} k={k} act_nvfp4={act} {cfg}", flush=True)
+            poison_device_memory()
+            got = jax.jit(kw.nvfp4_gemm_ws)(x, tile_weight(w)).block_until_ready()  # a fresh trace per case
+            report(f"{mode} m={m} n={n} k={k} {'W4A4' if act else 'W4A16'} tile_t={cfg.tile_t}", got,
+                   jax.jit(ref.nvfp4_gemm)(x, w), cfg.tile_t)
     xq = ref.quantize_nvfp4(activations(rng, 64, 256))
     report("dequant_rows (as BF16 x 2^8 vs the reference decode)",
            jax.jit(kw.dequant_rows)(xq).astype(jnp.float32) * 2.0**kw.DECODE_SHIFT, ref._dequant_unscaled(xq), 64)

@@ -38,3 +38,12 @@ def activations(rng: np.random.Generator, m: int, k: int) -> jax.Array:
     if m > 2:
         x[m // 2] = 0.0
     return jnp.asarray(x, jnp.bfloat16)
+
+
+def fresh_jit(fn, **jit_kwargs):
+    """``jax.jit`` of a new wrapper of ``fn``, so the call is traced afresh and reads trace-time settings
+    (``NVFP4JAX_*`` variables) as they are now. ``jax.jit(fn)`` does not: JAX keeps one trace cache per
+    underlying function, shared by every ``jax.jit(fn)`` wrapper, so a second wrapper with the same
+    shapes reuses the first trace -- whatever the variables said then (found in session 7: the decode-path
+    tests had been re-running one path)."""
+    return jax.jit(lambda *args, **kwargs: fn(*args, **kwargs), **jit_kwargs)

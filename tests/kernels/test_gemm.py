@@ -20,6 +20,7 @@ from tests.kernels._gpu import (
     M_VALUES,
     PRO_LINEARS,
     activations,
+    fresh_jit,
     poison_device_memory,
 )
 
@@ -115,7 +116,7 @@ def test_gemm_decode_paths(rng, monkeypatch, n, k, m, act_nvfp4, prefetch, w_reg
     w = _weights(rng, n, k)
     x = activations(rng, m, k)
     x = ref.quantize_nvfp4(x) if act_nvfp4 else x
-    _check(x, w, f"w_regs={w_regs} {m=} {n=} {k=} {act_nvfp4=}", jax.jit(kg.nvfp4_gemm))
+    _check(x, w, f"w_regs={w_regs} {m=} {n=} {k=} {act_nvfp4=}", fresh_jit(kg.nvfp4_gemm))
 
 
 def test_gemm_small_case(rng):

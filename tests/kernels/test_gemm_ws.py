@@ -11,14 +11,13 @@ import pytest
 
 from nvfp4jax.ref import gemm as ref
 from tests.conftest import assert_bitwise_equal
-from tests.kernels._gpu import activations, poison_device_memory
+from tests.kernels._gpu import activations, fresh_jit, poison_device_memory
 
 pytestmark = pytest.mark.gpu
 cutlass = pytest.importorskip("cutlass")
 from nvfp4jax.kernels import gemm as kg, gemm_ws as kw  # noqa: E402
 from tests.kernels.test_gemm import _check, _weights  # noqa: E402
 
-_ws = jax.jit(kw.nvfp4_gemm_ws)  # NVFP4JAX_GEMM_PREFILL unset or "ws" when first traced
 
 CASES = [  # (n, k, m)
     (128, 1024, 65), (512, 4096, 200), (1024, 4096, 257), (4096, 2048, 1000), (1536, 7168, 4096),
@@ -39,7 +38,7 @@ def test_gemm_ws(rng, monkeypatch, n, k, m, mode, act_nvfp4):
     w = _weights(rng, n, k)
     x = activations(rng, m, k)
     x = ref.quantize_nvfp4(x) if act_nvfp4 else x
-    _check(x, w, f"{cfg} {m=} {n=} {k=}", jax.jit(kw.nvfp4_gemm_ws))  # a fresh trace reads the variable
+    _check(x, w, f"{cfg} {m=} {n=} {k=}", fresh_jit(kw.nvfp4_gemm_ws))  # traced afresh: reads the variable
 
 
 @pytest.mark.parametrize("m,k", [(1, 1024), (70, 4096), (4096, 7168)])
@@ -57,7 +56,7 @@ def test_nvfp4_gemm_routes_prefill_to_ws(rng, monkeypatch):
     monkeypatch.setenv(kg.PREFILL_ENV, "ws")
     w = _weights(rng, 1024, 4096)
     x = ref.quantize_nvfp4(activations(rng, 300, 4096))
-    assert_bitwise_equal(jax.jit(kg.nvfp4_gemm)(x, w), _ws(x, w), "routed vs direct")
+    assert_bitwise_equal(fresh_jit(kg.nvfp4_gemm)(x, w), fresh_jit(kw.nvfp4_gemm_ws)(x, w), "routed vs direct")
 
 
 @pytest.mark.parametrize("model,recipe,t,mode", [
@@ -72,7 +71,7 @@ def test_moe_on_ws_prefill(rng, monkeypatch, model, recipe, t, mode):
     monkeypatch.setenv(kg.PREFILL_ENV, mode)
     x, weights, expert_ids = tm._inputs(rng, model, t)
     tm._check(f"{mode} {model} {recipe} {t=}", model, x, weights, expert_ids, tm.RECIPES[recipe],
-              jax.jit(tm.km.moe_experts, static_argnames=tm._STATIC))  # a fresh trace reads the variable
+              fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC))  # traced afresh: reads the variable
 
 
 def test_moe_on_ws_prefill_one_expert_gets_every_row(rng, monkeypatch):
@@ -83,4 +82,4 @@ def test_moe_on_ws_prefill_one_expert_gets_every_row(rng, monkeypatch):
     monkeypatch.setenv(kg.PREFILL_ENV, "ws")
     x, weights, expert_ids = tm._inputs(rng, "flash", 200)
     tm._check("ws all rows on expert 0", "flash", x, weights, jnp.zeros_like(expert_ids), True,
-              jax.jit(tm.km.moe_experts, static_argnames=tm._STATIC))
+              fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC))

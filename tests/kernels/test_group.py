@@ -11,7 +11,7 @@ import pytest
 
 from nvfp4jax.ref import moe as ref
 from tests.conftest import assert_bitwise_equal
-from tests.kernels._gpu import poison_device_memory
+from tests.kernels._gpu import fresh_jit, poison_device_memory
 
 pytestmark = pytest.mark.gpu
 cutlass = pytest.importorskip("cutlass")
@@ -53,11 +53,11 @@ def test_moe_with_group_kernel(rng, monkeypatch, t, recipe):
 
     x, weights, expert_ids = tm._inputs(rng, "flash", t)
     monkeypatch.setenv(kgr.ENV, "kernel")
-    fresh = jax.jit(km.moe_experts, static_argnames=tm._STATIC)  # a fresh trace reads the variable
+    fresh = fresh_jit(km.moe_experts, static_argnames=tm._STATIC)  # traced afresh: reads the variable
     tm._check(f"group kernel flash {recipe} {t=}", "flash", x, weights, expert_ids, tm.RECIPES[recipe], fresh)
     kw = {"swiglu_limit": tm.SWIGLU_LIMIT, "quantize_activations": tm.RECIPES[recipe]}
     with_kernel = fresh(x, weights, expert_ids, *tm._tiled_experts("flash"), **kw)
     monkeypatch.setenv(kgr.ENV, "")
-    xla = jax.jit(km.moe_experts, static_argnames=tm._STATIC)  # traced without the variable
+    xla = fresh_jit(km.moe_experts, static_argnames=tm._STATIC)  # traced afresh, without the variable
     with_xla = xla(x, weights, expert_ids, *tm._tiled_experts("flash"), **kw)
     assert_bitwise_equal(with_kernel, with_xla, f"group kernel vs XLA grouping {recipe} {t=}")

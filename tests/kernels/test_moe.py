@@ -44,7 +44,7 @@ import pytest
 
 from nvfp4jax.formats.nvfp4 import quantize, tile_weight
 from nvfp4jax.ref import moe as ref
-from tests.kernels._gpu import activations, poison_device_memory
+from tests.kernels._gpu import activations, fresh_jit, poison_device_memory
 
 pytestmark = pytest.mark.gpu
 cutlass = pytest.importorskip("cutlass")
@@ -154,7 +154,7 @@ def test_moe_decode_paths(rng, monkeypatch, recipe, t, w_regs):
     assert cfg.w_regs == (w_regs == "1"), cfg
     x, weights, expert_ids = _inputs(rng, "flash", t)
     _check(f"w_regs={w_regs} flash {recipe} {t=}", "flash", x, weights, expert_ids, RECIPES[recipe],
-           jax.jit(km.moe_experts, static_argnames=_STATIC))  # a fresh trace reads the variable
+           fresh_jit(km.moe_experts, static_argnames=_STATIC))  # traced afresh: reads the variable
 
 
 def _bias(experts: int, value: float, which) -> jax.Array:
