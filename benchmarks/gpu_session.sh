@@ -5,6 +5,7 @@
 #          decode paths of the GEMM and MoE), then the rest                             (~9 min)
 #   model: kernel model vs reference model logits (~3 min per recipe), then compute-sanitizer
 #          memcheck on the small GEMM case and a quantize case                          (~9 min)
+#   fallback: the kernel model's per-shape fallback to the reference on small linears     (~6 min)
 #   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
 #   ws:    session 7's opt-in kernels, first GPU run: the GPU tests of the warp-specialized prefill GEMM
@@ -13,11 +14,11 @@
 #   ws-gemm: prefill GEMM tables with NVFP4JAX_GEMM_PREFILL=ws, =ws-persistent and unset     (~8 min)
 #   ws-moe: the MoE benchmark at T = 16384 with ws and ws-persistent, at T = 1, 64 with the grouping
 #          kernel (NVFP4JAX_MOE_GROUP=kernel) and without                                    (~7 min)
-#   all:   all seven in a row (for a machine without the 10-minute limit)
+#   all:   all eight in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|gemm|moe|ws|ws-gemm|ws-moe|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-gemm|ws-moe|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -39,13 +40,20 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
   grep -E "^FAILED" "$out/tests_first.log" "$out/tests_rest.log" | head -20
 fi
 if [ "$stage" = model ] || [ "$stage" = all ]; then
-  $T timeout 420 $P tests/model/test_kernel_model.py > "$out/tests_model.log" 2>&1
+  # the two logits tests (~3 min each); the auto-fallback cases are the `fallback` stage (together they
+  # passed 420 s in session 7)
+  $T timeout 420 $P tests/model/test_kernel_model.py -k matches_reference > "$out/tests_model.log" 2>&1
   echo "model: $(tail -1 "$out/tests_model.log")"
   grep -E "^FAILED" "$out/tests_model.log" | head
   $T timeout 120 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 $P \
     tests/kernels/test_gemm.py::test_gemm_small_case "tests/kernels/test_quantize.py::test_quantize_bitwise_adversarial[1024]" \
     > "$out/memcheck.log" 2>&1
   echo "memcheck exit $?: $(grep -E "ERROR SUMMARY|passed|failed" "$out/memcheck.log" | tail -2 | tr '\n' ' ')"
+fi
+if [ "$stage" = fallback ] || [ "$stage" = all ]; then
+  $T timeout 500 $P tests/model/test_kernel_model.py -k auto_falls_back > "$out/tests_fallback.log" 2>&1
+  echo "fallback: $(tail -1 "$out/tests_fallback.log")"
+  grep -E "^FAILED" "$out/tests_fallback.log" | head
 fi
 if [ "$stage" = gemm ] || [ "$stage" = all ]; then
   timeout 560 python3 benchmarks/gemm.py --quick --budget-s 440 --out "$out/RESULTS_gemm.md" > "$out/gemm_bench.log" 2>&1
