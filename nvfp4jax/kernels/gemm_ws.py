@@ -353,7 +353,7 @@ class GemmPrefillSm90:
 
     @cute.jit
     def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY: cute.Tensor, stage_ptr, bw, e, start, count):
-        """``acc * (gx[row] * gw * 2**shift)`` -> BF16 staging tile ``[tile_t, 128 + Y_PAD]`` in the B stages
+        """``acc * (gx[row] * gw * 2**shift)`` -> BF16 staging tile ``[tile_t, 128 + Y_PAD]`` at ``stage_ptr``
         -> 16-byte stores of ``Y[start + t, bw * 128 : bw * 128 + 128]`` for the tile's rows ``t < count``.
 
         gate_up: staged columns 0..63 are gate, 64..127 up (each rounded to BF16, as the reference's GEMM
