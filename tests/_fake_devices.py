@@ -6,6 +6,9 @@ import sys
 import xml.etree.ElementTree as ET
 
 NUM_DEVICES = 8
+#: devices the sharded-equality cases of tests/test_sharding.py use: the 8 fake CPU devices, or, with
+#: ``NVFP4JAX_MESH_DEVICES=N``, the N real devices of a multi-GPU machine (cases run directly there)
+MESH_DEVICES = int(os.environ.get("NVFP4JAX_MESH_DEVICES", NUM_DEVICES))
 
 
 def run_on_fake_devices(test_file: str, tmp_path, timeout: int) -> None:
