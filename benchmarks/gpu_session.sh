@@ -14,11 +14,13 @@
 #   ws-gemm: prefill GEMM tables with NVFP4JAX_GEMM_PREFILL=ws, =ws-persistent and unset     (~8 min)
 #   ws-moe: the MoE benchmark at T = 16384 with ws and ws-persistent, at T = 1, 64 with the grouping
 #          kernel (NVFP4JAX_MOE_GROUP=kernel) and without                                    (~7 min)
-#   all:   all eight in a row (for a machine without the 10-minute limit)
+#   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices,
+#          then benchmarks/multi_device.py (not part of `all`)                              (~9 min)
+#   all:   all eight single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-gemm|ws-moe|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-gemm|ws-moe|multi|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -96,4 +98,14 @@ if [ "$stage" = ws-moe ] || [ "$stage" = all ]; then
   echo "group kernel:"; grep -E "^\| (flash|pro)" "$out/moe_group.log"
   timeout 110 $M --t 1,64 > "$out/moe_base.log" 2>&1
   echo "XLA grouping:"; grep -E "^\| (flash|pro)" "$out/moe_base.log"
+fi
+if [ "$stage" = multi ]; then
+  n=$(nvidia-smi -L | wc -l)
+  NVFP4JAX_MESH_DEVICES=$n timeout 300 python3 -m pytest -o addopts= -q -p no:warnings --tb=short -rf \
+    tests/test_sharding.py > "$out/tests_multi.log" 2>&1
+  echo "sharded cases on $n GPUs: $(tail -1 "$out/tests_multi.log")"
+  grep -E "^FAILED" "$out/tests_multi.log" | head
+  timeout 250 python3 benchmarks/multi_device.py --devices "$n" --jsonl "$out/multi_device.jsonl" \
+    > "$out/multi_device.log" 2>&1
+  tail -15 "$out/multi_device.log"
 fi
