@@ -193,6 +193,21 @@ def store_copy(tile_k: int, rows_pp: int, chunk: int):
     return cute.make_tiled_copy_tv(atom, threads, cute.make_layout((1, chunk)))
 
 
+def load_w_chunk(gW, row, kt, tile_k: int, w_chunk: int, w_part, codes, scales):
+    """128-bit loads of one thread's chunk of W: row ``row``, chunk ``w_part`` of K tile ``kt`` (``tile_k``
+    wide, ``w_chunk`` values per chunk) into ``codes`` / ``scales``; ``gW`` = (codes, scales) views
+    ``[1, 1, 1, chunk bytes, n/64, k/128, 64, chunks per tile row]`` of the tile layout. W is tile-major
+    (``TILE_ROWS`` x ``TILE_K`` tiles, contiguous): row ``R``'s K chunk ``c`` sits in tile
+    ``(R // 64, c // per_tile)`` at ``(R % 64, c % per_tile)``, so the 128 threads of a pass read one
+    contiguous run of codes (and one of scales). Python or DSL integers, called inside a kernel."""
+    per_tile = TILE_K // w_chunk
+    chunk = kt * (tile_k // w_chunk) + w_part
+    kb, c = chunk // per_tile, chunk % per_tile
+    rb, r = row // TILE_ROWS, row % TILE_ROWS
+    cute.autovec_copy(gW[0][0, 0, 0, None, rb, kb, r, c], codes)
+    cute.autovec_copy(gW[1][0, 0, 0, None, rb, kb, r, c], scales)
+
+
 def w_regs_x_coords(tidx, x_chunk: int):
     """``w_regs`` path: (row in the pass, chunk) of X that thread ``tidx`` loads and stages (K tile 128,
     ``x_chunk`` = rows per pass = 8, 16 or 32).
@@ -668,25 +683,15 @@ class GemmNvfp4Sm90:
 
     @cute.jit
     def load_tile(self, kt, gW, gW3, tWrP, tWrS, w_row0, w_part, gX, tXrP, tXrS, tXrD, x_rows, x_part):
-        """Issue the 128-bit global loads of K tile ``kt`` into registers.
-
-        W is tile-major (``TILE_ROWS`` x ``TILE_K`` tiles, contiguous): a thread's chunk of row ``R``
-        and K chunk ``c`` sits in tile ``(R // 64, c // per_tile)`` at ``(R % 64, c % per_tile)``, so
-        the 128 threads of a pass read one contiguous run of codes (and one of scales)."""
+        """Issue the 128-bit global loads of K tile ``kt`` into registers (W: :func:`load_w_chunk`)."""
         cfg = self.cfg
-        per_tile = TILE_K // self.w_chunk
-        chunk_w = kt * (cfg.tile_k // self.w_chunk) + w_part
-        kb, c = chunk_w // per_tile, chunk_w % per_tile
         for p in cutlass.range_constexpr(cfg.tile_w // self.w_rows_pp):
             off = p * self.w_rows_pp
             src = gW
             if cutlass.const_expr(cfg.gate_up and off >= cfg.tile_w // 2):
                 src = gW3
                 off -= cfg.tile_w // 2
-            row = w_row0 + off
-            rb, r = row // TILE_ROWS, row % TILE_ROWS
-            cute.autovec_copy(src[0][0, 0, 0, None, rb, kb, r, c], tWrP[None, p])
-            cute.autovec_copy(src[1][0, 0, 0, None, rb, kb, r, c], tWrS[None, p])
+            load_w_chunk(src, w_row0 + off, kt, cfg.tile_k, self.w_chunk, w_part, tWrP[None, p], tWrS[None, p])
         self.load_x(kt, gX, tXrP, tXrS, tXrD, x_rows, x_part)
 
     @cute.jit

@@ -304,20 +304,15 @@ class GemmPrefillSm90:
 
     @cute.jit
     def load_w(self, kt, gW, gW3, buf, w_row0, w_part):
-        """128-bit loads of this thread's W codes and scale bytes of K tile ``kt`` (64 K) into ``buf``;
-        the tile layout's 64 x 128 tiles hold two K tiles each (see ``GemmNvfp4Sm90.load_tile``)."""
-        per_tile = TILE_K // self.w_chunk
-        chunk = kt * (KSTAGE // self.w_chunk) + w_part
-        kb, c = chunk // per_tile, chunk % per_tile
+        """128-bit loads of this thread's W codes and scale bytes of K tile ``kt`` (64 K) into ``buf``
+        (:func:`gemm.load_w_chunk`; the tile layout's 64 x 128 tiles hold two K tiles each)."""
         for p in cutlass.range_constexpr(self.w_passes):
             src = gW
             row = w_row0 + p * self.w_rows_pp
             if cutlass.const_expr(self.cfg.gate_up):
                 src = gW3 if p > 0 else gW
                 row = w_row0
-            rb, r = row // TILE_ROWS, row % TILE_ROWS
-            cute.autovec_copy(src[0][0, 0, 0, None, rb, kb, r, c], buf[0][None, p])
-            cute.autovec_copy(src[1][0, 0, 0, None, rb, kb, r, c], buf[1][None, p])
+            kg.load_w_chunk(src, row, kt, KSTAGE, self.w_chunk, w_part, buf[0][None, p], buf[1][None, p])
 
     @cute.jit
     def consume(self, mXg, mWg, mW3g, mRouteW, mY, sA: cute.Tensor, sB: cute.Tensor, stage_ptr, full, empty,

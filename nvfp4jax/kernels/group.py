@@ -26,6 +26,7 @@ for bit with the XLA grouping on the GPU.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -164,8 +165,6 @@ def _kernel(rows: int, experts: int, k: int, tile_t: int, tiles: int) -> GroupRo
 def applies(rows: int, experts: int) -> bool:
     """Whether :func:`group_rows` takes a call of ``rows`` (token, expert) rows: opt-in
     (``$NVFP4JAX_MOE_GROUP=kernel``, read at trace time) and ``1 <= rows <= MAX_ROWS``."""
-    import os
-
     return os.environ.get(ENV, "") == "kernel" and 1 <= rows <= MAX_ROWS and experts >= 1
 
 

@@ -66,7 +66,7 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
     us on an H200, session 7); prefill-style 128 x 128 x 64 tiles once an expert has more
     than 64 rows.
     """
-    per_expert = -(-rows // min(experts, rows))
+    per_expert = rows_per_expert(rows, experts)
     tile_w = 128 if gate_up or n_out % 128 == 0 else 64
     if per_expert <= 64:
         tile_t, tile_k = max(16, -(-per_expert // 16) * 16), 128
@@ -87,6 +87,11 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
     if gate_up and cfg.split == 1:  # the prefetch may have dropped the split: keep the fused SwiGLU
         cfg = dataclasses.replace(cfg, swiglu_limit=swiglu_limit)
     return cfg
+
+
+def rows_per_expert(rows: int, experts: int) -> int:
+    """Expected rows per active expert under uniform routing: what the token tile is chosen by."""
+    return -(-rows // min(experts, rows))
 
 
 def num_tiles(rows: int, experts: int, tile_t: int) -> int:
@@ -137,7 +142,7 @@ def grouped_gemm(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes
     r = rows.shape[0] if rows is not None else x.shape[0]
     gate_up = w3 is not None
     n_out = 2 * n if gate_up else n
-    if kg.uses_ws_prefill(-(-r // min(experts, r)), n_out, jnp.bfloat16):
+    if kg.uses_ws_prefill(rows_per_expert(r, experts), n_out, jnp.bfloat16):
         return grouped_gemm_ws(x, rows, sizes, w, w3, route_w, swiglu_limit)  # builds its own tile table
     cfg = choose_grouped_config(r, experts, n_out, k, act_nvfp4, gate_up=gate_up, swiglu_limit=swiglu_limit)
     if rows is None:
@@ -179,7 +184,7 @@ def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, g
                                   swiglu_limit: float | None) -> gemm_ws.PrefillConfig:
     """Token tile of the warp-specialized kernel for ``rows`` rows over ``experts`` experts: the one of 128
     and 256 that pads the expected rows per expert (uniform routing) least, 256 on a tie."""
-    per_expert = -(-rows // min(experts, rows))
+    per_expert = rows_per_expert(rows, experts)
     tile_t = min((256, 128), key=lambda t: -(-per_expert // t) * t)
     cfg = gemm_ws.PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up,
                                 swiglu_limit=swiglu_limit if gate_up else None)
@@ -264,7 +269,7 @@ def moe_experts(
         return jnp.zeros((0, dim), jnp.float32)
     r, inter = t * k, w1.shape[1]
     tiles = None
-    if group.applies(r, experts) and not kg.uses_ws_prefill(-(-r // min(experts, r)), 2 * inter, jnp.bfloat16):
+    if group.applies(r, experts) and not kg.uses_ws_prefill(rows_per_expert(r, experts), 2 * inter, jnp.bfloat16):
         # the grouping in one kernel launch; the tile table is built for the GEMMs' token tile
         tile_t = choose_grouped_config(r, experts, 2 * inter, dim, quantize_activations, gate_up=True,
                                        swiglu_limit=swiglu_limit).tile_t
