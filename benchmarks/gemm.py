@@ -106,11 +106,13 @@ def main():
     t_start = time.time()
     dev = jax.devices()[0].device_kind
     bw, peak = measure_ceilings()
-    prefill = (f"warp-specialized (gemm_ws, NVFP4JAX_GEMM_PREFILL={os.environ.get(kg.PREFILL_ENV)}; W4A4 includes "
-               "dequant_rows of X)" if kg.uses_ws_prefill(4096, 4096, jnp.bfloat16) else "one-warpgroup (gemm)")
+    mode = kg.prefill_mode()
+    prefill = {"auto": f"one-warpgroup (gemm) below {kg.WS_DENSE_MIN_M} rows, warp-specialized (gemm_ws) from there",
+               "one-warpgroup": "one-warpgroup (gemm)"}.get(mode, "warp-specialized (gemm_ws)")
+    prefill = f"{prefill}, NVFP4JAX_GEMM_PREFILL={mode}; gemm_ws's W4A4 includes dequant_rows of X"
     lines = [f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev}); "
              "device kernel times from the profiler trace, L2 flushed before each call (benchmarks/_timing.py); "
-             f"m > 64 on the {prefill} kernel", ""]
+             f"m > 64: {prefill}", ""]
     # quantize first: cheap, and a run cut short by the device budget should still have it
     lines += ["| quantize m | k | us | % copy BW | fused RMSNorm us | % copy BW |", "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nvfp4jax import ops
 from nvfp4jax.checkpoint.schema import F32, I64, block_schema, global_schema
 from nvfp4jax.config import DeepSeekV4Config, preset
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
@@ -90,14 +91,28 @@ def device_memory() -> int | None:
     return stats.get("bytes_limit")
 
 
-def choose_config(name: str, layers: int, recipe: str) -> DeepSeekV4Config:
+def reference_moe_bytes(cfg: DeepSeekV4Config, expert_shards: int) -> int:
+    """Per-device temporaries of the reference MoE (``ref.moe.moe_experts``), which dequantizes a layer's
+    whole expert banks before its ``ragged_dot``: ~3 float32 copies of one ``[experts, inter, dim]`` bank
+    (an estimate: V4-Pro at 4 layers on 2 H200s asked for one 39.9 GiB buffer this way, session 8). The
+    kernels (``ops.backend() == "cutedsl"``) decode weights on chip and need none of this."""
+    if cfg.recipe == "bf16":
+        return 0
+    return 3 * 4 * cfg.num_experts * cfg.moe_intermediate_size * cfg.hidden_size // expert_shards
+
+
+def choose_config(name: str, layers: int, recipe: str, expert_shards: int = 1) -> DeepSeekV4Config:
+    """``name``'s preset at ``layers`` depth; ``auto``: the largest (pro, flash, tiny) whose weights, built
+    on one device, plus the reference MoE's temporaries when the kernels are not in use, fit 60% of it."""
     names = ("pro", "flash", "tiny") if name == "auto" else (name,)
     limit = device_memory()
+    reference = ops.backend() == "reference"
     for n in names:
         cfg = preset(n, recipe=recipe)
         depth = min(layers, cfg.num_layers)
         cfg = cfg.replace(num_layers=depth, compress_ratios=cfg.compress_ratios[:depth] + (0,) * cfg.num_mtp_layers)
-        if name != "auto" or limit is None or weight_bytes(cfg) < 0.6 * limit:
+        need = weight_bytes(cfg) + (reference_moe_bytes(cfg, expert_shards) if reference else 0)
+        if name != "auto" or limit is None or need < 0.6 * limit:
             return cfg
     return cfg
 
@@ -134,18 +149,20 @@ def main():
     args = ap.parse_args()
 
     mesh = make_mesh(args.devices, data=args.data, tensor=args.tensor)
-    cfg = choose_config(args.config, args.layers, args.recipe)
+    cfg = choose_config(args.config, args.layers, args.recipe, mesh.shape["expert"])
     model = shard_model(model_from_tensors(cfg, synthetic_getter(cfg), include_mtp=False), mesh)
     dev = jax.devices()[0]
     where = f"{mesh.size} x {dev.device_kind} ({dev.platform}, host {platform.node()})"
     print(f"# {where}; mesh {dict(mesh.shape)}; hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
-          f"{cfg.num_experts} experts, recipe {cfg.recipe}; weights {weight_bytes(cfg) / 2**30:.2f} GiB")
+          f"{cfg.num_experts} experts, recipe {cfg.recipe}; weights {weight_bytes(cfg) / 2**30:.2f} GiB; "
+          f"backend {ops.backend()}", flush=True)
     print("| batch | step ms | tokens/s | ms / layer |")
     print("| ---: | ---: | ---: | ---: |")
     for batch in (int(b) for b in args.batches.split(",")):
         times = time_decode(model, mesh, batch, args.context, args.warmup, args.steps)
         ms = 1e3 * statistics.median(times)
-        record = {"device": where, "mesh": dict(mesh.shape), "hidden": cfg.hidden_size, "layers": cfg.num_layers,
+        record = {"device": where, "mesh": dict(mesh.shape), "backend": ops.backend(), "hidden": cfg.hidden_size,
+                  "layers": cfg.num_layers,
                   "recipe": cfg.recipe, "batch": batch, "step_ms": ms, "tokens_per_s": batch / ms * 1e3,
                   "ms_per_layer": ms / cfg.num_layers}
         print(f"| {batch} | {ms:.3f} | {batch / ms * 1e3:.1f} | {ms / cfg.num_layers:.3f} |", flush=True)

@@ -113,7 +113,11 @@ SMEM_LIMIT = 113 * 1024  # per CTA so that two fit in an SM (228 KB, 1 KB reserv
 PREFETCH_ENV = "NVFP4JAX_GEMM_PREFETCH"
 W_REGS_ENV = "NVFP4JAX_GEMM_W_REGS"  # "0": decode configs stage W in shared memory (default: A registers)
 DECODE_CTAS_PER_SM = 4  # decode K split target (choose_config)
-PREFILL_ENV = "NVFP4JAX_GEMM_PREFILL"  # "ws" / "ws-persistent": m > 64 goes to gemm_ws (opt-in)
+PREFILL_ENV = "NVFP4JAX_GEMM_PREFILL"  # one of PREFILL_MODES (uses_ws_prefill); unset: auto
+PREFILL_MODES = ("auto", "ws", "ws-persistent", "one-warpgroup")
+#: auto: dense calls of at least this many rows go to gemm_ws. H200, session 8 (Flash wq_a, n 1024, k 4096):
+#: gemm_ws / one-warpgroup time 0.79 (W4A4) and 0.63 (W4A16) at m = 16384, 1.12 and 0.97 at 4096, 1.4 at 1024
+WS_DENSE_MIN_M = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -810,13 +814,28 @@ def supports(x, w) -> str | None:
     return None
 
 
-def uses_ws_prefill(m: int, n: int, out_dtype) -> bool:
-    """Whether :func:`nvfp4_gemm` hands ``m`` rows to the warp-specialized prefill kernel
-    (:mod:`nvfp4jax.kernels.gemm_ws`): only with ``$NVFP4JAX_GEMM_PREFILL`` set to ``ws`` (one CTA per tile)
-    or ``ws-persistent`` (read at trace time; off by default until that kernel has run on a GPU), for
-    ``m > 64``, ``n % 128 == 0`` and a BF16 output."""
-    return (os.environ.get(PREFILL_ENV, "") in ("ws", "ws-persistent") and m > 64 and n % 128 == 0
-            and jnp.dtype(out_dtype) == jnp.bfloat16)
+def prefill_mode() -> str:
+    """``$NVFP4JAX_GEMM_PREFILL`` (read at trace time; unset or empty: ``auto``), checked."""
+    mode = os.environ.get(PREFILL_ENV, "") or "auto"
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"{PREFILL_ENV}={mode!r}; choose one of {PREFILL_MODES}")
+    return mode
+
+
+def uses_ws_prefill(m: int, n: int, out_dtype, *, auto: bool | None = None) -> bool:
+    """Whether a GEMM of ``m`` rows (per expert, for the grouped ones) runs on the warp-specialized
+    prefill kernel (:mod:`nvfp4jax.kernels.gemm_ws`) rather than this module's one-warpgroup kernel.
+
+    Only calls with ``m > 64``, ``n % 128 == 0`` and a BF16 output can; of those, by
+    :func:`prefill_mode`: ``ws`` / ``ws-persistent`` all, ``one-warpgroup`` none, ``auto`` (the default)
+    those where it measured faster: ``auto`` when the caller gives it (the grouped GEMMs' rule,
+    :func:`nvfp4jax.kernels.moe.ws_grouped_auto`), else ``m >= WS_DENSE_MIN_M``."""
+    mode = prefill_mode()
+    if m <= 64 or n % 128 or jnp.dtype(out_dtype) != jnp.bfloat16:
+        return False
+    if mode == "auto":
+        return m >= WS_DENSE_MIN_M if auto is None else auto
+    return mode != "one-warpgroup"
 
 
 def nvfp4_gemm(

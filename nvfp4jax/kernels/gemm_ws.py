@@ -21,7 +21,8 @@ roofline, 0.4-0.7x XLA BF16 on an H200, session 7). Here the roles are split acr
 - warpgroups 1 and 2, the consumers (``CONSUMER_REGS``): wgmma ``64 x tile_t x 16``, one 64-row M block of
   W each, A and B from shared memory, float32 accumulators (``tile_t / 2`` per thread).
 
-Persistent option (``PrefillConfig.persistent``, ``NVFP4JAX_GEMM_PREFILL=ws-persistent``): ``NUM_SMS`` CTAs
+Persistent option (``PrefillConfig.persistent``, ``NVFP4JAX_GEMM_PREFILL=ws-persistent``; measured no
+faster than one CTA per tile, session 8): ``NUM_SMS`` CTAs
 loop over the tiles (W-tile fastest, as the one-CTA-per-tile grid orders them); the pipeline's stage
 and parities run on across a CTA's tiles (``done``), so the producer fills stages for the next tile
 while the consumers finish the current one (its last stage is released after ``wait_group(0)``) and
@@ -48,15 +49,19 @@ products and the store pass computes ``silu(min(g, l)) * clip(u, +-l) * routing 
 Limits: ``n % 128 == 0`` (gate_up: ``n % 64``), ``k % 64 == 0`` (the tile layout needs ``k % 128``), any
 ``m``; BF16 output.
 
-Status (session 7): compiles for sm_90a on the CPU (``tests/kernels/test_compile.py``: 168 registers at
-launch, no spills, dense and grouped); its mbarrier protocol (parities, arrival counts) is simulated
-under random interleavings (``tests/kernels/test_gemm_ws_protocol.py``: no hang, no stage overwritten
-while read); the JAX wiring around it is checked on the CPU against the reference with emulated
-kernels (``tests/kernels/test_gemm_ws_glue.py``); NOT yet run on a GPU, so it is opt-in:
-``NVFP4JAX_GEMM_PREFILL=ws`` or ``ws-persistent`` at trace time (:func:`gemm.nvfp4_gemm` for m > 64,
-:func:`moe.grouped_gemm` for more than 64 rows per expert). Its GPU tests (``tests/kernels/test_gemm_ws.py``,
-``benchmarks/diagnose_ws.py`` for a failure) and the A/B tables (``benchmarks/gpu_session.sh OUT ws``,
-``ws-gemm``, ``ws-moe``) are the next GPU session's first job.
+Status: compiles for sm_90a on the CPU (``tests/kernels/test_compile.py``: 168 registers at launch, no
+spills, dense and grouped); its mbarrier protocol (parities, arrival counts) is simulated under random
+interleavings (``tests/kernels/test_gemm_ws_protocol.py``); the JAX wiring around it is checked on the
+CPU against the reference with emulated kernels (``tests/kernels/test_gemm_ws_glue.py``). First GPU run
+(H200, session 8): its GPU tests passed (``tests/kernels/test_gemm_ws.py``, 33 cases: dense W4A4 and
+W4A16 in both modes up to 32768 x 1024 x 4096 and 300 x 7168 x 16384, ``dequant_rows`` bitwise, the
+MoE layer on it, every row on one expert). Timed against the one-warpgroup kernel (Flash wq_a, n 1024,
+k 4096; ``benchmarks/RESULTS.md``): faster at m = 16384 (W4A4 333 vs 423 us, W4A16 242 vs 385: 0.77x
+XLA BF16), even at 4096, slower at 1024 (no K split; 64-token tiles); persistent mode no different.
+So ``$NVFP4JAX_GEMM_PREFILL`` (read at trace time, :func:`gemm.uses_ws_prefill`) defaults to ``auto``:
+dense calls of at least ``gemm.WS_DENSE_MIN_M`` rows come here, grouped calls where
+:func:`moe.ws_grouped_auto` says; ``ws`` / ``ws-persistent`` send every call with m > 64,
+``one-warpgroup`` none.
 """
 
 from __future__ import annotations

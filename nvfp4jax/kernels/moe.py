@@ -19,14 +19,18 @@ Same signature and math as :func:`nvfp4jax.ref.moe.moe_experts` (spec §4); one 
 6. combine (XLA): each token's k rows gathered back and summed in float32 (the shared expert is
    added by the model).
 
-With ``$NVFP4JAX_GEMM_PREFILL=ws`` (opt-in, not yet run on a GPU), calls with more than 64 rows per expert
-run both GEMMs on the warp-specialized prefill kernel instead (:func:`grouped_gemm_ws`,
-:mod:`nvfp4jax.kernels.gemm_ws`): the L1 input is gathered into expert order by XLA first (``rows x dim``
-BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads whole boxes of consecutive rows.
+Large calls whose warp-specialized token tile is 256 (:func:`ws_grouped_auto`: at least 256 rows per
+expert, e.g. V4-Pro at T = 16384) run both GEMMs on the warp-specialized prefill kernel instead
+(:func:`grouped_gemm_ws`, :mod:`nvfp4jax.kernels.gemm_ws`; ``$NVFP4JAX_GEMM_PREFILL=ws`` for every call
+with more than 64 rows per expert, ``one-warpgroup`` for none): the L1 input is gathered into expert
+order by XLA first (``rows x dim`` BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads
+whole boxes of consecutive rows. H200, session 8: V4-Pro T = 16384 NVFP4 37.9 ms there against 46.3 ms
+here; V4-Flash T = 16384 (384 rows per expert, 128-row tiles) slower there (18.9 / 17.8 ms NVFP4 /
+W4A16 against 18.3 / 15.4), so it stays here.
 
-With ``$NVFP4JAX_MOE_GROUP=kernel`` (opt-in, not yet run on a GPU), step 1 and the gathers of the routing
-weights and of the combine's inverse permutation run as one kernel for up to 1024 rows
-(:mod:`nvfp4jax.kernels.group`, same bits as :func:`group_rows_xla`).
+Calls of up to 1024 rows do step 1 and the gathers of the routing weights and of the combine's inverse
+permutation in one kernel (:mod:`nvfp4jax.kernels.group`, same bits as :func:`group_rows_xla`; 13-19 us
+less per call at T = 1 on an H200, session 8); ``$NVFP4JAX_MOE_GROUP=xla`` keeps the XLA grouping.
 
 What stays in XLA, by measurement (H100, ``benchmarks/RESULTS.md``): the sort/bincount/tile table and
 the combine touch ``tokens x k`` indices and ``tokens x k x dim`` BF16 values. In a V4-Flash layer at
@@ -142,7 +146,7 @@ def grouped_gemm(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes
     r = rows.shape[0] if rows is not None else x.shape[0]
     gate_up = w3 is not None
     n_out = 2 * n if gate_up else n
-    if kg.uses_ws_prefill(rows_per_expert(r, experts), n_out, jnp.bfloat16):
+    if uses_ws(r, experts, n_out):
         return grouped_gemm_ws(x, rows, sizes, w, w3, route_w, swiglu_limit)  # builds its own tile table
     cfg = choose_grouped_config(r, experts, n_out, k, act_nvfp4, gate_up=gate_up, swiglu_limit=swiglu_limit)
     if rows is None:
@@ -180,12 +184,33 @@ def grouped_gemm(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes
     return h.astype(jnp.bfloat16)
 
 
+def ws_tile(per_expert: int) -> int:
+    """The warp-specialized kernel's token tile for ``per_expert`` rows per expert: the one of 128 and 256
+    that pads them least, 256 on a tie."""
+    return min((256, 128), key=lambda t: -(-per_expert // t) * t)
+
+
+def ws_grouped_auto(rows: int, experts: int) -> bool:
+    """The grouped GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: the warp-specialized kernel where its
+    token tile is 256 (at least 256 rows per expert, fitting 256-row tiles no worse than 128-row ones).
+    H200, session 8, T = 16384: Pro (256 rows per expert, tile 256) NVFP4 37.9 ms against 46.3 ms on the
+    one-warpgroup kernel; Flash (384 per expert, tile 128) 18.9 / 17.8 ms (NVFP4 / W4A16) against 18.3 / 15.4."""
+    per_expert = rows_per_expert(rows, experts)
+    return per_expert >= 256 and ws_tile(per_expert) == 256
+
+
+def uses_ws(rows: int, experts: int, n_out: int) -> bool:
+    """Whether a grouped GEMM of ``rows`` rows over ``experts`` experts runs on the warp-specialized
+    kernel (:func:`grouped_gemm_ws`): :func:`gemm.uses_ws_prefill` with the rows per expert."""
+    return kg.uses_ws_prefill(rows_per_expert(rows, experts), n_out, jnp.bfloat16,
+                              auto=ws_grouped_auto(rows, experts))
+
+
 def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, gate_up: bool,
                                   swiglu_limit: float | None) -> gemm_ws.PrefillConfig:
     """Token tile of the warp-specialized kernel for ``rows`` rows over ``experts`` experts: the one of 128
     and 256 that pads the expected rows per expert (uniform routing) least, 256 on a tie."""
-    per_expert = rows_per_expert(rows, experts)
-    tile_t = min((256, 128), key=lambda t: -(-per_expert // t) * t)
+    tile_t = ws_tile(rows_per_expert(rows, experts))
     cfg = gemm_ws.PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up,
                                 swiglu_limit=swiglu_limit if gate_up else None)
     return gemm_ws.with_env_persistent(cfg)
@@ -194,8 +219,8 @@ def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, g
 def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes: Int[Array, " experts"],
                     w: NVFP4Tensor, w3: NVFP4Tensor | None = None, route_w: Float[Array, " rows"] | None = None,
                     swiglu_limit: float | None = None) -> Array:
-    """:func:`grouped_gemm` on the warp-specialized prefill kernel (:mod:`nvfp4jax.kernels.gemm_ws`, opt-in
-    through ``$NVFP4JAX_GEMM_PREFILL=ws``), same arguments and result.
+    """:func:`grouped_gemm` on the warp-specialized prefill kernel (:mod:`nvfp4jax.kernels.gemm_ws`; where
+    :func:`uses_ws` says), same arguments and result.
 
     That kernel reads X with TMA, whole ``[tile_t, 64]`` boxes of consecutive rows, so the L1 input is
     gathered into expert order first (``x[rows]``: ``rows x dim`` values, once per call, instead of the
@@ -269,7 +294,7 @@ def moe_experts(
         return jnp.zeros((0, dim), jnp.float32)
     r, inter = t * k, w1.shape[1]
     tiles = None
-    if group.applies(r, experts) and not kg.uses_ws_prefill(rows_per_expert(r, experts), 2 * inter, jnp.bfloat16):
+    if group.applies(r, experts) and not uses_ws(r, experts, 2 * inter):
         # the grouping in one kernel launch; the tile table is built for the GEMMs' token tile
         tile_t = choose_grouped_config(r, experts, 2 * inter, dim, quantize_activations, gate_up=True,
                                        swiglu_limit=swiglu_limit).tile_t

@@ -205,15 +205,23 @@ def test_group_rows_compiles_sm90a(tmp_path, rows, experts):
     assert ops["match.any.sync.b32"] == 1 and ops["popc.b32"] == 2 and ops["shfl.sync.up.b32"] == 10, ops
 
 
-def test_group_kernel_is_opt_in(monkeypatch):
+def test_group_kernel_is_the_default(monkeypatch):
+    """The grouping kernel takes 1..1024 rows unless ``NVFP4JAX_MOE_GROUP=xla``; other values are refused."""
     from nvfp4jax.kernels import group as kgr
 
     monkeypatch.delenv(kgr.ENV, raising=False)
-    assert not kgr.applies(6, 256)
-    monkeypatch.setenv(kgr.ENV, "kernel")
     assert kgr.applies(6, 256) and kgr.applies(kgr.MAX_ROWS, 256) and not kgr.applies(kgr.MAX_ROWS + 1, 256)
+    assert not kgr.applies(0, 256)
+    monkeypatch.setenv(kgr.ENV, "kernel")
+    assert kgr.applies(6, 256)
+    monkeypatch.setenv(kgr.ENV, "xla")
+    assert not kgr.applies(6, 256)
+    monkeypatch.setenv(kgr.ENV, "kernels")
+    with pytest.raises(ValueError, match="NVFP4JAX_MOE_GROUP='kernels'"):
+        kgr.applies(6, 256)
     with pytest.raises(ValueError, match="1..1024 rows"):
         kgr.group_rows(jnp.zeros((200, 6), jnp.int32), jnp.zeros((200, 6)), 16, 128, 100)
+
 
 def test_dequant_rows_compiles_sm90a(tmp_path):
     """The X decoder of the prefill path: 16-byte code loads, no conversions, 16-byte stores."""
@@ -223,20 +231,36 @@ def test_dequant_rows_compiles_sm90a(tmp_path):
     assert decodes_without_conversions(ops) and ops["ld.global.v4.b32"] == 1 and ops["st.global.v4.b32"] == 4
 
 
-def test_ws_prefill_is_opt_in(monkeypatch):
-    """``nvfp4_gemm`` uses the warp-specialized kernel only with ``NVFP4JAX_GEMM_PREFILL=ws`` (not yet
-    GPU-run), for m > 64, n % 128 == 0 and a BF16 output; its own entry point rejects other n."""
+def test_ws_prefill_dispatch(monkeypatch):
+    """Which GEMMs the warp-specialized kernel gets: under the default ``auto``, dense calls of at least
+    ``WS_DENSE_MIN_M`` rows and grouped calls whose token tile is 256 (the measured wins); ``ws`` /
+    ``ws-persistent`` every m > 64, ``one-warpgroup`` none; never n % 128 != 0 or a float32 output; an
+    unknown mode is refused; its own entry point rejects other n."""
+    from nvfp4jax.kernels import moe as km
+
     monkeypatch.delenv(kg.PREFILL_ENV, raising=False)
-    assert not kg.uses_ws_prefill(4096, 4096, jnp.bfloat16)
+    assert kg.prefill_mode() == "auto"
+    assert kg.uses_ws_prefill(kg.WS_DENSE_MIN_M, 4096, jnp.bfloat16)
+    assert not kg.uses_ws_prefill(kg.WS_DENSE_MIN_M - 1, 4096, jnp.bfloat16)
+    assert not kg.uses_ws_prefill(16384, 4096, jnp.float32) and not kg.uses_ws_prefill(16384, 192, jnp.bfloat16)
+    # grouped, 6 rows per token: Pro (384 experts) at T = 16384 has 256 rows per expert -> tile 256 -> ws;
+    # Flash (256 experts) has 384 -> tile 128 -> one-warpgroup (measured faster there); T = 32768: 768 -> ws
+    assert km.ws_tile(256) == 256 and km.ws_tile(384) == 128 and km.ws_tile(768) == 256
+    assert km.uses_ws(16384 * 6, 384, 2 * 3072) and km.uses_ws(16384 * 6, 384, 7168)
+    assert not km.uses_ws(16384 * 6, 256, 2 * 2048) and km.uses_ws(32768 * 6, 256, 2 * 2048)
+    assert not km.uses_ws(1024 * 6, 384, 7168)  # 16 rows per expert
     monkeypatch.setenv(kg.PREFILL_ENV, "ws")
-    assert kg.uses_ws_prefill(65, 4096, jnp.bfloat16)
+    assert kg.uses_ws_prefill(65, 4096, jnp.bfloat16) and km.uses_ws(16384 * 6, 256, 2 * 2048)
     assert not kg.uses_ws_prefill(64, 4096, jnp.bfloat16)
     assert not kg.uses_ws_prefill(4096, 4096, jnp.float32)
     assert not kg.uses_ws_prefill(4096, 192, jnp.bfloat16)
     monkeypatch.setenv(kg.PREFILL_ENV, "ws-persistent")
     assert kg.uses_ws_prefill(65, 4096, jnp.bfloat16)
+    monkeypatch.setenv(kg.PREFILL_ENV, "one-warpgroup")
+    assert not kg.uses_ws_prefill(16384, 4096, jnp.bfloat16) and not km.uses_ws(16384 * 6, 384, 7168)
     monkeypatch.setenv(kg.PREFILL_ENV, "wss")
-    assert not kg.uses_ws_prefill(4096, 4096, jnp.bfloat16)
+    with pytest.raises(ValueError, match="NVFP4JAX_GEMM_PREFILL='wss'"):
+        kg.uses_ws_prefill(4096, 4096, jnp.bfloat16)
     from nvfp4jax.formats.nvfp4 import quantize
 
     w = quantize(jnp.ones((192, 128), jnp.float32))

@@ -47,8 +47,8 @@ def test_group_rows_bitwise(rng, t, experts, k, case, tile_t):
 
 @pytest.mark.parametrize("t,recipe", [(1, "nvfp4"), (64, "w4a16"), (64, "nvfp4")])
 def test_moe_with_group_kernel(rng, monkeypatch, t, recipe):
-    """The MoE layer with ``NVFP4JAX_MOE_GROUP=kernel``: the MoE tests' gates, and the same bits as the
-    XLA grouping (the GEMMs see identical tables)."""
+    """The MoE layer with the grouping kernel (the default; set explicitly): the MoE tests' gates, and the
+    same bits as with the XLA grouping (``NVFP4JAX_MOE_GROUP=xla``; the GEMMs see identical tables)."""
     from tests.kernels import test_moe as tm
 
     x, weights, expert_ids = tm._inputs(rng, "flash", t)
@@ -57,7 +57,7 @@ def test_moe_with_group_kernel(rng, monkeypatch, t, recipe):
     tm._check(f"group kernel flash {recipe} {t=}", "flash", x, weights, expert_ids, tm.RECIPES[recipe], fresh)
     kw = {"swiglu_limit": tm.SWIGLU_LIMIT, "quantize_activations": tm.RECIPES[recipe]}
     with_kernel = fresh(x, weights, expert_ids, *tm._tiled_experts("flash"), **kw)
-    monkeypatch.setenv(kgr.ENV, "")
+    monkeypatch.setenv(kgr.ENV, "xla")
     xla = fresh_jit(km.moe_experts, static_argnames=tm._STATIC)  # traced afresh, without the variable
     with_xla = xla(x, weights, expert_ids, *tm._tiled_experts("flash"), **kw)
     assert_bitwise_equal(with_kernel, with_xla, f"group kernel vs XLA grouping {recipe} {t=}")
