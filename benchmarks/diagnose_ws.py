@@ -7,8 +7,8 @@ the tests' single cosine number. Prints, per case: max |kernel - reference| rela
 scale, the fraction of elements off by more than 1%, NaNs (unwritten elements: outputs are poisoned),
 and the bad (token tile, 64-row W block) pairs.
 
-Both modes (one CTA per tile, persistent), smallest case first, each announced before it runs, so that
-a hang shows as the last "running" line. Usage (GPU machine): ``python benchmarks/diagnose_ws.py`` (~1-2 min).
+Each mode (one CTA per tile with W to registers, the same with W by TMA, persistent), smallest case first,
+each announced before it runs, so that a hang shows as the last "running" line. Usage (GPU machine): ``python benchmarks/diagnose_ws.py`` (~1-2 min).
 """
 
 from __future__ import annotations
@@ -47,18 +47,19 @@ def report(name: str, got, want, tile_t: int) -> None:
 def main():
     rng = np.random.default_rng(0)
     # smallest first: a hang (the pipeline's barriers) shows as the last case printed
-    for mode in ("ws", "ws-persistent"):
+    for mode, w_mode in (("ws", "regs"), ("ws", "tma"), ("ws-persistent", "regs"), ("ws-persistent", "tma")):
         os.environ[kg.PREFILL_ENV] = mode
+        os.environ[kw.W_ENV] = w_mode
         for m, n, k, act in [(70, 128, 128, False), (300, 256, 1024, False), (300, 256, 1024, True),
                              (1000, 1024, 4096, False), (4096, 4096, 4096, True)]:
             w = jax.jit(quantize)(jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.float32))
             x = activations(rng, m, k)
             x = ref.quantize_nvfp4(x) if act else x
             cfg = kw.choose_prefill_config(m, n, act)
-            print(f"running {mode} m={m} n={n} k={k} act_nvfp4={act} {cfg}", flush=True)
+            print(f"running {mode} W {w_mode} m={m} n={n} k={k} act_nvfp4={act} {cfg}", flush=True)
             poison_device_memory()
             got = jax.jit(kw.nvfp4_gemm_ws)(x, tile_weight(w)).block_until_ready()  # a fresh trace per case
-            report(f"{mode} m={m} n={n} k={k} {'W4A4' if act else 'W4A16'} tile_t={cfg.tile_t}", got,
+            report(f"{mode} W {w_mode} m={m} n={n} k={k} {'W4A4' if act else 'W4A16'} tile_t={cfg.tile_t}", got,
                    jax.jit(ref.nvfp4_gemm)(x, w), cfg.tile_t)
     xq = ref.quantize_nvfp4(activations(rng, 64, 256))
     report("dequant_rows (as BF16 x 2^8 vs the reference decode)",

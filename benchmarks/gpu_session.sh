@@ -8,20 +8,23 @@
 #   fallback: the kernel model's per-shape fallback to the reference on small linears     (~6 min)
 #   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
-#   ws:    the GPU tests of the warp-specialized prefill GEMM (gemm_ws, one CTA per tile and persistent)
-#          and of the MoE grouping kernel (group); benchmarks/diagnose_ws.py if a gemm_ws test fails  (~7 min)
-#   ws-gemm: prefill GEMM tables with NVFP4JAX_GEMM_PREFILL=ws, =ws-persistent and =one-warpgroup   (~8 min)
-#   ws-moe: the MoE benchmark at T = 16384 with NVFP4JAX_GEMM_PREFILL=ws and =one-warpgroup, at T = 1, 64
-#          with the grouping kernel (the default) and with NVFP4JAX_MOE_GROUP=xla                   (~7 min)
+#   ws:    the GPU tests of the warp-specialized prefill GEMM (gemm_ws) with W to registers (one CTA per
+#          tile and persistent) and of the MoE grouping kernel (group)                         (~7 min)
+#   ws-tma: the gemm_ws GPU tests with W by TMA (NVFP4JAX_GEMM_WS_W=tma, session 8, not yet run on a GPU);
+#          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~5 min)
+#   ws-gemm: prefill GEMM tables: gemm_ws with W to registers and by TMA (m 4096, 16384), the
+#          one-warpgroup kernel at m 4096                                                      (~9 min)
+#   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers
+#          and by TMA; at T = 1, 64 with the grouping kernel (the default) and NVFP4JAX_MOE_GROUP=xla  (~8 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
 #   multi-bench: on a multi-GPU kind: benchmarks/multi_device.py; source the CuTeDSL env first (the
 #          reference MoE dequantizes whole expert banks: V4-Pro ran out of memory that way, session 8) (~6 min)
-#   all:   all eight single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all nine single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-gemm|ws-moe|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -74,31 +77,41 @@ if [ "$stage" = moe ] || [ "$stage" = all ]; then
   cat "$out/tune_prefill_split.log"
 fi
 if [ "$stage" = ws ] || [ "$stage" = all ]; then
-  # session 8: 43 of the 46 cases passed in 300 s (the three MoE-with-group-kernel cases were cut)
-  $T timeout 420 $P tests/kernels/test_group.py tests/kernels/test_gemm_ws.py > "$out/tests_ws.log" 2>&1
-  echo "ws + group tests: $(tail -1 "$out/tests_ws.log")"
+  # session 8: 43 of the 46 cases then present passed in 300 s (the three MoE-with-group-kernel cases were cut)
+  $T timeout 420 $P tests/kernels/test_group.py tests/kernels/test_gemm_ws.py -k "not tma" > "$out/tests_ws.log" 2>&1
+  echo "ws (W to registers) + group tests: $(tail -1 "$out/tests_ws.log")"
   grep -E "^FAILED" "$out/tests_ws.log" | head -20
-  if grep -q -E "^FAILED.*test_gemm_ws" "$out/tests_ws.log"; then  # where it is wrong, for the next fix
-    timeout 150 python3 benchmarks/diagnose_ws.py > "$out/diagnose_ws.log" 2>&1; tail -20 "$out/diagnose_ws.log"
+fi
+if [ "$stage" = ws-tma ] || [ "$stage" = all ]; then
+  $T timeout 330 $P tests/kernels/test_gemm_ws.py -k tma > "$out/tests_ws_tma.log" 2>&1
+  echo "ws (W by TMA) tests: $(tail -1 "$out/tests_ws_tma.log")"
+  grep -E "^FAILED" "$out/tests_ws_tma.log" | head -20
+  if grep -q -E "^FAILED.*test_(gemm|moe_on)_ws" "$out/tests_ws.log" "$out/tests_ws_tma.log" 2>/dev/null \
+     || ! grep -q -E "passed" "$out/tests_ws_tma.log"; then  # where it is wrong (or hangs), for the next fix
+    timeout 200 python3 benchmarks/diagnose_ws.py > "$out/diagnose_ws.log" 2>&1; tail -25 "$out/diagnose_ws.log"
   fi
 fi
 if [ "$stage" = ws-gemm ] || [ "$stage" = all ]; then
-  B="python3 benchmarks/gemm.py --no-quantize --m 1024,4096,16384 --names wq_a,wq_b,wo_b,shared.w1/w3 --budget-s 90"
-  for mode in ws ws-persistent one-warpgroup; do
-    NVFP4JAX_GEMM_PREFILL=$mode timeout 150 $B --out "$out/RESULTS_gemm_$mode.md" > "$out/gemm_$mode.log" 2>&1
-    echo "$mode:"; grep -E "^\| (flash|pro)|stopped" "$out/gemm_$mode.log"
-  done
+  B="python3 benchmarks/gemm.py --no-quantize --names wq_a,wq_b,wo_b"
+  NVFP4JAX_GEMM_PREFILL=ws timeout 190 $B --m 4096,16384 --budget-s 150 --out "$out/RESULTS_gemm_ws.md" \
+    > "$out/gemm_ws.log" 2>&1
+  echo "ws, W to registers:"; grep -E "^\| (flash|pro)|stopped" "$out/gemm_ws.log"
+  NVFP4JAX_GEMM_WS_W=tma NVFP4JAX_GEMM_PREFILL=ws timeout 190 $B --m 4096,16384 --budget-s 150 \
+    --out "$out/RESULTS_gemm_ws_tma.md" > "$out/gemm_ws_tma.log" 2>&1
+  echo "ws, W by TMA:"; grep -E "^\| (flash|pro)|stopped" "$out/gemm_ws_tma.log"
+  NVFP4JAX_GEMM_PREFILL=one-warpgroup timeout 120 $B --m 4096 --budget-s 90 > "$out/gemm_one-warpgroup.log" 2>&1
+  echo "one-warpgroup:"; grep -E "^\| (flash|pro)|stopped" "$out/gemm_one-warpgroup.log"
 fi
 if [ "$stage" = ws-moe ] || [ "$stage" = all ]; then
-  M="python3 benchmarks/moe.py --budget-s 70"
+  M="python3 benchmarks/moe.py --budget-s 90"
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-  for mode in ws one-warpgroup; do
-    NVFP4JAX_GEMM_PREFILL=$mode timeout 100 $M --t 16384 --out "$out/RESULTS_moe_$mode.md" > "$out/moe_$mode.log" 2>&1
-    echo "$mode:"; grep -E "^\| (flash|pro)" "$out/moe_$mode.log"
+  for w in regs tma; do
+    NVFP4JAX_GEMM_WS_W=$w timeout 120 $M --t 16384 --out "$out/RESULTS_moe_ws_$w.md" > "$out/moe_ws_$w.log" 2>&1
+    echo "T = 16384, gemm_ws, W $w:"; grep -E "^\| (flash|pro)" "$out/moe_ws_$w.log"
   done
-  timeout 110 $M --t 1,64 --out "$out/RESULTS_moe_group.md" > "$out/moe_group.log" 2>&1
+  timeout 100 $M --t 1,64 --out "$out/RESULTS_moe_group.md" > "$out/moe_group.log" 2>&1
   echo "group kernel:"; grep -E "^\| (flash|pro)" "$out/moe_group.log"
-  NVFP4JAX_MOE_GROUP=xla timeout 110 $M --t 1,64 > "$out/moe_base.log" 2>&1
+  NVFP4JAX_MOE_GROUP=xla timeout 100 $M --t 1,64 > "$out/moe_base.log" 2>&1
   echo "XLA grouping:"; grep -E "^\| (flash|pro)" "$out/moe_base.log"
 fi
 if [ "$stage" = multi ]; then

@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("k", type=int)
     ap.add_argument("recipe", choices=("w4a4", "w4a16"))
     ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--sass-out", default=None, help="also write the whole SASS listing here")
     args = ap.parse_args()
 
     from nvfp4jax.kernels import gemm as kg, moe as km
@@ -103,6 +104,8 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
         sass = subprocess.run([os.environ.get("CUOBJDUMP", "cuobjdump"), "-sass", "k.cubin"], cwd=tmp,
                               capture_output=True, text=True, check=True).stdout
+    if args.sass_out:
+        Path(args.sass_out).write_text(sass)
     print(cfg)
     print(" ".join(ln.split("info    : ")[-1] for ln in res.stderr.splitlines() if "Used" in ln or "spill" in ln))
     for instr, regs in region_registers(sass):

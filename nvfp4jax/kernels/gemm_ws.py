@@ -62,6 +62,18 @@ So ``$NVFP4JAX_GEMM_PREFILL`` (read at trace time, :func:`gemm.uses_ws_prefill`)
 dense calls of at least ``gemm.WS_DENSE_MIN_M`` rows come here, grouped calls where
 :func:`moe.ws_grouped_auto` says; ``ws`` / ``ws-persistent`` send every call with m > 64,
 ``one-warpgroup`` none.
+
+What those timings showed (``TILE_CYCLES``): ~1400-1870 cycles per K tile whatever the token tile, so
+the producer, not the tensor cores, sets the pace (its ~300 instructions per K tile and warp take far
+fewer cycles), and what it waits for is most likely a global load's latency: W's loads are issued only
+one K tile ahead, and the ``MEMBAR.ALL.CTA`` that ``fence.proxy.async`` compiles to (SASS) may also wait
+for those in flight. Two consequences, both made after the device time (session 8), compiled and CPU-checked
+but not timed: (1) the token tile is chosen by waves x ``TILE_CYCLES`` (:func:`choose_prefill_config`,
+:func:`moe.ws_tile`), which gives 256-token tiles to Flash wq_a at m = 4096 (one wave instead of two of
+128) and to V4-Flash's MoE at T = 16384 (2 tiles per expert instead of 3-4 of 128); (2) W by TMA
+(``NVFP4JAX_GEMM_WS_W=tma``, :meth:`GemmPrefillSm90.produce_w_tma`): the packed W of each 128-K chunk
+arrives in shared slots ``2 * RAW_SLOTS`` K tiles ahead and the producer's only loads before its fence
+are from shared memory (opt-in until its GPU tests, ``gpu_session.sh ws-tma``, have passed).
 """
 
 from __future__ import annotations
@@ -101,6 +113,14 @@ PRODUCER_REGS = 96
 CONSUMER_REGS = 200
 assert WG * (LAUNCH_REGS - PRODUCER_REGS) >= 2 * WG * (CONSUMER_REGS - LAUNCH_REGS), "register pool overdrawn"
 Y_PAD = 8  # BF16 elements of padding per staged output row
+#: W by TMA (``PrefillConfig.w_tma``): raw slots of 128 K (one tile-layout K block: two pipeline stages)
+#: for the CTA's 128 W rows = two 64-row blocks of 4096 code bytes + 512 scale bytes each
+RAW_SLOTS = 2
+W_ENV = "NVFP4JAX_GEMM_WS_W"  # "regs" (default) or "tma": how the producer loads W (with_env_options)
+W_MODES = ("regs", "tma")
+BLOCK_CODE_BYTES = TILE_ROWS * TILE_K // 2
+BLOCK_SCALE_BYTES = TILE_ROWS * TILE_K // BLOCK
+RAW_BYTES = 2 * (BLOCK_CODE_BYTES + BLOCK_SCALE_BYTES)  # one slot: expect_tx of its four copies
 
 
 def free_parity(kt, stages: int):
@@ -124,6 +144,7 @@ class PrefillConfig:
     gate_up: bool = False  # grouped MoE L1: a CTA's 128 W rows are 64 rows of W1 and the same 64 of W3
     swiglu_limit: float | None = None  # gate_up: epilogue silu(min(g, l)) * clip(u, +-l) * routing weight
     persistent: bool = False  # NUM_SMS CTAs looping over the tiles (own staging buffer), else one CTA per tile
+    w_tma: bool = False  # W's packed bytes by TMA into RAW_SLOTS shared slots, else 128-bit loads to registers
 
 
 def staging_elems(cfg: PrefillConfig) -> int:
@@ -133,7 +154,8 @@ def staging_elems(cfg: PrefillConfig) -> int:
 
 def smem_bytes(cfg: PrefillConfig) -> int:
     own_staging = 2 * staging_elems(cfg) if cfg.persistent else 0
-    return cfg.stages * (TILE_W + cfg.tile_t) * KSTAGE * 2 + 16 * cfg.stages + own_staging + 1024
+    raw = RAW_SLOTS * (RAW_BYTES + 8) + 256 if cfg.w_tma else 0
+    return cfg.stages * (TILE_W + cfg.tile_t) * KSTAGE * 2 + 16 * cfg.stages + own_staging + raw + 1024
 
 
 def can_implement(cfg: PrefillConfig) -> bool:
@@ -170,14 +192,25 @@ class GemmPrefillSm90:
         sB_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, cfg.stages)
         tma_atom, mX_tma = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), mX, cute.slice_(sB_layout, (None, None, 0)), (cfg.tile_t, KSTAGE))
+        w_tmas = (None,) * 8
+        if cutlass.const_expr(cfg.w_tma):
+            w_tmas = self.w_tma_atoms(mWv, mWs) + (
+                self.w_tma_atoms(mW3v, mW3s) if cutlass.const_expr(cfg.gate_up) else (None,) * 4)
+        raw_slots = RAW_SLOTS if cfg.w_tma else 1
 
         @cute.struct
         class SharedStorage:
             full: cute.struct.MemRange[Int64, cfg.stages]
             empty: cute.struct.MemRange[Int64, cfg.stages]
+            raw_full: cute.struct.MemRange[Int64, raw_slots]
             sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sA_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
             sY: cute.struct.Align[cute.struct.MemRange[BFloat16, staging_elems(cfg) if cfg.persistent else 8], 128]
+            # W by TMA: per slot two 64-row blocks of codes [64, 64] bytes, then of scales [64, 8] bytes
+            raw_codes: cute.struct.Align[cute.struct.MemRange[Uint8, 2 * BLOCK_CODE_BYTES * raw_slots if cfg.w_tma
+                                                              else 16], 128]
+            raw_scales: cute.struct.Align[cute.struct.MemRange[Uint8, 2 * BLOCK_SCALE_BYTES * raw_slots if cfg.w_tma
+                                                               else 16], 128]
 
         self.shared_storage = SharedStorage
         # tiles in W-tile-fastest order (consecutive CTAs share X's token tile)
@@ -189,24 +222,41 @@ class GemmPrefillSm90:
         if cutlass.const_expr(cfg.persistent):
             ctas = cutlass.min(ctas, kg.NUM_SMS)
         self.kernel(tma_atom, mX_tma, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mTiles, mRouteW, mY, tiled_mma,
-                    sA_layout, sB_layout, tiles_w, tiles_t).launch(grid=[ctas, 1, 1], block=[THREADS, 1, 1],
-                                                                  stream=stream)
+                    sA_layout, sB_layout, tiles_w, tiles_t, *w_tmas).launch(grid=[ctas, 1, 1],
+                                                                           block=[THREADS, 1, 1], stream=stream)
+
+    def w_tma_atoms(self, mWv: cute.Tensor, mWs: cute.Tensor):
+        """TMA atoms and tensors for W's tile layout read as rows of bytes: codes ``[blocks * 64, 64]`` (one
+        64 x 128 tile per ``[64, 64]`` box) and scales ``[blocks * 32, 16]`` (a tile's 512 scale bytes per
+        ``[32, 16]`` box: TMA boxes need rows of at least 16 bytes); ``blocks`` = every 64-row x 128-K tile
+        of ``W`` (all experts), numbered in memory order."""
+        op = cpasync.CopyBulkTensorTileG2SOp()
+        codes = cute.make_tensor(mWv.iterator, cute.make_layout((cute.size(mWv) // 64, 64), stride=(64, 1)))
+        scales = cute.make_tensor(mWs.iterator, cute.make_layout((cute.size(mWs) // 16, 16), stride=(16, 1)))
+        atom_c, tma_c = cpasync.make_tiled_tma_atom(op, codes, cute.make_layout((64, 64), stride=(64, 1)), (64, 64))
+        atom_s, tma_s = cpasync.make_tiled_tma_atom(op, scales, cute.make_layout((32, 16), stride=(16, 1)), (32, 16))
+        return atom_c, tma_c, atom_s, tma_s
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mXg, mWv: cute.Tensor, mWs: cute.Tensor,
                mWg: cute.Tensor, mW3v, mW3s, mW3g, mTiles, mRouteW, mY: cute.Tensor, tiled_mma: cute.TiledMma,
-               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, tiles_w, tiles_t):
+               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, tiles_w, tiles_t,
+               atom_wc, tma_wc, atom_ws, tma_ws, atom_w3c, tma_w3c, atom_w3s, tma_w3s):
         cfg = self.cfg
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         storage = cutlass.utils.SmemAllocator().allocate(self.shared_storage)
         full = storage.full.data_ptr()
         empty = storage.empty.data_ptr()
+        raw_full = storage.raw_full.data_ptr()
         if warp == 0:
             cpasync.prefetch_descriptor(tma_atom)
             with cute.arch.elect_one():
                 for s in cutlass.range_constexpr(cfg.stages):
                     cute.arch.mbarrier_init(full + s, WG + 1)
                     cute.arch.mbarrier_init(empty + s, 2 * WG // 32)
+                if cutlass.const_expr(cfg.w_tma):
+                    for s in cutlass.range_constexpr(RAW_SLOTS):
+                        cute.arch.mbarrier_init(raw_full + s, 1)  # the issuing thread's arrive.expect_tx
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -232,7 +282,12 @@ class GemmPrefillSm90:
                         w3v, w3s = wv, ws
                     if cutlass.const_expr(cfg.gate_up):
                         w3v, w3s = mW3v[e, None, None, None, None], mW3s[e, None, None, None, None]
-                    self.produce(tma_atom, mX, wv, ws, w3v, w3s, sA, sB, full, empty, k_tiles, bw, start, done)
+                    if cutlass.const_expr(cfg.w_tma):
+                        self.produce_w_tma(tma_atom, mX, mWv, sA, sB, full, empty, k_tiles, bw, e, start, done,
+                                           storage, raw_full, (atom_wc, tma_wc, atom_ws, tma_ws),
+                                           (atom_w3c, tma_w3c, atom_w3s, tma_w3s))
+                    else:
+                        self.produce(tma_atom, mX, wv, ws, w3v, w3s, sA, sB, full, empty, k_tiles, bw, start, done)
                     done += k_tiles
         else:
             cute.arch.warpgroup_reg_alloc(CONSUMER_REGS)
@@ -306,6 +361,109 @@ class GemmPrefillSm90:
                         cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, s])
                     cute.arch.fence_proxy("async.shared", space="cta")
                     cute.arch.mbarrier_arrive(full + s)
+
+    @cute.jit
+    def produce_w_tma(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mWv: cute.Tensor, sA: cute.Tensor,
+                      sB: cute.Tensor, full, empty, k_tiles, bw, e, start, done, storage, raw_full, w_tma, w3_tma):
+        """:meth:`produce` with W's packed bytes brought by TMA (``cfg.w_tma``): per 128-K chunk (two K
+        tiles) one elected thread copies the CTA's two 64-row tiles of codes and scales (``RAW_BYTES``) into
+        raw slot ``chunk % RAW_SLOTS``, ``RAW_SLOTS`` chunks ahead, completing ``raw_full``; the 128 threads
+        wait for it, read their codes and scales from the slot (16 + 2 bytes per thread and pass), meet at
+        a named barrier (the slot is then free: the elected thread refills it with chunk + RAW_SLOTS), and
+        decode and store both K tiles as :meth:`produce` does.
+
+        Why: :meth:`produce` keeps one K tile of W loads in flight per thread, and the
+        ``fence.proxy.async`` after each stage's stores compiles to ``MEMBAR.ALL.CTA`` + ``FENCE.VIEW.ASYNC.S``
+        (SASS), a memory barrier that may also wait for the loads issued during that K tile; H200 session 8
+        timed ~1400-1870 cycles per K tile whatever the token tile (64, 128, 256), the latency of a global
+        load rather than the ~300 instructions of the decode.
+        Here the only loads before that fence are from shared memory, and the TMA runs up to
+        ``2 * RAW_SLOTS`` K tiles ahead. ``done``: K tiles this CTA pipelined before (even: chunks continue
+        across tiles as ``done // 2``)."""
+        cfg = self.cfg
+        tidx, _, _ = cute.arch.thread_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        gX = cute.local_tile(cute.domain_offset((start, 0), mX), (cfg.tile_t, KSTAGE), (0, None))
+        tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
+                                           cute.group_modes(gX, 0, 2))
+        x_bytes = cfg.tile_t * KSTAGE * 2
+        # slot views: TMA boxes [64, 64] codes / [32, 16] scales per (slot, block) = slot * 2 + block ...
+        slots = 2 * RAW_SLOTS
+        sCodes = storage.raw_codes.get_tensor(cute.make_layout((64, 64, slots), stride=(64, 1, BLOCK_CODE_BYTES)))
+        sScales = storage.raw_scales.get_tensor(cute.make_layout((32, 16, slots), stride=(16, 1, BLOCK_SCALE_BYTES)))
+        # ... and per thread: (byte, 32-K chunk, row, slot block) of codes [64, 4 x 16] and scales [64, 4 x 2]
+        rCodes = cute.make_tensor(sCodes.iterator, cute.make_layout((16, 4, 64, slots),
+                                                                    stride=(1, 16, 64, BLOCK_CODE_BYTES)))
+        rScales = cute.make_tensor(sScales.iterator, cute.make_layout((2, 4, 64, slots),
+                                                                      stride=(1, 2, 8, BLOCK_SCALE_BYTES)))
+        parts = []
+        for atom_c, tma_c, atom_s, tma_s in (w_tma, w3_tma if cutlass.const_expr(cfg.gate_up) else w_tma):
+            tcs, tcg = cpasync.tma_partition(atom_c, 0, cute.make_layout(1), cute.group_modes(sCodes, 0, 2),
+                                             cute.group_modes(cute.local_tile(tma_c, (64, 64), (None, 0)), 0, 2))
+            tss, tsg = cpasync.tma_partition(atom_s, 0, cute.make_layout(1), cute.group_modes(sScales, 0, 2),
+                                             cute.group_modes(cute.local_tile(tma_s, (32, 16), (None, 0)), 0, 2))
+            parts.append((atom_c, tcs, tcg, atom_s, tss, tsg))
+        # the CTA's 64-row blocks in W's tile numbering: (expert, row block, K block) -> linear
+        nb, kb = mWv.shape[cute.rank(mWv) - 4], mWv.shape[cute.rank(mWv) - 3]
+        rb0 = e * nb + bw * self.out_w // TILE_ROWS
+        per_row = KSTAGE // self.w_chunk
+        w_row, w_part = kg.thread_coords(tidx, per_row, self.w_rows_pp, KSTAGE)
+        tAsA = kg.store_copy(KSTAGE, self.w_rows_pp, self.w_chunk).get_slice(tidx).partition_D(sA)
+        bufs = [(cute.make_rmem_tensor((self.w_chunk // 2, self.w_passes), Uint8),
+                 cute.make_rmem_tensor((self.w_chunk // BLOCK, self.w_passes), Uint8)) for _ in range(2)]
+        tWrD = cute.make_rmem_tensor((self.w_chunk, self.w_passes), BFloat16)
+        chunks = k_tiles // 2
+        cdone = done // 2
+        if warp == 0:
+            with cute.arch.elect_one():
+                for i in cutlass.range_constexpr(RAW_SLOTS):
+                    if i < chunks:
+                        self.issue_w(parts, raw_full, (cdone + i) % RAW_SLOTS, rb0, kb, i)
+        for c in cutlass.range(chunks, unroll=1):
+            gc = cdone + c
+            slot = gc % RAW_SLOTS
+            cute.arch.mbarrier_wait(raw_full + slot, (gc // RAW_SLOTS) % 2)
+            for j in cutlass.range_constexpr(2):
+                for p in cutlass.range_constexpr(self.w_passes):
+                    c4 = j * per_row + w_part
+                    cute.autovec_copy(rCodes[None, c4, w_row, slot * 2 + p], bufs[j][0][None, p])
+                    cute.autovec_copy(rScales[None, c4, w_row, slot * 2 + p], bufs[j][1][None, p])
+            # every producer thread has its bytes of the slot: refill it, RAW_SLOTS chunks ahead (the proxy
+            # fence orders these generic-proxy reads before the TMA's async-proxy writes)
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.barrier(barrier_id=2, number_of_threads=WG)
+            if warp == 0:
+                if c + RAW_SLOTS < chunks:
+                    with cute.arch.elect_one():
+                        self.issue_w(parts, raw_full, slot, rb0, kb, c + RAW_SLOTS)
+            for j in cutlass.range_constexpr(2):
+                kt = 2 * c + j
+                g = done + kt
+                s = g % cfg.stages
+                cute.arch.mbarrier_wait(empty + s, free_parity(g, cfg.stages))
+                if warp == 0:
+                    with cute.arch.elect_one():
+                        cute.arch.mbarrier_arrive_and_expect_tx(full + s, x_bytes)
+                    cute.copy(tma_atom, tXgX[None, kt], tXsX[None, s], tma_bar_ptr=full + s)
+                for p in cutlass.range_constexpr(self.w_passes):
+                    dequant_nvfp4_chunk(bufs[j][0][None, p], bufs[j][1][None, p], tWrD[None, p])
+                    cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, s])
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.mbarrier_arrive(full + s)
+
+    @cute.jit
+    def issue_w(self, parts, raw_full, slot, rb0, kb, chunk):
+        """One thread: TMA copies of chunk ``chunk``'s codes and scales of the CTA's two 64-row blocks (row
+        blocks ``rb0``, ``rb0 + 1``; gate_up: block ``rb0`` of W1, then of W3) into raw slot ``slot``."""
+        cute.arch.mbarrier_arrive_and_expect_tx(raw_full + slot, RAW_BYTES)
+        for p in cutlass.range_constexpr(2):
+            atom_c, tcs, tcg, atom_s, tss, tsg = parts[p]
+            rb = rb0
+            if cutlass.const_expr(not self.cfg.gate_up):
+                rb = rb0 + p
+            block = rb * kb + chunk
+            cute.copy(atom_c, tcg[None, block], tcs[None, slot * 2 + p], tma_bar_ptr=raw_full + slot)
+            cute.copy(atom_s, tsg[None, block], tss[None, slot * 2 + p], tma_bar_ptr=raw_full + slot)
 
     @cute.jit
     def load_w(self, kt, gW, gW3, buf, w_row0, w_part):
@@ -419,18 +577,36 @@ def kernel_for(cfg: PrefillConfig) -> GemmPrefillSm90:
 
 
 
+#: cycles per K tile (64) of one CTA by token tile, H200 session 8 (W loaded to registers): Flash wq_a
+#: (k = 4096, 64 K tiles) at m = 1024 / 4096 / 16384 ran tiles of 64 / 128 / 256 in 1 / 2 / 4 waves of CTAs
+#: in 45.6 / 99.7 / 241.9 us (W4A16) at ~1.98 GHz. Nearly flat in the tile (the producer's load latency, see
+#: produce_w_tma), so larger tiles are nearly free per K tile: choose_prefill_config weighs waves by these.
+TILE_CYCLES = {64: 1410, 128: 1540, 256: 1870}
+
+
 def choose_prefill_config(m: int, n: int, act_nvfp4: bool) -> PrefillConfig:
-    """The largest token tile (256, 128) that gives a wave of CTAs; else 128 while that gives half a wave,
-    else 64 (small n at mid m: Flash wq_a, n = 1024, at m = 1024 has 64 CTAs of 128 tokens, 128 of 64).
-    A first guess, unmeasured; there is no K split here."""
-    ctas = lambda t: (n // TILE_W) * -(-m // t)  # noqa: E731
-    tile_t = next((t for t in (256, 128) if ctas(t) >= kg.NUM_SMS), 128 if 2 * ctas(128) >= kg.NUM_SMS else 64)
-    return with_env_persistent(PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4))
+    """The token tile (64, 128, 256) with the fewest ``waves x TILE_CYCLES[tile]``: whole waves of
+    ``NUM_SMS`` CTAs, each K tile costing what session 8 measured (a tie goes to the larger tile). E.g. Flash
+    wq_a (n = 1024): m = 1024 -> 64 (one wave of 128 CTAs either way), m = 4096 -> 256 (one wave of 128
+    CTAs rather than two of 128-token tiles, which took 99.7 us), m = 16384 -> 256. There is no K split
+    here: small-n shapes at mid m keep one short wave."""
+    def cost(t):
+        ctas = (n // TILE_W) * -(-m // t)
+        return -(-ctas // kg.NUM_SMS) * TILE_CYCLES[t]
+
+    tile_t = min((256, 128, 64), key=cost)
+    return with_env_options(PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4))
 
 
-def with_env_persistent(cfg: PrefillConfig) -> PrefillConfig:
-    """``cfg`` persistent when ``$NVFP4JAX_GEMM_PREFILL`` is ``ws-persistent`` (read at trace time), with the
-    most stages that fit beside its own staging tile (3 at 256 tokens, 4 below)."""
+def with_env_options(cfg: PrefillConfig) -> PrefillConfig:
+    """``cfg`` with the options read from the environment at trace time: W by TMA when ``$NVFP4JAX_GEMM_WS_W``
+    is ``tma`` (default ``regs``); persistent when ``$NVFP4JAX_GEMM_PREFILL`` is ``ws-persistent``, with
+    the most stages that fit beside its own staging tile (3 at 256 tokens, 4 below, one fewer with W by
+    TMA at 256)."""
+    w_mode = os.environ.get(W_ENV, "") or "regs"
+    if w_mode not in W_MODES:
+        raise ValueError(f"{W_ENV}={w_mode!r}; choose one of {W_MODES}")
+    cfg = dataclasses.replace(cfg, w_tma=w_mode == "tma")
     if os.environ.get(kg.PREFILL_ENV, "") != "ws-persistent":
         return cfg
     stages = cfg.stages

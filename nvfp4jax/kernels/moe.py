@@ -19,14 +19,13 @@ Same signature and math as :func:`nvfp4jax.ref.moe.moe_experts` (spec §4); one 
 6. combine (XLA): each token's k rows gathered back and summed in float32 (the shared expert is
    added by the model).
 
-Large calls whose warp-specialized token tile is 256 (:func:`ws_grouped_auto`: at least 256 rows per
-expert, e.g. V4-Pro at T = 16384) run both GEMMs on the warp-specialized prefill kernel instead
-(:func:`grouped_gemm_ws`, :mod:`nvfp4jax.kernels.gemm_ws`; ``$NVFP4JAX_GEMM_PREFILL=ws`` for every call
-with more than 64 rows per expert, ``one-warpgroup`` for none): the L1 input is gathered into expert
-order by XLA first (``rows x dim`` BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads
-whole boxes of consecutive rows. H200, session 8: V4-Pro T = 16384 NVFP4 37.9 ms there against 46.3 ms
-here; V4-Flash T = 16384 (384 rows per expert, 128-row tiles) slower there (18.9 / 17.8 ms NVFP4 /
-W4A16 against 18.3 / 15.4), so it stays here.
+Calls with at least 256 rows per expert (:func:`ws_grouped_auto`: V4-Flash and V4-Pro at T = 16384) run
+both GEMMs on the warp-specialized prefill kernel instead (:func:`grouped_gemm_ws`,
+:mod:`nvfp4jax.kernels.gemm_ws`; ``$NVFP4JAX_GEMM_PREFILL=ws`` for every call with more than 64 rows per
+expert, ``one-warpgroup`` for none): the L1 input is gathered into expert order by XLA first (``rows x
+dim`` BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads whole boxes of consecutive rows.
+H200, session 8: V4-Pro T = 16384 NVFP4 37.9 ms there against 46.3 ms here (measured); V4-Flash's
+figure with the 256-row tiles it now gets is predicted (:func:`ws_grouped_auto`).
 
 Calls of up to 1024 rows do step 1 and the gathers of the routing weights and of the combine's inverse
 permutation in one kernel (:mod:`nvfp4jax.kernels.group`, same bits as :func:`group_rows_xla`; 13-19 us
@@ -185,18 +184,19 @@ def grouped_gemm(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes
 
 
 def ws_tile(per_expert: int) -> int:
-    """The warp-specialized kernel's token tile for ``per_expert`` rows per expert: the one of 128 and 256
-    that pads them least, 256 on a tie."""
-    return min((256, 128), key=lambda t: -(-per_expert // t) * t)
+    """The warp-specialized kernel's token tile for ``per_expert`` rows per expert: 128 for up to 128 rows,
+    else 256 (fewer tiles per expert; a K tile of a 256-row tile cost 1.2x one of a 128-row tile on an
+    H200, ``gemm_ws.TILE_CYCLES``, so 2 x 256 beats 3-4 x 128 for V4-Flash's ~384 rows per expert)."""
+    return min((256, 128), key=lambda t: -(-per_expert // t) * gemm_ws.TILE_CYCLES[t])
 
 
 def ws_grouped_auto(rows: int, experts: int) -> bool:
-    """The grouped GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: the warp-specialized kernel where its
-    token tile is 256 (at least 256 rows per expert, fitting 256-row tiles no worse than 128-row ones).
-    H200, session 8, T = 16384: Pro (256 rows per expert, tile 256) NVFP4 37.9 ms against 46.3 ms on the
-    one-warpgroup kernel; Flash (384 per expert, tile 128) 18.9 / 17.8 ms (NVFP4 / W4A16) against 18.3 / 15.4."""
-    per_expert = rows_per_expert(rows, experts)
-    return per_expert >= 256 and ws_tile(per_expert) == 256
+    """The grouped GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: the warp-specialized kernel from 256 rows
+    per expert. H200, session 8, T = 16384: V4-Pro (256 rows per expert, tile 256) NVFP4 37.9 ms there
+    against 46.3 ms on the one-warpgroup kernel (measured). V4-Flash (384 per expert) measured 18.9 / 17.8
+    ms (NVFP4 / W4A16) there with 128-row tiles against 18.3 / 15.4; with the 256-row tiles it now gets
+    (2 per expert instead of 3-4) ~12.5 ms W4A16 is predicted from the per-K-tile cycles, not measured."""
+    return rows_per_expert(rows, experts) >= 256
 
 
 def uses_ws(rows: int, experts: int, n_out: int) -> bool:
@@ -208,12 +208,12 @@ def uses_ws(rows: int, experts: int, n_out: int) -> bool:
 
 def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, gate_up: bool,
                                   swiglu_limit: float | None) -> gemm_ws.PrefillConfig:
-    """Token tile of the warp-specialized kernel for ``rows`` rows over ``experts`` experts: the one of 128
-    and 256 that pads the expected rows per expert (uniform routing) least, 256 on a tie."""
+    """Config of the warp-specialized kernel for ``rows`` rows over ``experts`` experts: token tile
+    :func:`ws_tile` of the expected rows per expert (uniform routing)."""
     tile_t = ws_tile(rows_per_expert(rows, experts))
     cfg = gemm_ws.PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up,
                                 swiglu_limit=swiglu_limit if gate_up else None)
-    return gemm_ws.with_env_persistent(cfg)
+    return gemm_ws.with_env_options(cfg)
 
 
 def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes: Int[Array, " experts"],

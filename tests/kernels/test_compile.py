@@ -135,16 +135,22 @@ def test_gemm_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
 
 
 @pytest.mark.parametrize("m,n,k,act_nvfp4,tile_t", [(4096, 4096, 4096, False, 256), (200, 512, 7168, True, 64),
-                                                     (4096, 1024, 4096, True, 128), (16384, 32768, 1024, True, 256)])
-@pytest.mark.parametrize("mode", ["ws", "ws-persistent"])
-def test_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4, tile_t, mode):
-    """The warp-specialized prefill kernel (one CTA per tile, or persistent): X by TMA into an mbarrier
-    pipeline, registers moved from the producer warpgroup to the consumers (setmaxnreg), one wgmma
-    shape, W decoded without conversions, Y leaving in 16-byte stores."""
+                                                     (512, 4096, 4096, True, 128), (16384, 32768, 1024, True, 256)])
+@pytest.mark.parametrize("mode,w_mode", [("ws", "regs"), ("ws-persistent", "regs"), ("ws", "tma"),
+                                         ("ws-persistent", "tma")])
+def test_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4, tile_t, mode, w_mode):
+    """The warp-specialized prefill kernel (one CTA per tile, or persistent; W to registers or by TMA):
+    X by TMA into an mbarrier pipeline, registers moved from the producer warpgroup to the consumers
+    (setmaxnreg), one wgmma shape, W decoded without conversions, Y leaving in 16-byte stores. W by TMA:
+    four more 2D tensor copies (codes and scales of two 64-row tiles), its reads from shared memory, no
+    global loads of W left (with W in registers they are 16-byte loads)."""
     monkeypatch.setenv(kg.PREFILL_ENV, mode)
+    monkeypatch.setenv(kw.W_ENV, w_mode)
     cfg = kw.choose_prefill_config(m, n, act_nvfp4)
     assert cfg.tile_t == tile_t and cfg.x_scaled == act_nvfp4 and cfg.persistent == (mode == "ws-persistent")
-    assert kw.can_implement(cfg) and (cfg.stages == 3 if cfg.persistent and tile_t == 256 else cfg.stages == 4)
+    assert cfg.w_tma == (w_mode == "tma")
+    stages = 4 if not cfg.persistent or tile_t < 256 else (2 if cfg.w_tma else 3)
+    assert kw.can_implement(cfg) and cfg.stages == stages, cfg
     ins = (S((m, k), jnp.bfloat16), S((m,), jnp.float32) if act_nvfp4 else None) + _tiled_w((), n, k)
     ins += (S((1,), jnp.float32),) + kw._NO_GROUPS
     ptx = compile_ptx(kw.kernel_for(cfg), ins, (S((m, n), jnp.bfloat16),), None, tmp_path)
@@ -161,11 +167,17 @@ def test_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4, tile_
     assert ops["setmaxnreg.dec.sync.aligned.u32"] == 1 and ops["setmaxnreg.inc.sync.aligned.u32"] == 1
     assert ops["mbarrier.arrive.expect_tx.shared.b64"] > 0 and ops["mbarrier.try_wait.parity.shared.b64"] > 0
     assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["st.global.v4.b32"] > 0
+    tma_copies = sum(c for op, c in ops.items() if op.startswith("cp.async.bulk.tensor.2d.shared::cta.global"))
+    if cfg.w_tma:  # X in both K tiles of a trip; codes and scales of two blocks: 2 slots' prologue, the refill
+        assert tma_copies == 2 + 3 * 4 and ops["ld.shared.v4.b32"] > 0 and ops["bar.sync"] >= 1, ops
+        assert not any(op.startswith("ld.global") and op.endswith((".v4.b32", ".v4.u32")) for op in ops), ops
+    else:
+        assert tma_copies == 2 and ops["ld.global.v4.b32"] > 0
 
 
-
-@pytest.mark.parametrize("stage,act_nvfp4", [("L1", True), ("L1", False), ("L2", True)])
-def test_grouped_gemm_ws_compiles_sm90a(tmp_path, stage, act_nvfp4):
+@pytest.mark.parametrize("stage,act_nvfp4,w_mode", [("L1", True, "regs"), ("L1", False, "regs"), ("L2", True, "regs"),
+                                                    ("L1", True, "tma"), ("L2", False, "tma")])
+def test_grouped_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, stage, act_nvfp4, w_mode):
     """The MoE GEMMs on the warp-specialized kernel (Flash shapes, T = 16384): expert tiles from the tile
     table, X rows by TMA at each tile's first row; L1 with gate/up paired across the two consumer
     warpgroups and the SwiGLU x routing-weight epilogue (``ex2``), writing BF16 h in 16-byte stores."""
@@ -175,17 +187,19 @@ def test_grouped_gemm_ws_compiles_sm90a(tmp_path, stage, act_nvfp4):
     rows = 6 * t
     gate_up = stage == "L1"
     n, k = (inter, d) if gate_up else (d, inter)
+    monkeypatch.setenv(kw.W_ENV, w_mode)
     cfg = km.choose_grouped_prefill_config(rows, experts, act_nvfp4, gate_up=gate_up,
                                            swiglu_limit=10.0 if gate_up else None)
-    assert cfg.tile_t == 128 and cfg.grouped  # 384 rows per expert: 3 x 128 pads nothing, 2 x 256 would
+    assert cfg.tile_t == 256 and cfg.grouped and cfg.w_tma == (w_mode == "tma")  # 384 rows per expert: 2 tiles
     w = _tiled_w((experts,), n, k) + (S((experts,), jnp.float32),)
     ins = (S((rows, k), jnp.bfloat16), S((rows,), jnp.float32) if act_nvfp4 else None) + w
     ins += (w if gate_up else (None,) * 3) + (S((km.num_tiles(rows, experts, cfg.tile_t), 3), jnp.int32),)
     ins += (S((rows,), jnp.float32) if gate_up else None,)
     ops = opcodes(compile_ptx(kw.kernel_for(cfg), ins, (S((rows, n), jnp.bfloat16),), None, tmp_path))
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
-    assert wgmma == ["wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"], wgmma
-    assert any(op.startswith("cp.async.bulk.tensor.2d.shared::cta.global") for op in ops), sorted(ops)
+    assert wgmma == ["wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16"], wgmma
+    tma_copies = sum(c for op, c in ops.items() if op.startswith("cp.async.bulk.tensor.2d.shared::cta.global"))
+    assert tma_copies == (2 + 3 * 4 if cfg.w_tma else 2), ops
     assert decodes_without_conversions(ops) and ops["st.global.v4.b32"] > 0
     assert (ops["ex2.approx.ftz.f32"] > 0) == gate_up
 
@@ -243,11 +257,10 @@ def test_ws_prefill_dispatch(monkeypatch):
     assert kg.uses_ws_prefill(kg.WS_DENSE_MIN_M, 4096, jnp.bfloat16)
     assert not kg.uses_ws_prefill(kg.WS_DENSE_MIN_M - 1, 4096, jnp.bfloat16)
     assert not kg.uses_ws_prefill(16384, 4096, jnp.float32) and not kg.uses_ws_prefill(16384, 192, jnp.bfloat16)
-    # grouped, 6 rows per token: Pro (384 experts) at T = 16384 has 256 rows per expert -> tile 256 -> ws;
-    # Flash (256 experts) has 384 -> tile 128 -> one-warpgroup (measured faster there); T = 32768: 768 -> ws
-    assert km.ws_tile(256) == 256 and km.ws_tile(384) == 128 and km.ws_tile(768) == 256
+    # grouped, 6 rows per token: from 256 rows per expert (Pro and Flash at T = 16384), tile 256 from 129
+    assert [km.ws_tile(p) for p in (65, 128, 129, 256, 384, 768)] == [128, 128, 256, 256, 256, 256]
     assert km.uses_ws(16384 * 6, 384, 2 * 3072) and km.uses_ws(16384 * 6, 384, 7168)
-    assert not km.uses_ws(16384 * 6, 256, 2 * 2048) and km.uses_ws(32768 * 6, 256, 2 * 2048)
+    assert km.uses_ws(16384 * 6, 256, 2 * 2048) and not km.uses_ws(8192 * 6, 256, 2 * 2048)
     assert not km.uses_ws(1024 * 6, 384, 7168)  # 16 rows per expert
     monkeypatch.setenv(kg.PREFILL_ENV, "ws")
     assert kg.uses_ws_prefill(65, 4096, jnp.bfloat16) and km.uses_ws(16384 * 6, 256, 2 * 2048)

@@ -2,7 +2,8 @@
 
 Same gates as ``test_gemm.py`` (cosine difference < 1e-5, the two-reference rule against a float32
 oracle of the same quantized math, outputs poisoned first); m values that leave partial token tiles, both recipes,
-token tiles of 64, 128 and 256 (``choose_prefill_config``), one CTA per tile and persistent.
+token tiles of 64, 128 and 256 (``choose_prefill_config``), one CTA per tile and persistent, W loaded to
+registers (``regs``) and by TMA into shared slots (``tma``, ``NVFP4JAX_GEMM_WS_W``).
 """
 
 import jax
@@ -29,12 +30,19 @@ CASES = [  # (n, k, m)
 PERSISTENT_CASES = [(128, 1024, 65), (4096, 4096, 4096), (32768, 1024, 4096), (7168, 16384, 300)]
 
 
-@pytest.mark.parametrize("n,k,m,mode", [(*c, "ws") for c in CASES] + [(*c, "ws-persistent") for c in PERSISTENT_CASES])
+#: W by TMA (session 8): token tiles 64 / 128 / 256, k = 1024 (one raw slot refill) to 16384, a persistent pair
+TMA_CASES = [(128, 1024, 65, "ws"), (1024, 4096, 257, "ws"), (4096, 4096, 4096, "ws"), (7168, 16384, 300, "ws"),
+             (32768, 1024, 4096, "ws"), (4096, 4096, 4096, "ws-persistent"), (7168, 16384, 300, "ws-persistent")]
+
+
+@pytest.mark.parametrize("n,k,m,mode,w_mode", [(*c, "ws", "regs") for c in CASES]
+                         + [(*c, "ws-persistent", "regs") for c in PERSISTENT_CASES] + [(*c, "tma") for c in TMA_CASES])
 @pytest.mark.parametrize("act_nvfp4", [True, False])
-def test_gemm_ws(rng, monkeypatch, n, k, m, mode, act_nvfp4):
+def test_gemm_ws(rng, monkeypatch, n, k, m, mode, w_mode, act_nvfp4):
     monkeypatch.setenv(kg.PREFILL_ENV, mode)
+    monkeypatch.setenv(kw.W_ENV, w_mode)
     cfg = kw.choose_prefill_config(m, n, act_nvfp4)
-    assert cfg.persistent == (mode == "ws-persistent")
+    assert cfg.persistent == (mode == "ws-persistent") and cfg.w_tma == (w_mode == "tma")
     w = _weights(rng, n, k)
     x = activations(rng, m, k)
     x = ref.quantize_nvfp4(x) if act_nvfp4 else x
@@ -59,18 +67,20 @@ def test_nvfp4_gemm_routes_prefill_to_ws(rng, monkeypatch):
     assert_bitwise_equal(fresh_jit(kg.nvfp4_gemm)(x, w), fresh_jit(kw.nvfp4_gemm_ws)(x, w), "routed vs direct")
 
 
-@pytest.mark.parametrize("model,recipe,t,mode", [
-    ("flash", "nvfp4", 200, "ws"), ("flash", "w4a16", 1000, "ws"), ("pro", "nvfp4", 1000, "ws"),
-    ("flash", "nvfp4", 1000, "ws-persistent")])
-def test_moe_on_ws_prefill(rng, monkeypatch, model, recipe, t, mode):
+@pytest.mark.parametrize("model,recipe,t,mode,w_mode", [
+    ("flash", "nvfp4", 200, "ws", "regs"), ("flash", "w4a16", 1000, "ws", "regs"), ("pro", "nvfp4", 1000, "ws", "regs"),
+    ("flash", "nvfp4", 1000, "ws-persistent", "regs"), ("flash", "nvfp4", 200, "ws", "tma"),
+    ("flash", "w4a16", 1000, "ws", "tma"), ("pro", "nvfp4", 1000, "ws", "tma")])
+def test_moe_on_ws_prefill(rng, monkeypatch, model, recipe, t, mode, w_mode):
     """The MoE layer with both grouped GEMMs on this kernel (``NVFP4JAX_GEMM_PREFILL=ws``, more than 64
     rows per expert): the gate_up SwiGLU epilogue across the two consumer warpgroups, expert tiles from
     the tile table with partial last tiles, rows gathered before the TMA loads; the MoE test gates."""
     from tests.kernels import test_moe as tm
 
     monkeypatch.setenv(kg.PREFILL_ENV, mode)
+    monkeypatch.setenv(kw.W_ENV, w_mode)
     x, weights, expert_ids = tm._inputs(rng, model, t)
-    tm._check(f"{mode} {model} {recipe} {t=}", model, x, weights, expert_ids, tm.RECIPES[recipe],
+    tm._check(f"{mode} W {w_mode} {model} {recipe} {t=}", model, x, weights, expert_ids, tm.RECIPES[recipe],
               fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC))  # traced afresh: reads the variable
 
 

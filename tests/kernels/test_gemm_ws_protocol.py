@@ -6,7 +6,12 @@ as actors under random interleavings, with mbarriers modelled as in PTX (arrival
 ``try_wait.parity``: the phase of that parity has completed) and the kernel's own parity functions
 (``gemm_ws.free_parity`` / ``full_parity``) and arrival counts; it checks that every schedule finishes,
 that each consumer reads K tile ``kt`` from a stage holding ``kt`` (both operands), and that neither
-the producer's stores nor a TMA write land in a stage a wgmma is still reading.
+the producer's stores nor a TMA write land in a stage a wgmma is still reading. With W by TMA
+(``w_tma``): the raw slots' ``raw_full`` barriers (one arrival + the copies' bytes, parity
+``(chunk // RAW_SLOTS) % 2``), the prologue of ``RAW_SLOTS`` chunks per tile and the refill of a slot after
+the producer warpgroup's named barrier; checked: the producer decodes chunk ``c`` from a slot holding
+``c``, and no copy lands in a slot before its previous chunk was read. (The 128 producer threads are one
+actor; the named barrier makes them one for the refill.)
 """
 
 import random
@@ -33,7 +38,8 @@ class MBarrier:
         return self.phase % 2 != parity
 
 
-def simulate(k_tiles: int, stages: int, rng: random.Random, tiles: int = 1) -> None:
+def simulate(k_tiles: int, stages: int, rng: random.Random, tiles: int = 1, w_tma: bool = False,
+             refill_early: bool = False) -> None:
     """``tiles`` tiles of ``k_tiles`` K tiles through one CTA (persistent when > 1): stage and parity
     continue across tiles (the kernel's ``done`` count), the consumers release a tile's last stage after
     ``wait_group(0)``, the producer starts the next tile meanwhile."""
@@ -43,10 +49,37 @@ def simulate(k_tiles: int, stages: int, rng: random.Random, tiles: int = 1) -> N
     reading = [set() for _ in range(stages)]  # consumer warpgroups whose wgmma still read the stage
     tx_pending = [0] * stages
     tma_queue = []
+    slots = kw.RAW_SLOTS
+    raw_full = [MBarrier(1) for _ in range(slots)]
+    raw_tag, raw_read = [None] * slots, [True] * slots  # chunk in the slot; whether it has been read
+    raw_tx = [0] * slots
+
+    def issue_w(chunk):
+        slot = chunk % slots
+        raw_full[slot].arrive()  # arrive.expect_tx
+        raw_tx[slot] += 1
+        tma_queue.append(("raw", slot, chunk))
 
     def producer():
+        chunks = k_tiles // 2
         for g in range(tiles * k_tiles):
             s, kt = g % stages, g
+            if w_tma and g % 2 == 0:  # a chunk (two K tiles) starts
+                tile, c = divmod(g // 2, chunks)
+                if c == 0:  # the tile's prologue
+                    for i in range(min(slots, chunks)):
+                        issue_w(tile * chunks + i)
+                gc = g // 2
+                slot = gc % slots
+                if refill_early and c + slots < chunks:  # a deliberate bug, for the test that this can fail
+                    issue_w(gc + slots)
+                while not (raw_full[slot].passed((gc // slots) % 2) and raw_tx[slot] == 0):
+                    yield False
+                assert raw_tag[slot] == gc, f"producer decodes chunk {gc} from slot {slot} holding {raw_tag[slot]}"
+                raw_read[slot] = True
+                yield True  # named barrier: every thread has read the slot
+                if c + slots < chunks and not refill_early:
+                    issue_w(gc + slots)
             while not empty[s].passed(kw.free_parity(g, stages)):
                 yield False
             full[s].arrive()  # the elected thread's arrive.expect_tx ...
@@ -61,7 +94,15 @@ def simulate(k_tiles: int, stages: int, rng: random.Random, tiles: int = 1) -> N
     def tma():  # copies complete in any order, any time after they were issued
         while True:
             if tma_queue and rng.random() < 0.5:
-                s, kt = tma_queue.pop(rng.randrange(len(tma_queue)))
+                item = tma_queue.pop(rng.randrange(len(tma_queue)))
+                if item[0] == "raw":
+                    _, slot, chunk = item
+                    assert raw_read[slot], f"W chunk {chunk} lands in slot {slot} before chunk {raw_tag[slot]} was read"
+                    raw_tag[slot], raw_read[slot] = chunk, False
+                    raw_tx[slot] -= 1
+                    yield True
+                    continue
+                s, kt = item
                 assert not reading[s], f"TMA writes stage {s} (tile {kt}) while wgmma reads it"
                 b_tag[s] = kt
                 tx_pending[s] -= 1
@@ -116,6 +157,25 @@ def test_pipeline_protocol(stages, tiles):
     for k_tiles in (1, 2, 3, stages, stages + 1, 2 * stages + 1, 16):
         for _ in range(30):
             simulate(k_tiles, stages, rng, tiles)
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_pipeline_protocol_w_tma(stages, tiles):
+    """W by TMA: K tiles in pairs (k % 128 == 0), 1 to 10 chunks per tile, 1 or 3 tiles per CTA."""
+    rng = random.Random(100 + stages)
+    for k_tiles in (2, 4, 6, 2 * stages, 20):
+        for _ in range(30):
+            simulate(k_tiles, stages, rng, tiles, w_tma=True)
+
+
+def test_w_tma_protocol_check_can_fail():
+    """A slot refilled before the producer has read it (the refill ahead of the wait, as if the named barrier
+    were missing) is caught: a copy lands in a slot whose chunk was not read yet, or a read finds the wrong
+    chunk."""
+    with pytest.raises(AssertionError):
+        for seed in range(20):
+            simulate(8, 3, random.Random(seed), w_tma=True, refill_early=True)
 
 
 def test_protocol_check_can_fail(monkeypatch):
