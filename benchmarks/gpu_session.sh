@@ -18,8 +18,9 @@
 #          and by TMA; at T = 1, 64 with the grouping kernel (the default) and NVFP4JAX_MOE_GROUP=xla  (~8 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
-#   multi-bench: on a multi-GPU kind: benchmarks/multi_device.py; source the CuTeDSL env first (the
-#          reference MoE dequantizes whole expert banks: V4-Pro ran out of memory that way, session 8) (~6 min)
+#   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
+#          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
+#          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
 #   all:   all nine single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
@@ -127,6 +128,9 @@ if [ "$stage" = multi ]; then
 fi
 if [ "$stage" = multi-bench ]; then
   n=$(nvidia-smi -L | wc -l)
+  NVFP4JAX_MESH_DEVICES=$n timeout 150 python3 -m pytest -o addopts= -q -p no:warnings --tb=short -rf \
+    tests/test_sharded_load.py > "$out/tests_sharded_load.log" 2>&1
+  echo "checkpoint loaded onto $n GPUs: $(tail -1 "$out/tests_sharded_load.log")"
   timeout 330 python3 benchmarks/multi_device.py --devices "$n" --jsonl "$out/multi_device.jsonl" \
     > "$out/multi_device.log" 2>&1
   grep -v -E "^[WE][0-9]{4} " "$out/multi_device.log" | tail -15

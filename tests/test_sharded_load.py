@@ -2,7 +2,9 @@
 
 The cases need 8 devices, fixed when JAX starts, so ``test_cases_on_eight_fake_cpu_devices`` re-runs
 this module in a subprocess with ``--xla_force_host_platform_device_count=8`` (as tests/test_sharding.py
-does) and the cases skip in a process with fewer devices. The checkpoint is a synthetic tiny one in the
+does) and the cases skip in a process with fewer devices. On a multi-GPU machine,
+``NVFP4JAX_MESH_DEVICES=N`` runs them directly on its N devices (for N = 2: meshes 1x2x1 and 1x1x2; the
+indivisible-axis case needs 8 devices and skips). The checkpoint is a synthetic tiny one in the
 official layout (MXFP4 experts and FP8 linears converted to NVFP4 while loading).
 """
 
@@ -20,13 +22,16 @@ from nvfp4jax.checkpoint.sharded import load_sharded
 from nvfp4jax.checkpoint.synthetic import write_checkpoint
 from nvfp4jax.config import preset
 from nvfp4jax.sharding import make_mesh, shard_batch, shard_model
-from tests._fake_devices import NUM_DEVICES, run_on_fake_devices
+from tests._fake_devices import MESH_DEVICES, NUM_DEVICES, run_on_fake_devices
 
-on_eight = pytest.mark.skipif(len(jax.devices()) < NUM_DEVICES, reason="runs in the 8-fake-device subprocess")
+on_eight = pytest.mark.skipif(len(jax.devices()) < MESH_DEVICES, reason="runs in the 8-fake-device subprocess")
+#: (data, tensor) meshes of the loading cases: 1 x 8 x 1 and 2 x 2 x 2 on 8 devices; 1 x N x 1 and 1 x N/2 x 2
+LOAD_MESHES = [(1, 1), (2, 2)] if MESH_DEVICES % 4 == 0 else [(1, 1), (1, 2)]
+LOGITS_MESH = LOAD_MESHES[-1]
 
 
 def test_cases_on_eight_fake_cpu_devices(tmp_path):
-    if len(jax.devices()) >= NUM_DEVICES:
+    if len(jax.devices()) >= MESH_DEVICES:
         pytest.skip("this process already has the devices; the cases run directly")
     run_on_fake_devices(__file__, tmp_path, timeout=900)
 
@@ -50,9 +55,10 @@ def _bytes(a) -> np.ndarray:
 
 
 @on_eight
-@pytest.mark.parametrize("data,tensor", [(1, 1), (2, 2)], ids=["1x8x1", "2x2x2"])
+@pytest.mark.parametrize("data,tensor", LOAD_MESHES,
+                         ids=[f"{d}x{MESH_DEVICES // (d * t)}x{t}" for d, t in LOAD_MESHES])
 def test_leaves_and_shardings_equal_shard_model(checkpoint_dir, loaded, data, tensor):
-    mesh = make_mesh(NUM_DEVICES, data=data, tensor=tensor)
+    mesh = make_mesh(MESH_DEVICES, data=data, tensor=tensor)
     expected = shard_model(loaded["nvfp4"], mesh)
     model, ckpt = load_sharded(checkpoint_dir, mesh, progress=False)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
@@ -66,23 +72,24 @@ def test_leaves_and_shardings_equal_shard_model(checkpoint_dir, loaded, data, te
         assert a.shape == e.shape and a.dtype == e.dtype, where
         np.testing.assert_array_equal(_bytes(a), _bytes(e), err_msg=where)
         split += not a.sharding.is_fully_replicated
-    # the routed experts (and, on 2x2x2, the tensor-parallel weights) really are split
+    # the routed experts (and, with tensor = 2, the tensor-parallel weights) really are split
     assert model.segments[0].blocks[0].ffn.w1.values.sharding.spec[1] == "expert"
     assert split >= (20 if tensor > 1 else 9), split
 
 
 @on_eight
 def test_sharded_logits_equal_single_device(checkpoint_dir, loaded, rng):
-    """bf16 recipe on mesh 2x2x2: equal up to the row-parallel sums' reassociation (see test_sharding)."""
+    """bf16 recipe on mesh 2x2x2 (two devices: 1x1x2): equal up to the row-parallel sums' reassociation
+    (see test_sharding)."""
     single_model = loaded["bf16"]
-    mesh = make_mesh(NUM_DEVICES, data=2, tensor=2)
+    mesh = make_mesh(MESH_DEVICES, data=LOGITS_MESH[0], tensor=LOGITS_MESH[1])
     model, _ = load_sharded(checkpoint_dir, mesh, recipe="bf16", progress=False)
     ids = jnp.asarray(rng.integers(0, single_model.cfg.vocab_size, (2, 9)), jnp.int32)
     forward = jax.jit(lambda m, t: m(t))
     single = np.asarray(forward(single_model, ids), np.float64)
     with jax.set_mesh(mesh):
         sharded = forward(model, shard_batch(ids, mesh))
-    assert sharded.sharding.num_devices == NUM_DEVICES
+    assert sharded.sharding.num_devices == MESH_DEVICES
     sharded = np.asarray(sharded, np.float64)
     assert np.all(np.isfinite(sharded))
     cos = np.sum(sharded * single, -1) / (np.linalg.norm(sharded, axis=-1) * np.linalg.norm(single, axis=-1))
@@ -97,6 +104,7 @@ def _count_reads(monkeypatch):
 
 
 @on_eight
+@pytest.mark.skipif(len(jax.devices()) < NUM_DEVICES, reason="needs 8 devices (meshes of 6 and 8)")
 def test_indivisible_axis_is_named_before_reading(checkpoint_dir, monkeypatch):
     calls = _count_reads(monkeypatch)
     with pytest.raises(ValueError) as e:  # 8 experts over 6 devices of the expert axis
@@ -125,7 +133,7 @@ def test_transient_single_device_memory_is_one_layer(checkpoint_dir, loaded, mon
     The sharded loader holds at most about one layer there; ``load_model`` holds the whole model.
     """
     peaks = {}
-    for name, load in (("sharded", lambda: load_sharded(checkpoint_dir, make_mesh(NUM_DEVICES), progress=False)),
+    for name, load in (("sharded", lambda: load_sharded(checkpoint_dir, make_mesh(MESH_DEVICES), progress=False)),
                        ("load_model", lambda: load_model(checkpoint_dir, progress=False))):
         seen, get = [], Checkpoint.get
 
