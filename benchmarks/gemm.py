@@ -58,8 +58,33 @@ def measure_ceilings(n: int = 1 << 30, d: int = 8192) -> tuple[float, float]:
     return 2 * 2 * n / t["copy"], 2 * d**3 / t["dot"]
 
 
-def bench_shape(n: int, k: int, ms) -> dict:
-    """{m: ({recipe: seconds}, bytes W4A4, FLOPs)} for one weight shape at each m."""
+def with_env(fn, env: dict[str, str]):
+    """``fn`` traced with the environment variables ``env`` set (the kernels read their options at trace
+    time); a new function object, so that ``jax.jit`` traces it afresh."""
+    def call(*args):
+        saved = {v: os.environ.get(v) for v in env}
+        os.environ.update(env)
+        try:
+            return fn(*args)
+        finally:
+            for v, old in saved.items():
+                if old is None:
+                    os.environ.pop(v, None)
+                else:
+                    os.environ[v] = old
+    return call
+
+
+def mode_env(mode: str) -> dict[str, str]:
+    """``--modes`` entry -> variables: ``PREFILL[:W]``, e.g. ``ws``, ``ws:tma``, ``one-warpgroup``."""
+    prefill, _, w = mode.partition(":")
+    return {kg.PREFILL_ENV: prefill, "NVFP4JAX_GEMM_WS_W": w or "regs"}
+
+
+def bench_shape(n: int, k: int, ms, modes=("",)) -> dict:
+    """{m: ({recipe: seconds}, bytes W4A4, FLOPs)} for one weight shape at each m; with ``modes``, our
+    recipes are keyed ``w4a4@mode`` / ``w4a16@mode``, each traced under :func:`mode_env`, and the
+    baselines are measured once."""
     rng = np.random.default_rng(0)
     w32 = jnp.asarray(rng.standard_normal((n, k)).astype(np.float32) * 0.02)
     w = kg.as_tiled(jax.jit(quantize)(w32))  # the layout a loaded model holds (no per-call rearrangement)
@@ -69,13 +94,17 @@ def bench_shape(n: int, k: int, ms) -> dict:
     cases, ours = {}, set()
     for m in ms:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-        cases[f"{m}:w4a4"] = (kg.nvfp4_gemm, (kq.quantize_nvfp4(x), w))
-        cases[f"{m}:w4a16"] = (kg.nvfp4_gemm, (x, w))
+        xq = kq.quantize_nvfp4(x)
+        for mode in modes:
+            at = f"@{mode}" if mode else ""
+            gemm = with_env(kg.nvfp4_gemm, mode_env(mode)) if mode else kg.nvfp4_gemm
+            cases[f"{m}:w4a4{at}"] = (gemm, (xq, w))
+            cases[f"{m}:w4a16{at}"] = (gemm, (x, w))
+            ours |= {f"{m}:w4a4{at}", f"{m}:w4a16{at}"}
         cases[f"{m}:bf16"] = (xla_dot, (x, wb))
         cases[f"{m}:fp8"] = (xla_dot, (x.astype(jnp.float8_e4m3fn), w8))
-        ours |= {f"{m}:w4a4", f"{m}:w4a16"}
     t = timed_cases(cases, ours)
-    return {m: ({r: t[f"{m}:{r}"] for r in ("w4a4", "w4a16", "bf16", "fp8")},
+    return {m: ({r.split(":", 1)[1]: v for r, v in t.items() if r.split(":", 1)[0] == str(m)},
                 n * k * 0.5625 + m * k * 0.5625 + 2 * m * n, 2.0 * m * n * k) for m in ms}
 
 
@@ -102,6 +131,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new shapes after this")
     ap.add_argument("--m", default="", help="comma list of m values for every shape (overrides --quick's)")
     ap.add_argument("--no-quantize", action="store_true", help="skip the quantize table")
+    ap.add_argument("--modes", default="", help="comma list of prefill kernel modes timed side by side, "
+                    "PREFILL[:W] (e.g. ws,ws:tma,one-warpgroup): a row per mode, the baselines measured once")
     args = ap.parse_args()
     t_start = time.time()
     dev = jax.devices()[0].device_kind
@@ -110,6 +141,9 @@ def main():
     prefill = {"auto": f"one-warpgroup (gemm) below {kg.WS_DENSE_MIN_M} rows, warp-specialized (gemm_ws) from there",
                "one-warpgroup": "one-warpgroup (gemm)"}.get(mode, "warp-specialized (gemm_ws)")
     prefill = f"{prefill}, NVFP4JAX_GEMM_PREFILL={mode}; gemm_ws's W4A4 includes dequant_rows of X"
+    if args.modes:
+        prefill = ("per row the mode in brackets, NVFP4JAX_GEMM_PREFILL[:NVFP4JAX_GEMM_WS_W] (baselines shared); "
+                   "gemm_ws's W4A4 includes dequant_rows of X")
     lines = [f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev}); "
              "device kernel times from the profiler trace, L2 flushed before each call (benchmarks/_timing.py); "
              f"m > 64: {prefill}", ""]
@@ -143,13 +177,18 @@ def main():
             lines.append(f"| (stopped by the time budget at {model} {name}: later shapes not measured) |")
             print(lines[-1], flush=True)
             break
-        for m, (t, nbytes, flops) in bench_shape(n, k, ms).items():
+        modes = tuple(filter(None, args.modes.split(","))) or ("",)
+        for m, (t, nbytes, flops) in bench_shape(n, k, ms, modes).items():
             roof = max(nbytes / bw, flops / peak)
-            line = (f"| {model} | {name} | {n} | {k} | {m} | {t['w4a4'] * 1e6:.1f} | {t['w4a16'] * 1e6:.1f} | "
-                    f"{t['bf16'] * 1e6:.1f} | {t['fp8'] * 1e6:.1f} | {roof * 1e6:.1f} | {100 * roof / t['w4a4']:.0f} | "
-                    f"{t['bf16'] / t['w4a4']:.2f} | {t['bf16'] / t['w4a16']:.2f} |")
-            lines.append(line)
-            print(line, flush=True)
+            for mode in modes:
+                at = f"@{mode}" if mode else ""
+                a4, a16 = t[f"w4a4{at}"], t[f"w4a16{at}"]
+                label = f"{name} [{mode}]" if mode else name
+                line = (f"| {model} | {label} | {n} | {k} | {m} | {a4 * 1e6:.1f} | {a16 * 1e6:.1f} | "
+                        f"{t['bf16'] * 1e6:.1f} | {t['fp8'] * 1e6:.1f} | {roof * 1e6:.1f} | {100 * roof / a4:.0f} | "
+                        f"{t['bf16'] / a4:.2f} | {t['bf16'] / a16:.2f} |")
+                lines.append(line)
+                print(line, flush=True)
     if args.out:
         append_results(args.out, "nvfp4_gemm / quantize_nvfp4", lines)
 

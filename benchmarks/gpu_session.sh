@@ -12,8 +12,8 @@
 #          tile and persistent) and of the MoE grouping kernel (group)                         (~7 min)
 #   ws-tma: the gemm_ws GPU tests with W by TMA (NVFP4JAX_GEMM_WS_W=tma, session 8, not yet run on a GPU);
 #          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~5 min)
-#   ws-gemm: prefill GEMM tables: gemm_ws with W to registers and by TMA (m 4096, 16384), the
-#          one-warpgroup kernel at m 4096                                                      (~9 min)
+#   ws-gemm: one prefill GEMM table (m 4096, 16384), gemm_ws with W to registers and by TMA and the
+#          one-warpgroup kernel side by side (benchmarks/gemm.py --modes)                      (~9 min)
 #   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers
 #          and by TMA; at T = 1, 64 with the grouping kernel (the default) and NVFP4JAX_MOE_GROUP=xla  (~8 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
@@ -93,15 +93,10 @@ if [ "$stage" = ws-tma ] || [ "$stage" = all ]; then
   fi
 fi
 if [ "$stage" = ws-gemm ] || [ "$stage" = all ]; then
-  B="python3 benchmarks/gemm.py --no-quantize --names wq_a,wq_b,wo_b"
-  NVFP4JAX_GEMM_PREFILL=ws timeout 190 $B --m 4096,16384 --budget-s 150 --out "$out/RESULTS_gemm_ws.md" \
-    > "$out/gemm_ws.log" 2>&1
-  echo "ws, W to registers:"; grep -E "^\| (flash|pro)|stopped" "$out/gemm_ws.log"
-  NVFP4JAX_GEMM_WS_W=tma NVFP4JAX_GEMM_PREFILL=ws timeout 190 $B --m 4096,16384 --budget-s 150 \
-    --out "$out/RESULTS_gemm_ws_tma.md" > "$out/gemm_ws_tma.log" 2>&1
-  echo "ws, W by TMA:"; grep -E "^\| (flash|pro)|stopped" "$out/gemm_ws_tma.log"
-  NVFP4JAX_GEMM_PREFILL=one-warpgroup timeout 120 $B --m 4096 --budget-s 90 > "$out/gemm_one-warpgroup.log" 2>&1
-  echo "one-warpgroup:"; grep -E "^\| (flash|pro)|stopped" "$out/gemm_one-warpgroup.log"
+  # one process: each shape's baselines (XLA's autotuning) once, the modes side by side
+  timeout 560 python3 benchmarks/gemm.py --no-quantize --names wq_a,wq_b,wo_b,shared.w1/w3 --m 4096,16384 \
+    --modes ws,ws:tma,one-warpgroup --budget-s 470 --out "$out/RESULTS_gemm_ws.md" > "$out/gemm_ws.log" 2>&1
+  grep -E "^\| (flash|pro)|stopped" "$out/gemm_ws.log"
 fi
 if [ "$stage" = ws-moe ] || [ "$stage" = all ]; then
   M="python3 benchmarks/moe.py --budget-s 90"
