@@ -51,6 +51,33 @@ def loop_counts(sass: str) -> collections.Counter:
     return ops
 
 
+def producer_loop_counts(sass: str) -> collections.Counter:
+    """gemm_ws: opcode counts of the producer's K loop (two K tiles per trip): between the producer's
+    ``USETMAXREG.DEALLOC`` and the consumers' ``USETMAXREG.TRY_ALLOC``, the longest backward branch whose
+    body holds a ``SYNCS`` barrier wait and shared stores (the per-tile loop around it is longer but is
+    taken once per tile)."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    lo = next(i for i, ln in enumerate(lines) if "USETMAXREG.DEALLOC" in ln)
+    hi = next(i for i, ln in enumerate(lines) if "USETMAXREG.TRY_ALLOC" in ln)
+    best = None
+    for i in range(lo, hi):
+        m = re.search(r"BRA (0x[0-9a-f]+)", lines[i])
+        if not m or int(m.group(1), 16) >= addr[i]:
+            continue
+        start = addr.index(int(m.group(1), 16))
+        body = lines[start:i + 1]
+        if any("STS" in ln for ln in body) and any("SYNCS.PHASECHK" in ln for ln in body):
+            if best is None or (i - start) < (best[1] - best[0]):  # the innermost such loop
+                best = (start, i)
+    ops = collections.Counter()
+    for ln in lines[best[0]:best[1] + 1]:
+        words = ln.split("*/", 1)[1].split()
+        op = words[1] if words[0].startswith("@") else words[0]
+        ops[op.split(".")[0].rstrip(";")] += 1
+    return ops
+
+
 def region_registers(sass: str) -> list[tuple[str, int]]:
     """(the ``USETMAXREG`` instruction, highest register index + 1 used after it up to the next one)."""
     lines = sass.splitlines()
@@ -97,19 +124,24 @@ def main() -> None:
                                            gate_up=gate_up, swiglu_limit=10.0)
             io = _grouped_io(cfg, args.m, rows, args.experts, args.n, args.k, gate_up)
             ptx = compile_ptx(km._kernel(cfg), *io, tmp)
-        # the CuTeDSL PTX says ISA 9.4; ptxas 13.0 takes 9.0 and the kernel uses nothing newer
-        (Path(tmp) / "k.ptx").write_text(ptx.replace(".version 9.4", ".version 9.0"))
-        ptxas = os.environ.get("PTXAS", "/usr/local/cuda-13.0/bin/ptxas")
-        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", "k.ptx", "-o", "k.cubin"], cwd=tmp,
-                             capture_output=True, text=True, check=True)
+        from tests.kernels.test_compile import assemble_sm90a, ptxas_path
+
+        ptxas = ptxas_path()
+        if ptxas is None:
+            sys.exit("no ptxas: set $PTXAS (CUDA 13)")
+        report = assemble_sm90a(ptx, tmp, ptxas)
         sass = subprocess.run([os.environ.get("CUOBJDUMP", "cuobjdump"), "-sass", "k.cubin"], cwd=tmp,
                               capture_output=True, text=True, check=True).stdout
     if args.sass_out:
         Path(args.sass_out).write_text(sass)
     print(cfg)
-    print(" ".join(ln.split("info    : ")[-1] for ln in res.stderr.splitlines() if "Used" in ln or "spill" in ln))
+    print(" ".join(ln.split("info    : ")[-1] for ln in report.splitlines() if "Used" in ln or "spill" in ln))
     for instr, regs in region_registers(sass):
         print(f"after {instr}: registers used {regs}")
+    if args.kind == "ws":
+        prod = producer_loop_counts(sass)
+        print(f"producer K loop: {sum(prod.values()) / 2:.0f} instructions per K tile per warp (two K tiles per trip)")
+        print("  " + ", ".join(f"{op} {c}" for op, c in prod.most_common(12)))
     ops = loop_counts(sass)
     print(f"K loop: {sum(ops.values())} instructions per K tile per warp")
     print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common()))

@@ -38,20 +38,34 @@ def compile_ptx(launcher, inputs, outputs, out_spec, dump_dir) -> str:
     return compiled.__ptx__
 
 
-def _ptxas_fits(ptx: str, tmp_path, max_regs: int) -> None:
-    """Where ptxas is installed (CUDA 13; ``$PTXAS``): the PTX assembles for sm_90a within ``max_regs``
-    registers per thread, without spills."""
+def ptxas_path() -> str | None:
+    """ptxas (CUDA 13: ``$PTXAS``, on the PATH, or /usr/local/cuda-13.0), or None where there is none."""
     import os
     import shutil
-    import subprocess
 
     ptxas = os.environ.get("PTXAS") or shutil.which("ptxas") or "/usr/local/cuda-13.0/bin/ptxas"
-    if not os.path.exists(ptxas):
+    return ptxas if os.path.exists(ptxas) else None
+
+
+def assemble_sm90a(ptx: str, workdir, ptxas: str) -> str:
+    """``ptx`` assembled for sm_90a into ``workdir/k.cubin``; returns ptxas's ``-v`` report. CuTeDSL writes
+    a newer PTX ISA version than ptxas 13.0 reads; the kernels use nothing past 9.0, so it is lowered."""
+    import subprocess
+    from pathlib import Path
+
+    src = Path(workdir) / "k.ptx"
+    src.write_text(re.sub(r"^\.version 9\.\d+", ".version 9.0", ptx, flags=re.M))
+    return subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(Path(workdir) / "k.cubin")],
+                          capture_output=True, text=True, check=True).stderr
+
+
+def _ptxas_fits(ptx: str, tmp_path, max_regs: int) -> None:
+    """Where ptxas is installed: the PTX assembles for sm_90a within ``max_regs`` registers per thread,
+    without spills."""
+    ptxas = ptxas_path()
+    if ptxas is None:
         return
-    src = tmp_path / "k.ptx"
-    src.write_text(re.sub(r"^\.version 9\.\d+", ".version 9.0", ptx, flags=re.M))  # ptxas 13.0 reads <= 9.0
-    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True, check=True).stderr
+    out = assemble_sm90a(ptx, tmp_path, ptxas)
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     assert regs <= max_regs and "0 bytes spill stores" in out, out
 
