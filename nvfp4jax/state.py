@@ -33,7 +33,8 @@ from jaxtyping import Array, Bool, Float, Int, UInt8
 
 from nvfp4jax.config import DeepSeekV4Config
 from nvfp4jax.formats.e2m1 import e4m3_to_float
-from nvfp4jax.formats.e8m0 import ceil_log2_quotient, pow2
+from nvfp4jax.formats.e8m0 import pow2
+from nvfp4jax.ref.quant_sim import fp8_blocks
 
 KV_BLOCK = 64
 
@@ -51,10 +52,7 @@ class KVRows(eqx.Module):
         lead = nope.shape[:-1]
         if not simulate:
             return KVRows(nope, jnp.full((*lead, nope_dim // KV_BLOCK), 127, jnp.uint8), rope)
-        b = nope.astype(jnp.float32).reshape(*lead, nope_dim // KV_BLOCK, KV_BLOCK)
-        # exact: ceil(log2(max(amax, 1e-4) / 448)), and b / 2**e as the product with 2**-e (e >= -22)
-        e = ceil_log2_quotient(jnp.maximum(jnp.max(jnp.abs(b), axis=-1, keepdims=True), jnp.float32(1e-4)), 448.0)
-        codes = jnp.clip(b * pow2(-e), -448.0, 448.0).astype(jnp.float8_e4m3fn)
+        codes, e = fp8_blocks(nope, KV_BLOCK)  # exactly what ref.quant_sim.fp8_simulate rounds to
         return KVRows(codes.reshape(nope.shape), (e[..., 0] + 127).astype(jnp.uint8), rope)
 
     def decode(self, dtype) -> Float[Array, "*rows dim"]:

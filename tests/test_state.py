@@ -216,3 +216,23 @@ def test_decode_in_the_default_nvfp4_bf16_recipe(rng):
     got = np.concatenate(got)
     cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
     assert cos.min() >= 0.999, cos.min()
+
+
+def test_kv_rows_store_exactly_the_fp8_simulation(rng):
+    """A cached KV row decodes to exactly what the model's FP8 simulation computes (``fp8_simulate`` on the
+    non-rope channels, the rope channels as given), including blocks below the 1e-4 amax floor, zero
+    blocks and values at the E4M3 limit; without the simulation the channels are stored as given."""
+    from nvfp4jax.ref.quant_sim import fp8_simulate
+    from nvfp4jax.state import KV_BLOCK, KVRows
+
+    nope_dim, rope_dim = 3 * KV_BLOCK, 16
+    kv = rng.standard_normal((2, 5, nope_dim + rope_dim)).astype(np.float32) * np.float32(3.0)
+    kv[0, 0, :KV_BLOCK] = 0.0  # a zero block
+    kv[0, 1, KV_BLOCK:2 * KV_BLOCK] *= np.float32(1e-7)  # amax below the floor
+    kv[1, 2, :KV_BLOCK] *= np.float32(1e4)  # large scale
+    kv = jnp.asarray(kv, jnp.bfloat16)
+    got = KVRows.encode(kv, nope_dim, True).decode(jnp.float32)
+    want = jnp.concatenate([fp8_simulate(kv[..., :nope_dim].astype(jnp.float32)), kv[..., nope_dim:].astype(jnp.float32)], -1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    plain = KVRows.encode(kv, nope_dim, False).decode(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(kv, np.float32))

@@ -21,13 +21,20 @@ def _scale_exponent(amax: Array, floor: float, top: float) -> Array:
     return ceil_log2_quotient(jnp.maximum(amax, jnp.float32(floor)), top)
 
 
-def fp8_simulate(x: Float[Array, "*rows dim"], block: int = 64) -> Float[Array, "*rows dim"]:
-    """Per ``block`` channels: ``s = 2^ceil(log2(max(amax, 1e-4) / 448))``, ``x <- e4m3(x / s) * s``."""
+def fp8_blocks(x: Float[Array, "*rows dim"], block: int = 64):
+    """The FP8 simulation's stored form: per ``block`` channels the E4M3 codes of ``x / s`` (``[*rows,
+    dim // block, block]``) and the exponent ``e`` of ``s = 2^e = 2^ceil(log2(max(amax, 1e-4) / 448))``
+    (int32, ``[*rows, dim // block, 1]``). The KV cache stores exactly these (``state.KVRows``)."""
     xf = x.astype(jnp.float32)
     b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
     e = _scale_exponent(jnp.max(jnp.abs(b), axis=-1, keepdims=True), 1e-4, 448.0)
-    q = e4m3_to_float(jnp.clip(b * pow2(-e), -448.0, 448.0).astype(jnp.float8_e4m3fn))
-    return (q * pow2(e)).reshape(xf.shape).astype(x.dtype)
+    return jnp.clip(b * pow2(-e), -448.0, 448.0).astype(jnp.float8_e4m3fn), e
+
+
+def fp8_simulate(x: Float[Array, "*rows dim"], block: int = 64) -> Float[Array, "*rows dim"]:
+    """Per ``block`` channels: ``s = 2^ceil(log2(max(amax, 1e-4) / 448))``, ``x <- e4m3(x / s) * s``."""
+    codes, e = fp8_blocks(x, block)
+    return (e4m3_to_float(codes) * pow2(e)).reshape(x.shape).astype(x.dtype)
 
 
 def fp4_simulate(x: Float[Array, "*rows dim"], block: int = 32) -> Float[Array, "*rows dim"]:
