@@ -117,6 +117,7 @@ PREFILL_ENV = "NVFP4JAX_GEMM_PREFILL"  # one of PREFILL_MODES (uses_ws_prefill);
 PREFILL_MODES = ("auto", "ws", "ws-persistent", "one-warpgroup")
 #: auto: dense calls of at least this many rows go to gemm_ws. H200, session 8 (Flash wq_a, n 1024, k 4096):
 #: gemm_ws / one-warpgroup time 0.79 (W4A4) and 0.63 (W4A16) at m = 16384, 1.12 and 0.97 at 4096, 1.4 at 1024
+#: (gemm_ws then ran 128-token tiles at m = 4096; it now takes 256 there, gemm_ws.TILE_CYCLES: not yet timed)
 WS_DENSE_MIN_M = 8192
 
 
