@@ -40,9 +40,10 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
   $T timeout 200 $P tests/kernels/test_quantize.py "tests/kernels/test_gemm.py::test_gemm_decode_paths" \
     "tests/kernels/test_moe.py::test_moe_decode_paths" > "$out/tests_first.log" 2>&1
   echo "first: $(tail -1 "$out/tests_first.log")"
+  # gemm_ws and the grouping kernel have their own stages (ws, ws-tma)
   $T timeout 340 $P tests/kernels --deselect tests/kernels/test_quantize.py \
     --deselect tests/kernels/test_gemm.py::test_gemm_decode_paths --deselect tests/kernels/test_moe.py::test_moe_decode_paths \
-    > "$out/tests_rest.log" 2>&1
+    --ignore tests/kernels/test_gemm_ws.py --ignore tests/kernels/test_group.py > "$out/tests_rest.log" 2>&1
   echo "rest: $(tail -1 "$out/tests_rest.log")"
   grep -E "^FAILED" "$out/tests_first.log" "$out/tests_rest.log" | head -20
 fi
