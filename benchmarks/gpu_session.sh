@@ -90,7 +90,7 @@ if [ "$stage" = ws-tma ] || [ "$stage" = all ]; then
   grep -E "^FAILED" "$out/tests_ws_tma.log" | head -20
   if grep -q -E "^FAILED.*test_(gemm|moe_on)_ws" "$out/tests_ws.log" "$out/tests_ws_tma.log" 2>/dev/null \
      || ! grep -q -E "passed" "$out/tests_ws_tma.log"; then  # where it is wrong (or hangs), for the next fix
-    timeout 200 python3 benchmarks/diagnose_ws.py > "$out/diagnose_ws.log" 2>&1; tail -25 "$out/diagnose_ws.log"
+    timeout 150 python3 benchmarks/diagnose_ws.py > "$out/diagnose_ws.log" 2>&1; tail -25 "$out/diagnose_ws.log"
   fi
 fi
 if [ "$stage" = ws-gemm ] || [ "$stage" = all ]; then
