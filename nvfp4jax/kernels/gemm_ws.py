@@ -318,27 +318,14 @@ class GemmPrefillSm90:
                 sB: cute.Tensor, full, empty, k_tiles, bw, start, done):
         """Warpgroup 0, one tile: per K tile, wait for its stage to be free, TMA X into it, decode W into
         it. ``done``: K tiles this CTA pipelined before this tile (stage and parity continue)."""
-        cfg = self.cfg
-        tidx, _, _ = cute.arch.thread_idx()
-        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        # X: the [tile_t, 64] box at row `start`, K tile kt -> B stage s (rows past X's end read as zeros)
-        gX = cute.local_tile(cute.domain_offset((start, 0), mX), (cfg.tile_t, KSTAGE), (0, None))
-        tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
-                                           cute.group_modes(gX, 0, 2))
-        x_bytes = cfg.tile_t * KSTAGE * 2
-        # W: thread (row, chunk) as gemm.thread_coords (plain order for K tiles of 64); pass p covers tile
-        # rows 64p .. 64p + 63: W rows bw * 128 + those, or (gate_up) the same 64 rows of W1 then of W3
-        per_row = KSTAGE // self.w_chunk
-        w_row_in_pass, w_part = kg.thread_coords(tidx, per_row, self.w_rows_pp, KSTAGE)
+        tXsX, tXgX, w_row_in_pass, w_part, tAsA, bufs, tWrD = self.producer_setup(tma_atom, mX, sA, sB, start)
+        # pass p covers tile rows 64p .. 64p + 63: W rows bw * 128 + those, or (gate_up) the same 64 rows
+        # of W1 then of W3
         w_row0 = bw * self.out_w + w_row_in_pass
         gW = (cute.local_tile(wv, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
               cute.local_tile(ws, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
         gW3 = (cute.local_tile(w3v, (1, 1, 1, self.w_chunk // 2), (None,) * 4),
                cute.local_tile(w3s, (1, 1, 1, self.w_chunk // BLOCK), (None,) * 4))
-        tAsA = kg.store_copy(KSTAGE, self.w_rows_pp, self.w_chunk).get_slice(tidx).partition_D(sA)
-        bufs = [(cute.make_rmem_tensor((self.w_chunk // 2, self.w_passes), Uint8),
-                 cute.make_rmem_tensor((self.w_chunk // BLOCK, self.w_passes), Uint8)) for _ in range(2)]
-        tWrD = cute.make_rmem_tensor((self.w_chunk, self.w_passes), BFloat16)
 
         self.load_w(0, gW, gW3, bufs[0], w_row0, w_part)
         # two K tiles per trip so that the register buffer of each is static
@@ -346,21 +333,45 @@ class GemmPrefillSm90:
             for j in cutlass.range_constexpr(2):
                 kt = kt0 + j
                 if kt < k_tiles:
-                    g = done + kt
-                    s = g % cfg.stages
                     if kt + 1 < k_tiles:
                         self.load_w(kt + 1, gW, gW3, bufs[1 - j], w_row0, w_part)
-                    # the stage's previous contents (pipelined K tile g - stages) have been consumed
-                    cute.arch.mbarrier_wait(empty + s, free_parity(g, cfg.stages))
-                    if warp == 0:
-                        with cute.arch.elect_one():
-                            cute.arch.mbarrier_arrive_and_expect_tx(full + s, x_bytes)
-                        cute.copy(tma_atom, tXgX[None, kt], tXsX[None, s], tma_bar_ptr=full + s)
-                    for p in cutlass.range_constexpr(self.w_passes):
-                        dequant_nvfp4_chunk(bufs[j][0][None, p], bufs[j][1][None, p], tWrD[None, p])
-                        cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, s])
-                    cute.arch.fence_proxy("async.shared", space="cta")
-                    cute.arch.mbarrier_arrive(full + s)
+                    self.fill_stage(tma_atom, tXsX, tXgX, full, empty, kt, done + kt, bufs[j], tWrD, tAsA)
+
+    def producer_setup(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, sA: cute.Tensor, sB: cute.Tensor, start):
+        """What both producers use (trace time): X's TMA views (the ``[tile_t, 64]`` box at row ``start``,
+        K tile ``kt`` -> B stage ``s``; rows past X's end read as zeros), this thread's (row in the pass,
+        chunk) of W as :func:`gemm.thread_coords` (plain order for K tiles of 64), its view of the A stages
+        for the 16-byte stores, and its register buffers: two K tiles of codes and scales, one decoded."""
+        cfg = self.cfg
+        tidx, _, _ = cute.arch.thread_idx()
+        gX = cute.local_tile(cute.domain_offset((start, 0), mX), (cfg.tile_t, KSTAGE), (0, None))
+        tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
+                                           cute.group_modes(gX, 0, 2))
+        w_row, w_part = kg.thread_coords(tidx, KSTAGE // self.w_chunk, self.w_rows_pp, KSTAGE)
+        tAsA = kg.store_copy(KSTAGE, self.w_rows_pp, self.w_chunk).get_slice(tidx).partition_D(sA)
+        bufs = [(cute.make_rmem_tensor((self.w_chunk // 2, self.w_passes), Uint8),
+                 cute.make_rmem_tensor((self.w_chunk // BLOCK, self.w_passes), Uint8)) for _ in range(2)]
+        tWrD = cute.make_rmem_tensor((self.w_chunk, self.w_passes), BFloat16)
+        return tXsX, tXgX, w_row, w_part, tAsA, bufs, tWrD
+
+    @cute.jit
+    def fill_stage(self, tma_atom: cute.CopyAtom, tXsX, tXgX, full, empty, kt, g, buf, tWrD, tAsA):
+        """Pipelined K tile ``g`` (the tile's ``kt``): once its stage is free (its previous contents, K tile
+        ``g - stages``, consumed), TMA X into it, decode this thread's W codes and scales ``buf`` into it,
+        fence the stores for the async proxy and arrive on ``full``."""
+        cfg = self.cfg
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        s = g % cfg.stages
+        cute.arch.mbarrier_wait(empty + s, free_parity(g, cfg.stages))
+        if warp == 0:
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive_and_expect_tx(full + s, cfg.tile_t * KSTAGE * 2)
+            cute.copy(tma_atom, tXgX[None, kt], tXsX[None, s], tma_bar_ptr=full + s)
+        for p in cutlass.range_constexpr(self.w_passes):
+            dequant_nvfp4_chunk(buf[0][None, p], buf[1][None, p], tWrD[None, p])
+            cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, s])
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.mbarrier_arrive(full + s)
 
     @cute.jit
     def produce_w_tma(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mWv: cute.Tensor, sA: cute.Tensor,
@@ -381,12 +392,8 @@ class GemmPrefillSm90:
         ``2 * RAW_SLOTS`` K tiles ahead. ``done``: K tiles this CTA pipelined before (even: chunks continue
         across tiles as ``done // 2``)."""
         cfg = self.cfg
-        tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        gX = cute.local_tile(cute.domain_offset((start, 0), mX), (cfg.tile_t, KSTAGE), (0, None))
-        tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
-                                           cute.group_modes(gX, 0, 2))
-        x_bytes = cfg.tile_t * KSTAGE * 2
+        tXsX, tXgX, w_row, w_part, tAsA, bufs, tWrD = self.producer_setup(tma_atom, mX, sA, sB, start)
         # slot views: TMA boxes [64, 64] codes / [32, 16] scales per (slot, block) = slot * 2 + block ...
         slots = 2 * RAW_SLOTS
         sCodes = storage.raw_codes.get_tensor(cute.make_layout((64, 64, slots), stride=(64, 1, BLOCK_CODE_BYTES)))
@@ -407,11 +414,6 @@ class GemmPrefillSm90:
         nb, kb = mWv.shape[cute.rank(mWv) - 4], mWv.shape[cute.rank(mWv) - 3]
         rb0 = e * nb + bw * self.out_w // TILE_ROWS
         per_row = KSTAGE // self.w_chunk
-        w_row, w_part = kg.thread_coords(tidx, per_row, self.w_rows_pp, KSTAGE)
-        tAsA = kg.store_copy(KSTAGE, self.w_rows_pp, self.w_chunk).get_slice(tidx).partition_D(sA)
-        bufs = [(cute.make_rmem_tensor((self.w_chunk // 2, self.w_passes), Uint8),
-                 cute.make_rmem_tensor((self.w_chunk // BLOCK, self.w_passes), Uint8)) for _ in range(2)]
-        tWrD = cute.make_rmem_tensor((self.w_chunk, self.w_passes), BFloat16)
         chunks = k_tiles // 2
         cdone = done // 2
         if warp == 0:
@@ -437,19 +439,7 @@ class GemmPrefillSm90:
                     with cute.arch.elect_one():
                         self.issue_w(parts, raw_full, slot, rb0, kb, c + RAW_SLOTS)
             for j in cutlass.range_constexpr(2):
-                kt = 2 * c + j
-                g = done + kt
-                s = g % cfg.stages
-                cute.arch.mbarrier_wait(empty + s, free_parity(g, cfg.stages))
-                if warp == 0:
-                    with cute.arch.elect_one():
-                        cute.arch.mbarrier_arrive_and_expect_tx(full + s, x_bytes)
-                    cute.copy(tma_atom, tXgX[None, kt], tXsX[None, s], tma_bar_ptr=full + s)
-                for p in cutlass.range_constexpr(self.w_passes):
-                    dequant_nvfp4_chunk(bufs[j][0][None, p], bufs[j][1][None, p], tWrD[None, p])
-                    cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, s])
-                cute.arch.fence_proxy("async.shared", space="cta")
-                cute.arch.mbarrier_arrive(full + s)
+                self.fill_stage(tma_atom, tXsX, tXgX, full, empty, 2 * c + j, done + 2 * c + j, bufs[j], tWrD, tAsA)
 
     @cute.jit
     def issue_w(self, parts, raw_full, slot, rb0, kb, chunk):
