@@ -20,8 +20,9 @@ For ``tokens x k <= MAX_ROWS`` (decode and short prefill chunks); larger calls k
 
 Status (session 8, H200): ``tests/kernels/test_group.py``'s bit-for-bit comparison with the XLA grouping
 passed (10 routings: random, experts without rows, every row on expert 0, k = 1, tiles of 16/64/128
-rows); the MoE layer with it, timed: V4-Flash T = 1 76.8 -> 64.3 us (NVFP4) and 70.6 -> 57.6 (W4A16),
-V4-Pro T = 1 148.4 -> 130.7 and 136.6 -> 117.6, T = 64 unchanged within 1% (``benchmarks/RESULTS.md``).
+rows); the MoE layer with it, timed: V4-Flash T = 1 64.3 us (NVFP4) and 57.6 (W4A16), V4-Pro T = 1 130.7
+and 117.6, against 76.8, 70.6, 148.4 and 136.6 with the XLA grouping in session 7's run on the same kind
+of card (not the same run); T = 64 within 1% (``benchmarks/RESULTS.md``).
 Hence the default where it applies; ``NVFP4JAX_MOE_GROUP=xla`` (read at trace time) keeps the XLA
 grouping for A/B runs. (The layer-level test ``test_moe_with_group_kernel`` was cut by the stage's time
 limit before it ran; the grouping's outputs being the same bits is what it rests on.)

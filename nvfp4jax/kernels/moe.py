@@ -24,12 +24,14 @@ both GEMMs on the warp-specialized prefill kernel instead (:func:`grouped_gemm_w
 :mod:`nvfp4jax.kernels.gemm_ws`; ``$NVFP4JAX_GEMM_PREFILL=ws`` for every call with more than 64 rows per
 expert, ``one-warpgroup`` for none): the L1 input is gathered into expert order by XLA first (``rows x
 dim`` BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads whole boxes of consecutive rows.
-H200, session 8: V4-Pro T = 16384 NVFP4 37.9 ms there against 46.3 ms here (measured); V4-Flash's
+H200, session 8: V4-Pro T = 16384 NVFP4 37.9 ms there against 46.3 ms here (session 7's run, same
+kind of card); V4-Flash's
 figure with the 256-row tiles it now gets is predicted (:func:`ws_grouped_auto`).
 
 Calls of up to 1024 rows do step 1 and the gathers of the routing weights and of the combine's inverse
 permutation in one kernel (:mod:`nvfp4jax.kernels.group`, same bits as :func:`group_rows_xla`; 13-19 us
-less per call at T = 1 on an H200, session 8); ``$NVFP4JAX_MOE_GROUP=xla`` keeps the XLA grouping.
+less per call at T = 1 on an H200: session 8 against session 7's run); ``$NVFP4JAX_MOE_GROUP=xla`` keeps
+the XLA grouping.
 
 What stays in XLA, by measurement (H100, ``benchmarks/RESULTS.md``): the sort/bincount/tile table and
 the combine touch ``tokens x k`` indices and ``tokens x k x dim`` BF16 values. In a V4-Flash layer at
@@ -193,7 +195,7 @@ def ws_tile(per_expert: int) -> int:
 def ws_grouped_auto(rows: int, experts: int) -> bool:
     """The grouped GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: the warp-specialized kernel from 256 rows
     per expert. H200, session 8, T = 16384: V4-Pro (256 rows per expert, tile 256) NVFP4 37.9 ms there
-    against 46.3 ms on the one-warpgroup kernel (measured). V4-Flash (384 per expert) measured 18.9 / 17.8
+    against 46.3 ms on the one-warpgroup kernel (session 7's run, same kind of card). V4-Flash (384 per expert) measured 18.9 / 17.8
     ms (NVFP4 / W4A16) there with 128-row tiles against 18.3 / 15.4; with the 256-row tiles it now gets
     (2 per expert instead of 3-4) ~12.5 ms W4A16 is predicted from the per-K-tile cycles, not measured."""
     return rows_per_expert(rows, experts) >= 256
