@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nvfp4jax.formats.nvfp4 import quantize, tile_weight  # noqa: E402
 from nvfp4jax.ref import gemm as ref  # noqa: E402
 from nvfp4jax.kernels import gemm as kg, gemm_ws as kw  # noqa: E402
-from tests.kernels._gpu import activations, poison_device_memory  # noqa: E402
+from tests.kernels._gpu import activations, fresh_jit, poison_device_memory  # noqa: E402
 
 
 def report(name: str, got, want, tile_t: int) -> None:
@@ -58,7 +58,10 @@ def main():
             cfg = kw.choose_prefill_config(m, n, act)
             print(f"running {mode} W {w_mode} m={m} n={n} k={k} act_nvfp4={act} {cfg}", flush=True)
             poison_device_memory()
-            got = jax.jit(kw.nvfp4_gemm_ws)(x, tile_weight(w)).block_until_ready()  # a fresh trace per case
+            # a fresh trace per case: jax.jit(kw.nvfp4_gemm_ws) would reuse the first mode's trace of these
+            # shapes (one trace cache per function), as it did until session 9 -- its W-by-TMA and
+            # persistent lines then timed the first mode's kernel and could not show their hang
+            got = fresh_jit(kw.nvfp4_gemm_ws)(x, tile_weight(w)).block_until_ready()
             report(f"{mode} W {w_mode} m={m} n={n} k={k} {'W4A4' if act else 'W4A16'} tile_t={cfg.tile_t}", got,
                    jax.jit(ref.nvfp4_gemm)(x, w), cfg.tile_t)
     xq = ref.quantize_nvfp4(activations(rng, 64, 256))

@@ -115,10 +115,11 @@ W_REGS_ENV = "NVFP4JAX_GEMM_W_REGS"  # "0": decode configs stage W in shared mem
 DECODE_CTAS_PER_SM = 4  # decode K split target (choose_config)
 PREFILL_ENV = "NVFP4JAX_GEMM_PREFILL"  # one of PREFILL_MODES (uses_ws_prefill); unset: auto
 PREFILL_MODES = ("auto", "ws", "ws-persistent", "one-warpgroup")
-#: auto: dense calls of at least this many rows go to gemm_ws. H200, session 8 (Flash wq_a, n 1024, k 4096):
-#: gemm_ws / one-warpgroup time 0.79 (W4A4) and 0.63 (W4A16) at m = 16384, 1.12 and 0.97 at 4096, 1.4 at 1024
-#: (gemm_ws then ran 128-token tiles at m = 4096; it now takes 256 there, gemm_ws.TILE_CYCLES: not yet timed)
-WS_DENSE_MIN_M = 8192
+#: auto: dense calls of at least this many rows go to gemm_ws. H200, session 9 (benchmarks/RESULTS.md): with
+#: 256-token tiles at m = 4096 (gemm_ws.TILE_CYCLES) gemm_ws / one-warpgroup time is 0.58-0.77 (W4A4) and
+#: 0.61-0.68 (W4A16) for Flash wq_a, wq_b, wo_b, shared w1/w3 at m = 4096, 0.57-0.79 / 0.61-0.67 at 16384;
+#: session 8: 1.4 at m = 1024 (64-token tiles, no K split). Between 1024 and 4096: not measured.
+WS_DENSE_MIN_M = 4096
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,13 +67,16 @@ What those timings showed (``TILE_CYCLES``): ~1400-1870 cycles per K tile whatev
 the producer, not the tensor cores, sets the pace (its ~300 instructions per K tile and warp take far
 fewer cycles), and what it waits for is most likely a global load's latency: W's loads are issued only
 one K tile ahead, and the ``MEMBAR.ALL.CTA`` that ``fence.proxy.async`` compiles to (SASS) may also wait
-for those in flight. Two consequences, both made after the device time (session 8), compiled and CPU-checked
-but not timed: (1) the token tile is chosen by waves x ``TILE_CYCLES`` (:func:`choose_prefill_config`,
-:func:`moe.ws_tile`), which gives 256-token tiles to Flash wq_a at m = 4096 (one wave instead of two of
-128) and to V4-Flash's MoE at T = 16384 (2 tiles per expert instead of 3-4 of 128); (2) W by TMA
-(``NVFP4JAX_GEMM_WS_W=tma``, :meth:`GemmPrefillSm90.produce_w_tma`): the packed W of each 128-K chunk
-arrives in shared slots ``2 * RAW_SLOTS`` K tiles ahead and the producer's only loads before its fence
-are from shared memory (opt-in until its GPU tests, ``gpu_session.sh ws-tma``, have passed).
+for those in flight. Two consequences (session 8): (1) the token tile is chosen by waves x ``TILE_CYCLES``
+(:func:`choose_prefill_config`, :func:`moe.ws_tile`), which gives 256-token tiles to Flash wq_a at
+m = 4096 (one wave instead of two of 128) and to V4-Flash's MoE at T = 16384 (2 tiles per expert instead
+of 3-4 of 128). Timed on an H200 in session 9: wq_a m = 4096 W4A16 61.9 us (99.7 with 128-token tiles;
+60 predicted; 0.73x XLA BF16), V4-Flash MoE T = 16384 12.6 ms W4A16 (17.8; 12.5 predicted), so the dense
+threshold is now 4096 rows. (2) W by TMA (``NVFP4JAX_GEMM_WS_W=tma``, :meth:`GemmPrefillSm90.produce_w_tma`):
+the packed W of each 128-K chunk arrives in shared slots ``2 * RAW_SLOTS`` K tiles ahead and the
+producer's only loads before its fence are from shared memory. Its first GPU run (session 9) hung: the
+copies ran inside ``elect_one`` (see :meth:`GemmPrefillSm90.issue_w`); fixed, compile-checked
+(``test_compile.nested_elects``), not yet re-run, so it stays opt-in.
 """
 
 from __future__ import annotations
@@ -416,11 +419,10 @@ class GemmPrefillSm90:
         per_row = KSTAGE // self.w_chunk
         chunks = k_tiles // 2
         cdone = done // 2
-        if warp == 0:
-            with cute.arch.elect_one():
-                for i in cutlass.range_constexpr(RAW_SLOTS):
-                    if i < chunks:
-                        self.issue_w(parts, raw_full, (cdone + i) % RAW_SLOTS, rb0, kb, i)
+        if warp == 0:  # the whole warp: each TMA copy elects its own thread (elect.sync, all 32 lanes)
+            for i in cutlass.range_constexpr(RAW_SLOTS):
+                if i < chunks:
+                    self.issue_w(parts, raw_full, (cdone + i) % RAW_SLOTS, rb0, kb, i)
         for c in cutlass.range(chunks, unroll=1):
             gc = cdone + c
             slot = gc % RAW_SLOTS
@@ -436,16 +438,19 @@ class GemmPrefillSm90:
             cute.arch.barrier(barrier_id=2, number_of_threads=WG)
             if warp == 0:
                 if c + RAW_SLOTS < chunks:
-                    with cute.arch.elect_one():
-                        self.issue_w(parts, raw_full, slot, rb0, kb, c + RAW_SLOTS)
+                    self.issue_w(parts, raw_full, slot, rb0, kb, c + RAW_SLOTS)
             for j in cutlass.range_constexpr(2):
                 self.fill_stage(tma_atom, tXsX, tXgX, full, empty, 2 * c + j, done + 2 * c + j, bufs[j], tWrD, tAsA)
 
     @cute.jit
     def issue_w(self, parts, raw_full, slot, rb0, kb, chunk):
-        """One thread: TMA copies of chunk ``chunk``'s codes and scales of the CTA's two 64-row blocks (row
-        blocks ``rb0``, ``rb0 + 1``; gate_up: block ``rb0`` of W1, then of W3) into raw slot ``slot``."""
-        cute.arch.mbarrier_arrive_and_expect_tx(raw_full + slot, RAW_BYTES)
+        """Warp 0, all 32 lanes: TMA copies of chunk ``chunk``'s codes and scales of the CTA's two 64-row
+        blocks (row blocks ``rb0``, ``rb0 + 1``; gate_up: block ``rb0`` of W1, then of W3) into raw slot
+        ``slot``; one lane arms ``raw_full``. Each ``cute.copy`` of a TMA atom compiles to its own
+        ``elect.sync`` over the full warp, so it must not run inside ``elect_one`` (session 8 did: the lone
+        lane's ``elect.sync`` waited for the other 31 and every W-by-TMA launch hung on the H200, session 9)."""
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive_and_expect_tx(raw_full + slot, RAW_BYTES)
         for p in cutlass.range_constexpr(2):
             atom_c, tcs, tcg, atom_s, tss, tsg = parts[p]
             rb = rb0

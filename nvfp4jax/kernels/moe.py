@@ -194,10 +194,11 @@ def ws_tile(per_expert: int) -> int:
 
 def ws_grouped_auto(rows: int, experts: int) -> bool:
     """The grouped GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: the warp-specialized kernel from 256 rows
-    per expert. H200, session 8, T = 16384: V4-Pro (256 rows per expert, tile 256) NVFP4 37.9 ms there
-    against 46.3 ms on the one-warpgroup kernel (session 7's run, same kind of card). V4-Flash (384 per expert) measured 18.9 / 17.8
-    ms (NVFP4 / W4A16) there with 128-row tiles against 18.3 / 15.4; with the 256-row tiles it now gets
-    (2 per expert instead of 3-4) ~12.5 ms W4A16 is predicted from the per-K-tile cycles, not measured."""
+    per expert. H200, T = 16384: V4-Pro (256 rows per expert, tile 256) NVFP4 37.9 ms (session 8), 37.4
+    (session 9) there against 46.3 ms on the one-warpgroup kernel (session 7's run, same kind of card).
+    V4-Flash (384 per expert): 18.9 / 17.8 ms (NVFP4 / W4A16) with 128-row tiles (session 8) against
+    18.3 / 15.4 on the one-warpgroup kernel; with the 256-row tiles it now gets (2 per expert instead of
+    3-4) 13.5 / 12.6 ms (session 9; 12.5 W4A16 had been predicted from the per-K-tile cycles)."""
     return rows_per_expert(rows, experts) >= 256
 
 

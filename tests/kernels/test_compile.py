@@ -35,7 +35,46 @@ def compile_ptx(launcher, inputs, outputs, out_spec, dump_dir) -> str:
         tuple(a.spec for a in in_args), tuple(a.spec for a in out_args), opts, False, (),
     )
     compiled = cute.compile(jit_wrapper, cuda.CUstream(0), *spec.get_compile_args(), wrapped_fn=launcher, spec=spec, options=opts)
-    return compiled.__ptx__
+    ptx = compiled.__ptx__
+    assert not nested_elects(ptx), f"elect.sync inside an elected region at PTX lines {nested_elects(ptx)}"
+    return ptx
+
+
+def nested_elects(ptx: str) -> list[int]:
+    """PTX lines of ``elect.sync`` instructions inside a region that one elected lane runs alone.
+
+    CuTeDSL compiles ``with cute.arch.elect_one():`` and each TMA ``cute.copy`` to ``elect.sync %r|%p, -1;
+    not.pred %q, %p; @%q bra END;``: the lanes not elected jump to ``END``. An ``elect.sync`` over the full
+    warp reached by that lone lane waits for the other 31: session 8's W-by-TMA producer issued its copies
+    inside ``elect_one`` and hung on the H200 (session 9). The kernels' code is structured, so a linear
+    scan from such a branch to its label covers the region."""
+    lines = ptx.splitlines()
+    region_end, nested = None, []
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if region_end is not None and text == region_end + ":":
+            region_end = None
+        elect = re.match(r"elect\.sync\s+%r\d+\|(%p\d+),", text)
+        if elect is None:
+            continue
+        if region_end is not None:
+            nested.append(i + 1)
+            continue
+        neg = re.match(rf"not\.pred\s+(%p\d+), {re.escape(elect.group(1))};", lines[i + 1].strip())
+        branch = neg and re.match(rf"@{re.escape(neg.group(1))} bra(?:\.uni)?\s+(\S+);", lines[i + 2].strip())
+        if branch:
+            region_end = branch.group(1)
+    return nested
+
+
+def test_nested_elects_finds_a_copy_inside_elect_one():
+    """The checker every compile test applies (``compile_ptx``) flags session 8's hang and passes the fix."""
+    region = ["elect.sync %r1|%p1, -1;", "not.pred %p2, %p1;", "@%p2 bra $L__BB0_9;"]
+    copy = ["elect.sync %r2|%p3, -1;", "not.pred %p4, %p3;", "@%p4 bra $L__BB0_8;", "cp.async.bulk.tensor.2d;",
+            "$L__BB0_8:"]
+    arm = ["mbarrier.arrive.expect_tx.shared.b64 %rd1, [%r3], 9216;", "$L__BB0_9:"]
+    assert nested_elects("\n".join(region + copy + arm)) == [4]
+    assert nested_elects("\n".join(region + arm + copy)) == []
 
 
 def ptxas_path() -> str | None:

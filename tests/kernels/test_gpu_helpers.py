@@ -22,3 +22,31 @@ def test_fresh_jit_reads_trace_time_settings(monkeypatch):
     monkeypatch.setenv("NVFP4JAX_TEST_SETTING", "b")
     assert float(jax.jit(fn)(x)[0]) == 1.0  # the pitfall: the first trace again
     assert float(fresh_jit(fn)(x)[0]) == 2.0
+
+
+def test_gpu_session_splits_the_gemm_ws_tests():
+    """``benchmarks/gpu_session.sh``'s stages ``ws-tma`` and ``ws`` select, by their ``-k`` expressions,
+    exactly the W-by-TMA cases of ``tests/kernels/test_gemm_ws.py`` and the rest. ``-k`` also matches a
+    module's global names, so a plain ``tma`` matched every case through ``TMA_CASES`` (session 8's stages
+    ran 2 of 48 cases and all 50 instead)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("cutlass")  # the module imports the kernels
+    root = Path(__file__).resolve().parents[2]
+    script = (root / "benchmarks/gpu_session.sh").read_text()
+    exprs = {name: re.search(rf'^{name}="([^"]+)"$', script, re.M).group(1) for name in ("WS_TMA", "WS_REGS")}
+
+    def collect(*k):
+        out = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", "-m", "gpu",
+                              "--collect-only", "-q", "tests/kernels/test_gemm_ws.py", *k],
+                             cwd=root, capture_output=True, text=True, check=True).stdout
+        return {line for line in out.splitlines() if "::" in line}
+
+    every, tma, rest = collect(), collect("-k", exprs["WS_TMA"]), collect("-k", exprs["WS_REGS"])
+    by_tma = {t for t in every if re.search(r"-tma\]$", t)}
+    assert by_tma and tma == by_tma and rest == every - by_tma, (sorted(tma), sorted(rest))
