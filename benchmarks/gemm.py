@@ -81,10 +81,17 @@ def mode_env(mode: str) -> dict[str, str]:
     return {kg.PREFILL_ENV: prefill, "NVFP4JAX_GEMM_WS_W": w or "regs"}
 
 
-def bench_shape(n: int, k: int, ms, modes=("",)) -> dict:
+def quantize_then_gemm(x, w):
+    """Recipe nvfp4's linear as two calls: the NVFP4 quantize, then the GEMM (gemm_ws: ``dequant_rows`` too)."""
+    return kg.nvfp4_gemm(kq.quantize_nvfp4(x), w)
+
+
+def bench_shape(n: int, k: int, ms, modes=("",), linear: bool = False) -> dict:
     """{m: ({recipe: seconds}, bytes W4A4, FLOPs)} for one weight shape at each m; with ``modes``, our
     recipes are keyed ``w4a4@mode`` / ``w4a16@mode``, each traced under :func:`mode_env`, and the
-    baselines are measured once."""
+    baselines are measured once. ``linear``: also recipe nvfp4's whole linear from BF16 X, quantize
+    included, as one op (``lin4``: :func:`kg.nvfp4_linear`, X decoded by the quantize on the gemm_ws path)
+    and as quantize then GEMM (``qg4``)."""
     rng = np.random.default_rng(0)
     w32 = jnp.asarray(rng.standard_normal((n, k)).astype(np.float32) * 0.02)
     w = kg.as_tiled(jax.jit(quantize)(w32))  # the layout a loaded model holds (no per-call rearrangement)
@@ -101,6 +108,11 @@ def bench_shape(n: int, k: int, ms, modes=("",)) -> dict:
             cases[f"{m}:w4a4{at}"] = (gemm, (xq, w))
             cases[f"{m}:w4a16{at}"] = (gemm, (x, w))
             ours |= {f"{m}:w4a4{at}", f"{m}:w4a16{at}"}
+            if linear:
+                env = mode_env(mode) if mode else {}
+                cases[f"{m}:lin4{at}"] = (with_env(kg.nvfp4_linear, env), (x, w))
+                cases[f"{m}:qg4{at}"] = (with_env(quantize_then_gemm, env), (x, w))
+                ours |= {f"{m}:lin4{at}", f"{m}:qg4{at}"}
         cases[f"{m}:bf16"] = (xla_dot, (x, wb))
         cases[f"{m}:fp8"] = (xla_dot, (x.astype(jnp.float8_e4m3fn), w8))
     t = timed_cases(cases, ours)
@@ -133,6 +145,8 @@ def main():
     ap.add_argument("--no-quantize", action="store_true", help="skip the quantize table")
     ap.add_argument("--modes", default="", help="comma list of prefill kernel modes timed side by side, "
                     "PREFILL[:W] (e.g. ws,ws:tma,one-warpgroup): a row per mode, the baselines measured once")
+    ap.add_argument("--linear", action="store_true", help="also time recipe nvfp4's linear from BF16 X (quantize "
+                    "included): kg.nvfp4_linear and quantize-then-GEMM, two more columns")
     args = ap.parse_args()
     t_start = time.time()
     dev = jax.devices()[0].device_kind
@@ -161,8 +175,9 @@ def main():
         lines.append(f"| {m} | {k} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
     lines.append("")
-    lines += ["| model | linear | n | k | m | W4A4 us | W4A16 us | BF16 us | FP8 us | roofline us | W4A4 % roof | x BF16 (W4A4) | x BF16 (W4A16) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | linear | n | k | m | W4A4 us | W4A16 us | BF16 us | FP8 us | roofline us | W4A4 % roof | x BF16 (W4A4) | x BF16 (W4A16) |"
+              + (" W4A4 linear us (quantize incl.) | quantize + W4A4 us | x BF16 (linear) |" if args.linear else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.linear else "")]
     print("\n".join(lines[-2:]), flush=True)
     quick_m = (1, 16, 64, 1024, 4096)
     m_flash, m_pro = (quick_m, (1, 4096)) if args.quick else (M_VALUES, M_VALUES)
@@ -178,7 +193,7 @@ def main():
             print(lines[-1], flush=True)
             break
         modes = tuple(filter(None, args.modes.split(","))) or ("",)
-        for m, (t, nbytes, flops) in bench_shape(n, k, ms, modes).items():
+        for m, (t, nbytes, flops) in bench_shape(n, k, ms, modes, args.linear).items():
             roof = max(nbytes / bw, flops / peak)
             for mode in modes:
                 at = f"@{mode}" if mode else ""
@@ -187,6 +202,9 @@ def main():
                 line = (f"| {model} | {label} | {n} | {k} | {m} | {a4 * 1e6:.1f} | {a16 * 1e6:.1f} | "
                         f"{t['bf16'] * 1e6:.1f} | {t['fp8'] * 1e6:.1f} | {roof * 1e6:.1f} | {100 * roof / a4:.0f} | "
                         f"{t['bf16'] / a4:.2f} | {t['bf16'] / a16:.2f} |")
+                if args.linear:
+                    lin, qg = t[f"lin4{at}"], t[f"qg4{at}"]
+                    line += f" {lin * 1e6:.1f} | {qg * 1e6:.1f} | {t['bf16'] / lin:.2f} |"
                 lines.append(line)
                 print(line, flush=True)
     if args.out:

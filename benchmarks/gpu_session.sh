@@ -16,16 +16,19 @@
 #          one-warpgroup kernel side by side (benchmarks/gemm.py --modes)                      (~9 min)
 #   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers
 #          and by TMA; at T = 1, 64 with the grouping kernel (the default) and NVFP4JAX_MOE_GROUP=xla  (~8 min)
+#   linear: recipe nvfp4's linear with X quantized straight to its decoded form on the gemm_ws path
+#          (session 9, not yet run on a GPU): its GPU tests (the decoded quantize bitwise, the linear bitwise vs
+#          quantize + gemm_ws), then the W4A4 linear from BF16 X timed both ways, quantize included   (~7 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all nine single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all ten single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -115,6 +118,15 @@ if [ "$stage" = ws-moe ] || [ "$stage" = all ]; then
   echo "group kernel:"; grep -E "^\| (flash|pro)" "$out/moe_group.log"
   NVFP4JAX_MOE_GROUP=xla timeout 100 $M --t 1,64 > "$out/moe_base.log" 2>&1
   echo "XLA grouping:"; grep -E "^\| (flash|pro)" "$out/moe_base.log"
+fi
+if [ "$stage" = linear ] || [ "$stage" = all ]; then
+  $T timeout 200 $P tests/kernels/test_quantize.py tests/kernels/test_gemm_ws.py -k "decoded or linear" \
+    > "$out/tests_linear.log" 2>&1
+  echo "decoded quantize + linear tests: $(tail -1 "$out/tests_linear.log")"
+  grep -E "^FAILED" "$out/tests_linear.log" | head
+  timeout 300 python3 benchmarks/gemm.py --no-quantize --names wq_a,shared.w1/w3,wo_b --m 4096,16384 --modes ws \
+    --linear --budget-s 220 --out "$out/RESULTS_gemm_linear.md" > "$out/gemm_linear.log" 2>&1
+  grep -E "^\| (flash|pro)|stopped" "$out/gemm_linear.log"
 fi
 if [ "$stage" = multi ]; then
   n=$(nvidia-smi -L | wc -l)

@@ -52,6 +52,8 @@ TABLE: dict[str, Op] = {
                          supports={"sm_90a": "nvfp4jax.kernels.quantize:supports"}),
     "nvfp4_gemm": Op(_ref_gemm.nvfp4_gemm, kernels={"sm_90a": "nvfp4jax.kernels.gemm:nvfp4_gemm"},
                      supports={"sm_90a": "nvfp4jax.kernels.gemm:supports"}),
+    "nvfp4_linear": Op(_ref_gemm.nvfp4_linear, kernels={"sm_90a": "nvfp4jax.kernels.gemm:nvfp4_linear"},
+                       supports={"sm_90a": "nvfp4jax.kernels.gemm:linear_supports"}),
     "moe_experts": Op(_ref_moe.moe_experts, kernels={"sm_90a": "nvfp4jax.kernels.moe:moe_experts"},
                       supports={"sm_90a": "nvfp4jax.kernels.moe:supports"}),
 }
@@ -158,6 +160,14 @@ def nvfp4_gemm(x, w, out_dtype=None):
     import jax.numpy as jnp
 
     return implementation("nvfp4_gemm", x, w)(x, w, jnp.bfloat16 if out_dtype is None else out_dtype)
+
+
+def nvfp4_linear(x, w, out_dtype=None):
+    """Recipe ``nvfp4``'s linear, ``nvfp4_gemm(quantize_nvfp4(x), w)``, as one op: the kernels choose how
+    X travels between the two (decoded, for the warp-specialized prefill GEMM)."""
+    import jax.numpy as jnp
+
+    return implementation("nvfp4_linear", x, w)(x, w, jnp.bfloat16 if out_dtype is None else out_dtype)
 
 
 def moe_experts(x, weights, expert_ids, w1, w3, w2, *, swiglu_limit: float, quantize_activations: bool):

@@ -179,6 +179,40 @@ def test_the_table_names_the_kernel_checks():
     for name, module in (("quantize_nvfp4", "quantize"), ("nvfp4_gemm", "gemm")):
         assert ops.TABLE[name].supports["sm_90a"] == f"nvfp4jax.kernels.{module}:supports"
         assert ops.TABLE[name].kernels["sm_90a"] == f"nvfp4jax.kernels.{module}:{name}"
+    assert ops.TABLE["nvfp4_linear"].supports["sm_90a"] == "nvfp4jax.kernels.gemm:linear_supports"
+    assert ops.TABLE["nvfp4_linear"].kernels["sm_90a"] == "nvfp4jax.kernels.gemm:nvfp4_linear"
+
+
+def test_linear_op_is_quantize_then_gemm(fake_gpu, rng):
+    """``ops.nvfp4_linear`` (recipe nvfp4's linears) hands (x, w) to its check; refused, it gives exactly
+    ``nvfp4_gemm(quantize_nvfp4(x), w)`` of the reference."""
+    seen = {}
+
+    def refuse(*args):
+        seen["args"] = args
+        return "refused"
+
+    sys.modules[FAKE].refuse_l = refuse
+    ops.TABLE["nvfp4_linear"] = ops.Op(ref.nvfp4_linear, kernels={"sm_90a": f"{FAKE}:never"},
+                                       supports={"sm_90a": f"{FAKE}:refuse_l"})
+    x = jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16)
+    w = quantize(jnp.asarray(0.02 * rng.standard_normal((32, 64)), jnp.float32))
+    y = ops.nvfp4_linear(x, w, jnp.float32)
+    assert seen["args"][0] is x and seen["args"][1] is w
+    assert_bitwise_equal(y, ref.nvfp4_gemm(ref.quantize_nvfp4(x), w, jnp.float32), "fallback linear")
+    assert {key[0] for key in ops.fallbacks()} == {"nvfp4_linear"}
+
+
+def test_linear_kernel_check():
+    """The linear's rule is the GEMM's on the quantized X: any float X dtype (a float32 X's quantize
+    falls back by itself), the weight's tiles decide."""
+    supports = _real_check("nvfp4_linear")
+    fit = quantize(jnp.zeros((128, 256), jnp.float32))
+    small = quantize(jnp.zeros((64, 64), jnp.float32))
+    for dtype in (jnp.bfloat16, jnp.float32):
+        assert supports(jnp.zeros((3, 256), dtype), fit) is None
+        assert "k % 128" in supports(jnp.zeros((3, 64), dtype), small)
+    assert "[m, k]" in supports(jnp.zeros((2, 3, 256), jnp.bfloat16), fit)
 
 
 def _real_check(op):

@@ -816,6 +816,34 @@ def supports(x, w) -> str | None:
     return None
 
 
+def linear_supports(x, w) -> str | None:
+    """None when the kernels run :func:`nvfp4_linear` ``(x, w)``: the GEMM kernel takes the quantized ``x``
+    (any float ``x``: a quantize the kernel cannot run falls back on its own, logged by ``ops``)."""
+    if x.ndim != 2:
+        return f"x must be [m, k], got shape {x.shape}"
+    return supports(jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), w)
+
+
+def nvfp4_linear(x: Float[Array, "m k"], w: NVFP4Tensor, out_dtype=jnp.bfloat16) -> Float[Array, "m n"]:
+    """Recipe ``nvfp4``'s linear on the kernels: :func:`nvfp4_gemm` of ``quantize_nvfp4(x)``, the math of
+    :func:`nvfp4jax.ref.gemm.nvfp4_linear`. Where the GEMM runs on gemm_ws (:func:`uses_ws_prefill`), which
+    reads X as BF16, the quantize kernel writes X decoded (``quantize.quantize_nvfp4_decoded``: the same
+    codes through the same decoder, so the same bits as ``gemm_ws.dequant_rows`` of the NVFP4 X) and the
+    codes never go through HBM: one pass writing 2 bytes per value instead of a quantize writing 0.5625 and
+    a ``dequant_rows`` reading those and writing 2."""
+    from nvfp4jax import ops
+    from nvfp4jax.kernels import gemm_ws, quantize as kq
+
+    reason = linear_supports(x, w)
+    if reason is not None:
+        raise ValueError(f"nvfp4_linear kernel: {reason}")
+    m, n = x.shape[0], w.shape[0]
+    if m > 0 and kq.supports(x) is None and uses_ws_prefill(m, n, out_dtype):
+        xd, _, gx = kq.quantize_nvfp4_decoded(x)
+        return gemm_ws.nvfp4_gemm_ws_decoded(xd, gx, w).astype(out_dtype)
+    return nvfp4_gemm(ops.quantize_nvfp4(x), w, out_dtype)
+
+
 def prefill_mode() -> str:
     """``$NVFP4JAX_GEMM_PREFILL`` (read at trace time; unset or empty: ``auto``), checked."""
     mode = os.environ.get(PREFILL_ENV, "") or "auto"

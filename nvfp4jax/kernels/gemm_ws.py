@@ -625,18 +625,30 @@ def nvfp4_gemm_ws(x: NVFP4Tensor | jax.Array, w: NVFP4Tensor) -> jax.Array:
     reason = supports(x, w)
     if reason is not None:
         raise ValueError(f"nvfp4_gemm_ws kernel: {reason}")
-    m, n = x.shape[0], w.shape[0]
+    if x.shape[0] == 0:
+        return jnp.zeros((0, w.shape[0]), jnp.bfloat16)
+    if isinstance(x, NVFP4Tensor):
+        return nvfp4_gemm_ws_decoded(dequant_rows(x), x.global_scale, w)
+    return nvfp4_gemm_ws_decoded(x, None, w)
+
+
+def nvfp4_gemm_ws_decoded(xd: jax.Array, gx: jax.Array | None, w: NVFP4Tensor) -> jax.Array:
+    """:func:`nvfp4_gemm_ws` of X given as BF16 ``xd [m, k]``: with per-row global scales ``gx [m]``, an
+    NVFP4 X decoded as ``dequant_rows`` (or ``quantize.quantize_nvfp4_decoded``) writes it, ``e2m1 * e4m3 *
+    2**-DECODE_SHIFT``; with ``gx`` None, BF16 X itself (recipe ``nvfp4-w4a16``)."""
+    reason = supports(xd, w)
+    if reason is None and gx is not None and (gx.shape != (xd.shape[0],) or gx.dtype != jnp.float32):
+        reason = f"per-row global scales must be float32 [{xd.shape[0]}], got {gx.dtype} {gx.shape}"
+    if reason is not None:
+        raise ValueError(f"nvfp4_gemm_ws kernel: {reason}")
+    m, n = xd.shape[0], w.shape[0]
     if m == 0:
         return jnp.zeros((0, n), jnp.bfloat16)
-    act_nvfp4 = isinstance(x, NVFP4Tensor)
-    cfg = choose_prefill_config(m, n, act_nvfp4)
-    gx = None
-    if act_nvfp4:
-        x, gx = dequant_rows(x), x.global_scale
+    cfg = choose_prefill_config(m, n, gx is not None)
     w = kg.as_tiled(w)
     ws = (w.values, jax.lax.bitcast_convert_type(w.scales, jnp.uint8), w.global_scale.reshape(1))
     out = jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
-    return cutlass_call(kernel_for(cfg), output_shape_dtype=out)(x, gx, *ws, *_NO_GROUPS)
+    return cutlass_call(kernel_for(cfg), output_shape_dtype=out)(xd, gx, *ws, *_NO_GROUPS)
 
 
 # ---- NVFP4 rows -> BF16 (exact), for the W4A4 recipe's prefill ------------------------------------
@@ -690,4 +702,4 @@ def dequant_rows(x: NVFP4Tensor) -> jax.Array:
         x.values, jax.lax.bitcast_convert_type(x.scales, jnp.uint8))
 
 
-__all__ = ["GemmPrefillSm90", "PrefillConfig", "dequant_rows", "nvfp4_gemm_ws"]
+__all__ = ["GemmPrefillSm90", "PrefillConfig", "dequant_rows", "nvfp4_gemm_ws", "nvfp4_gemm_ws_decoded"]

@@ -30,6 +30,11 @@ Bitwise contract:
 
 Layout: one CTA per row; each thread owns whole 16-element blocks (strided by the CTA size)
 held in registers, so x is read from HBM once. Outputs are written straight from registers.
+
+Decoded output (:func:`quantize_nvfp4_decoded`, the W4A4 recipe's prefill on ``gemm_ws``): the same codes
+and scales, written as BF16 ``e2m1 * e4m3 * 2**-DECODE_SHIFT`` by the GEMMs' own decoder
+(:func:`nvfp4jax.kernels._cute.dequant_nvfp4_chunk`), i.e. ``gemm_ws.dequant_rows`` of the NVFP4 result,
+without writing the packed codes and reading them back.
 """
 
 from __future__ import annotations
@@ -48,17 +53,20 @@ from cutlass import BFloat16, Float32, Int32, Uint8, Uint32
 from cutlass.jax import cutlass_call
 
 from nvfp4jax.formats.nvfp4 import BLOCK, MIN_AMAX, NVFP4Tensor
-from nvfp4jax.kernels._cute import FP4_MAX, FP8_MAX, QUOTIENT_MIN_DIVISOR, cta_reduce, e2m1_code, e2m1_code_of_quotient
+from nvfp4jax.kernels._cute import (FP4_MAX, FP8_MAX, QUOTIENT_MIN_DIVISOR, cta_reduce, dequant_nvfp4_chunk, e2m1_code,
+                                    e2m1_code_of_quotient)
 
 MAX_THREADS = 256
 
 
 class QuantizeNvfp4Sm90:
-    """Per-row NVFP4 quantization of a ``[rows, k]`` BF16 matrix; ``k`` is a compile-time constant."""
+    """Per-row NVFP4 quantization of a ``[rows, k]`` BF16 matrix; ``k`` is a compile-time constant.
+    ``decoded``: ``mValues`` is BF16 ``[rows, k]`` and receives the decoded values instead of the codes."""
 
-    def __init__(self, k: int, fused_norm: bool):
+    def __init__(self, k: int, fused_norm: bool, decoded: bool = False):
         self.k = k
         self.fused_norm = fused_norm
+        self.decoded = decoded
         self.num_blocks = k // BLOCK
         self.threads = _warps(self.num_blocks) * 32
         self.num_warps = self.threads // 32
@@ -83,7 +91,7 @@ class QuantizeNvfp4Sm90:
 
         # [16, blocks] views of this row: block j is column j.
         gX = cute.zipped_divide(mX[row, None], (BLOCK,))
-        gV = cute.zipped_divide(mValues[row, None], (BLOCK // 2,))
+        gV = cute.zipped_divide(mValues[row, None], (BLOCK if self.decoded else BLOCK // 2,))
         bpt = self.blocks_per_thread
         tXrX = cute.make_rmem_tensor((BLOCK, bpt), Float32)
         tXrX.fill(0.0)
@@ -128,6 +136,7 @@ class QuantizeNvfp4Sm90:
         s8 = cute.make_rmem_tensor((2,), cutlass.Float8E4M3FN)
         sf = cute.make_rmem_tensor((2,), Float32)
         packed = cute.make_rmem_tensor((BLOCK // 2,), Uint8)
+        decoded = cute.make_rmem_tensor((BLOCK,), BFloat16)
         for i in cutlass.range_constexpr(bpt):
             j = tidx + i * self.threads
             if j < self.num_blocks:
@@ -153,8 +162,13 @@ class QuantizeNvfp4Sm90:
                         if denom == Float32(0.0):
                             byte = Int32(0)
                         packed[p] = Uint8(byte)
-                cute.autovec_copy(packed, gV[None, j])
-                mScales[row, j] = cute.recast_tensor(s8, Uint8)[0]
+                scale_bytes = cute.recast_tensor(s8, Uint8)
+                if cutlass.const_expr(self.decoded):
+                    dequant_nvfp4_chunk(packed, scale_bytes, decoded)
+                    cute.autovec_copy(decoded, gV[None, j])
+                else:
+                    cute.autovec_copy(packed, gV[None, j])
+                mScales[row, j] = scale_bytes[0]
 
 
 def _warps(num_blocks: int) -> int:
@@ -176,8 +190,8 @@ def supports(x, norm_weight=None) -> str | None:
 
 
 @functools.cache
-def _kernel(k: int, fused_norm: bool) -> QuantizeNvfp4Sm90:
-    return QuantizeNvfp4Sm90(k, fused_norm)
+def _kernel(k: int, fused_norm: bool, decoded: bool = False) -> QuantizeNvfp4Sm90:
+    return QuantizeNvfp4Sm90(k, fused_norm, decoded)
 
 
 def quantize_nvfp4(
@@ -209,3 +223,33 @@ def quantize_nvfp4(
         ),
     )(x, norm_weight, eps_arr)
     return NVFP4Tensor(values, jax.lax.bitcast_convert_type(scales, jnp.float8_e4m3fn), gscale)
+
+
+def quantize_nvfp4_decoded(
+    x: Float[Array, "rows k"], norm_weight: Float[Array, " k"] | None = None, eps: float = 1e-6
+) -> tuple[Float[Array, "rows k"], Float[Array, "rows k/16"], Float[Array, " rows"]]:
+    """:func:`quantize_nvfp4` with the values written decoded: ``(xd, scales, global_scale)`` where ``xd``
+    is BF16 ``[rows, k]`` equal bit for bit to ``gemm_ws.dequant_rows`` of the NVFP4 result (``e2m1 *
+    e4m3 * 2**-DECODE_SHIFT``; ``xd * 2**DECODE_SHIFT * global_scale[:, None]`` are the NVFP4 numbers),
+    ``scales`` the E4M3 block scales and ``global_scale`` float32 ``[rows]``, as :func:`quantize_nvfp4`
+    gives them. For the W4A4 recipe's prefill on the warp-specialized GEMM, which reads X as BF16: one
+    pass writing 2 bytes per value instead of a quantize writing 0.5625 and a ``dequant_rows`` reading
+    those and writing 2."""
+    reason = supports(x, norm_weight)
+    if reason is not None:
+        raise ValueError(f"quantize_nvfp4_decoded kernel: {reason}")
+    rows, k = x.shape
+    if rows == 0:
+        return (jnp.zeros((0, k), jnp.bfloat16), jnp.zeros((0, k // BLOCK), jnp.float8_e4m3fn),
+                jnp.zeros((0,), jnp.float32))
+    fused = norm_weight is not None
+    eps_arr = jnp.full((1,), eps, jnp.float32) if fused else None
+    xd, scales, gscale = cutlass_call(
+        _kernel(k, fused, True),
+        output_shape_dtype=(
+            jax.ShapeDtypeStruct((rows, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((rows, k // BLOCK), jnp.uint8),
+            jax.ShapeDtypeStruct((rows,), jnp.float32),
+        ),
+    )(x, norm_weight, eps_arr)
+    return xd, jax.lax.bitcast_convert_type(scales, jnp.float8_e4m3fn), gscale

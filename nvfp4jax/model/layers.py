@@ -52,7 +52,7 @@ class Linear(eqx.Module):
             y = jnp.dot(x2, self.weight.T.astype(x.dtype), preferred_element_type=jnp.float32,
                         precision=jax.lax.Precision.HIGHEST)
         elif self.recipe == "nvfp4":
-            y = ops.nvfp4_gemm(ops.quantize_nvfp4(x2), self.weight, out_dtype=x.dtype)
+            y = ops.nvfp4_linear(x2, self.weight, out_dtype=x.dtype)
         else:
             y = ops.nvfp4_gemm(x2.astype(jnp.bfloat16), self.weight, out_dtype=x.dtype)
         return y.astype(x.dtype).reshape(*lead, -1)

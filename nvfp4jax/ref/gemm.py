@@ -48,6 +48,11 @@ def _dequant_unscaled(t: NVFP4Tensor) -> Array:
     return NVFP4Tensor(t.values, t.scales, jnp.ones((), jnp.float32), t.layout).dequantize()
 
 
+def nvfp4_linear(x: Float[Array, "m k"], w: NVFP4Tensor, out_dtype=jnp.bfloat16) -> Float[Array, "m n"]:
+    """Recipe ``nvfp4``'s linear: ``nvfp4_gemm(quantize_nvfp4(x), w)``, activations quantized per row."""
+    return nvfp4_gemm(quantize_nvfp4(x), w, out_dtype)
+
+
 def nvfp4_gemm(
     x: NVFP4Tensor | Float[Array, "m k"], w: NVFP4Tensor, out_dtype=jnp.bfloat16
 ) -> Float[Array, "m n"]:

@@ -172,6 +172,22 @@ def test_quantize_compiles_sm90a(tmp_path, k, fused):
     assert (ops["rsqrt.approx.f32"] >= 1) == fused
 
 
+@pytest.mark.parametrize("k,fused", [(4096, False), (7168, True)])
+def test_quantize_decoded_compiles_sm90a(tmp_path, k, fused):
+    """The decoded quantize (recipe nvfp4's prefill on gemm_ws): the codes go through the GEMMs' decoder
+    (``prmt`` + ``mul.rn.bf16x2``, no conversions) and leave as BF16 in 16-byte stores, not as packed
+    bytes; the quantize itself as in the plain kernel (correctly rounded divisions)."""
+    m = 5
+    ins = (S((m, k), jnp.bfloat16), S((k,), jnp.bfloat16) if fused else None, S((1,), jnp.float32) if fused else None)
+    outs = (S((m, k), jnp.bfloat16), S((m, k // 16), jnp.uint8), S((m,), jnp.float32))
+    ops = opcodes(compile_ptx(kq._kernel(k, fused, True), ins, outs, None, tmp_path))
+    plain = opcodes(compile_ptx(kq._kernel(k, fused), ins, (S((m, k // 2), jnp.uint8),) + outs[1:],
+                                None, tmp_path / "plain"))
+    assert ops["div.rn.f32"] >= 16 and ops["cvt.rn.satfinite.e4m3x2.f32"] >= 1
+    assert ops["prmt.b32"] >= 8 and ops["mul.rn.bf16x2"] >= 8 and plain["mul.rn.bf16x2"] == 0
+    assert ops["st.global.v4.b32"] >= 2 and plain["st.global.v4.b32"] == 0, (ops, plain)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (64, 1536, 7168), (200, 512, 4096), (4096, 4096, 4096)])
 @pytest.mark.parametrize("act_nvfp4", [True, False])
 def test_gemm_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):

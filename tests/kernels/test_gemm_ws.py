@@ -67,6 +67,23 @@ def test_nvfp4_gemm_routes_prefill_to_ws(rng, monkeypatch):
     assert_bitwise_equal(fresh_jit(kg.nvfp4_gemm)(x, w), fresh_jit(kw.nvfp4_gemm_ws)(x, w), "routed vs direct")
 
 
+@pytest.mark.parametrize("m,n,k", [(65, 128, 1024), (300, 1024, 4096), (4096, 2048, 4096)])
+def test_nvfp4_linear_on_ws(rng, monkeypatch, m, n, k):
+    """Recipe nvfp4's linear on gemm_ws quantizes X straight to its decoded form: bit for bit the result of
+    the NVFP4 quantize, ``dequant_rows`` and the same kernel; and within the GEMM gates of the reference."""
+    from nvfp4jax.kernels import quantize as kq
+
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+    w = _weights(rng, n, k)
+    x = activations(rng, m, k)
+    assert kg.uses_ws_prefill(m, n, jnp.bfloat16)
+    want = fresh_jit(lambda x, w: kw.nvfp4_gemm_ws(kq.quantize_nvfp4(x), w))(x, w)
+    poison_device_memory()
+    assert_bitwise_equal(fresh_jit(kg.nvfp4_linear)(x, w), want, f"linear vs quantize + gemm_ws {m=} {n=} {k=}")
+    # the gates against the reference GEMM of the kernel quantize's NVFP4 X (bitwise the oracle's)
+    _check(kq.quantize_nvfp4(x), w, f"linear {m=} {n=} {k=}", lambda _, wt: fresh_jit(kg.nvfp4_linear)(x, wt))
+
+
 @pytest.mark.parametrize("model,recipe,t,mode,w_mode", [
     ("flash", "nvfp4", 200, "ws", "regs"), ("flash", "w4a16", 1000, "ws", "regs"), ("pro", "nvfp4", 1000, "ws", "regs"),
     ("flash", "nvfp4", 1000, "ws-persistent", "regs"), ("flash", "nvfp4", 200, "ws", "tma"),

@@ -19,7 +19,7 @@ from nvfp4jax.ref import gemm as ref_gemm, moe as ref_moe
 from tests.kernels._gpu import activations
 
 cutlass = pytest.importorskip("cutlass")
-from nvfp4jax.kernels import gemm as kg, gemm_ws as kw, moe as km  # noqa: E402
+from nvfp4jax.kernels import gemm as kg, gemm_ws as kw, moe as km, quantize as kq  # noqa: E402
 
 SHIFT = 2.0**-kw.DECODE_SHIFT
 
@@ -63,8 +63,20 @@ def _emulate_dequant(xv, xs, out):
     return (ref_gemm._dequant_unscaled(t) * SHIFT).astype(out.dtype)
 
 
+def _emulate_quantize_decoded(x, norm_weight, eps, outs):
+    """QuantizeNvfp4Sm90(decoded=True)'s contract: the reference quantize, values written as
+    ``e2m1 * e4m3 * 2**-8`` BF16, scale bytes, global scales."""
+    assert norm_weight is None and eps is None
+    q = ref_gemm.quantize_nvfp4(x)
+    xd = (ref_gemm._dequant_unscaled(q) * SHIFT).astype(outs[0].dtype)
+    return xd, jax.lax.bitcast_convert_type(q.scales, jnp.uint8), q.global_scale
+
+
 def _fake_cutlass_call(kernel, output_shape_dtype, **_):
     def run(*args):
+        if isinstance(kernel, kq.QuantizeNvfp4Sm90):
+            assert kernel.decoded, "only the decoded quantize is emulated"
+            return _emulate_quantize_decoded(*args, output_shape_dtype)
         if isinstance(kernel, kw.DequantRowsSm90):
             return _emulate_dequant(*args, output_shape_dtype)
         assert isinstance(kernel, kw.GemmPrefillSm90), kernel
@@ -76,6 +88,7 @@ def _fake_cutlass_call(kernel, output_shape_dtype, **_):
 def emulated(monkeypatch):
     monkeypatch.setattr(kw, "cutlass_call", _fake_cutlass_call)
     monkeypatch.setattr(km, "cutlass_call", _fake_cutlass_call)
+    monkeypatch.setattr(kq, "cutlass_call", _fake_cutlass_call)
     monkeypatch.setattr(km, "quantize_nvfp4", lambda x: ref_gemm.quantize_nvfp4(x))
     monkeypatch.setenv(kg.PREFILL_ENV, "ws")
 
@@ -93,6 +106,19 @@ def test_dense_wiring(rng, emulated, act_nvfp4):
     x = ref_gemm.quantize_nvfp4(x) if act_nvfp4 else x
     got = kg.nvfp4_gemm(x, tile_weight(w))  # routed to gemm_ws by the variable
     assert _rel_err(got, ref_gemm.nvfp4_gemm(x, w)) < 1e-2
+
+
+@pytest.mark.parametrize("m", [70, 300])
+def test_linear_wiring(rng, emulated, monkeypatch, m):
+    """Recipe nvfp4's linear on the ws path: X quantized straight to its decoded form (no codes, no
+    ``dequant_rows``), its per-row global scales to the epilogue; equal to the composition it replaces."""
+    w = quantize(jnp.asarray(rng.standard_normal((256, 512)) * 0.02, jnp.float32))
+    x = activations(rng, m, 512)
+    calls = []
+    monkeypatch.setattr(kw, "dequant_rows", lambda *a: calls.append("dequant_rows"))
+    got = kg.nvfp4_linear(x, tile_weight(w))
+    assert calls == []
+    assert _rel_err(got, ref_gemm.nvfp4_linear(x, w)) < 1e-2
 
 
 @pytest.mark.parametrize("t,experts,skew,quantize_activations", [(100, 4, False, True), (150, 6, True, False),

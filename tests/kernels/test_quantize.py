@@ -81,6 +81,22 @@ def test_quantize_bitwise_adversarial(k):
     assert_bitwise_equal(got.values, codes[:, 0::2] | (codes[:, 1::2] << 4), f"values {case}")
 
 
+@pytest.mark.parametrize("m,k", [(1, 1024), (65, 4096), (300, 7168), (4096, 4096)])
+def test_quantize_decoded_bitwise(rng, m, k):
+    """The decoded quantize (recipe nvfp4's prefill on gemm_ws) writes exactly ``dequant_rows`` of the
+    plain kernel's NVFP4 result, and the same scales and global scales; and the adversarial rows' ties."""
+    from nvfp4jax.kernels import gemm_ws as kw
+
+    for case, x in ((f"random {m=} {k=}", activations(rng, m, k)),
+                    (f"adversarial {k=}", jnp.asarray(adversarial_rows(k), jnp.bfloat16))):
+        want = jax.jit(kq.quantize_nvfp4)(x)
+        poison_device_memory()
+        xd, scales, gscale = jax.jit(kq.quantize_nvfp4_decoded)(x)
+        assert_bitwise_equal(xd, jax.jit(kw.dequant_rows)(want), f"decoded values {case}")
+        assert_bitwise_equal(scales, want.scales, f"scales {case}")
+        assert_bitwise_equal(gscale, want.global_scale, f"global {case}")
+
+
 @pytest.mark.parametrize("k", (1024, 4096, 7168))
 @pytest.mark.parametrize("m", (1, 65, 512))
 def test_quantize_fused_rmsnorm(rng, m, k):
