@@ -194,6 +194,23 @@ def _kernel(k: int, fused_norm: bool, decoded: bool = False) -> QuantizeNvfp4Sm9
     return QuantizeNvfp4Sm90(k, fused_norm, decoded)
 
 
+def _quantize_call(x, norm_weight, eps: float, decoded: bool):
+    """The kernel's (values, scale bytes, global scales): values uint8 codes ``[rows, k/2]``, or with
+    ``decoded`` BF16 ``[rows, k]``; checked first (``ValueError`` naming the wrapper)."""
+    reason = supports(x, norm_weight)
+    if reason is not None:
+        name = "quantize_nvfp4_decoded" if decoded else "quantize_nvfp4"
+        raise ValueError(f"{name} kernel: {reason}")
+    rows, k = x.shape
+    values = jax.ShapeDtypeStruct((rows, k), jnp.bfloat16) if decoded else jax.ShapeDtypeStruct((rows, k // 2), jnp.uint8)
+    outs = (values, jax.ShapeDtypeStruct((rows, k // BLOCK), jnp.uint8), jax.ShapeDtypeStruct((rows,), jnp.float32))
+    if rows == 0:
+        return tuple(jnp.zeros(o.shape, o.dtype) for o in outs)
+    fused = norm_weight is not None
+    eps_arr = jnp.full((1,), eps, jnp.float32) if fused else None
+    return cutlass_call(_kernel(k, fused, decoded), output_shape_dtype=outs)(x, norm_weight, eps_arr)
+
+
 def quantize_nvfp4(
     x: Float[Array, "rows k"], norm_weight: Float[Array, " k"] | None = None, eps: float = 1e-6
 ) -> NVFP4Tensor:
@@ -204,24 +221,7 @@ def quantize_nvfp4(
     ``norm_weight``: BF16 ``[k]``. Returns values uint8 ``[rows, k/2]``, scales e4m3
     ``[rows, k/16]`` and float32 global scales ``[rows]``.
     """
-    reason = supports(x, norm_weight)
-    if reason is not None:
-        raise ValueError(f"quantize_nvfp4 kernel: {reason}")
-    rows, k = x.shape
-    if rows == 0:
-        return NVFP4Tensor(
-            jnp.zeros((0, k // 2), jnp.uint8), jnp.zeros((0, k // BLOCK), jnp.float8_e4m3fn), jnp.zeros((0,), jnp.float32)
-        )
-    fused = norm_weight is not None
-    eps_arr = jnp.full((1,), eps, jnp.float32) if fused else None
-    values, scales, gscale = cutlass_call(
-        _kernel(k, fused),
-        output_shape_dtype=(
-            jax.ShapeDtypeStruct((rows, k // 2), jnp.uint8),
-            jax.ShapeDtypeStruct((rows, k // BLOCK), jnp.uint8),
-            jax.ShapeDtypeStruct((rows,), jnp.float32),
-        ),
-    )(x, norm_weight, eps_arr)
+    values, scales, gscale = _quantize_call(x, norm_weight, eps, False)
     return NVFP4Tensor(values, jax.lax.bitcast_convert_type(scales, jnp.float8_e4m3fn), gscale)
 
 
@@ -235,21 +235,5 @@ def quantize_nvfp4_decoded(
     gives them. For the W4A4 recipe's prefill on the warp-specialized GEMM, which reads X as BF16: one
     pass writing 2 bytes per value instead of a quantize writing 0.5625 and a ``dequant_rows`` reading
     those and writing 2."""
-    reason = supports(x, norm_weight)
-    if reason is not None:
-        raise ValueError(f"quantize_nvfp4_decoded kernel: {reason}")
-    rows, k = x.shape
-    if rows == 0:
-        return (jnp.zeros((0, k), jnp.bfloat16), jnp.zeros((0, k // BLOCK), jnp.float8_e4m3fn),
-                jnp.zeros((0,), jnp.float32))
-    fused = norm_weight is not None
-    eps_arr = jnp.full((1,), eps, jnp.float32) if fused else None
-    xd, scales, gscale = cutlass_call(
-        _kernel(k, fused, True),
-        output_shape_dtype=(
-            jax.ShapeDtypeStruct((rows, k), jnp.bfloat16),
-            jax.ShapeDtypeStruct((rows, k // BLOCK), jnp.uint8),
-            jax.ShapeDtypeStruct((rows,), jnp.float32),
-        ),
-    )(x, norm_weight, eps_arr)
+    xd, scales, gscale = _quantize_call(x, norm_weight, eps, True)
     return xd, jax.lax.bitcast_convert_type(scales, jnp.float8_e4m3fn), gscale
