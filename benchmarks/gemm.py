@@ -76,9 +76,15 @@ def with_env(fn, env: dict[str, str]):
 
 
 def mode_env(mode: str) -> dict[str, str]:
-    """``--modes`` entry -> variables: ``PREFILL[:W]``, e.g. ``ws``, ``ws:tma``, ``one-warpgroup``."""
-    prefill, _, w = mode.partition(":")
-    return {kg.PREFILL_ENV: prefill, "NVFP4JAX_GEMM_WS_W": w or "regs"}
+    """``--modes`` entry -> variables. Prefill: ``PREFILL[:W]``, e.g. ``ws``, ``ws:tma``, ``one-warpgroup``.
+    Decode: ``plain`` (the register path as it is by default) or ``xres[:P]`` (X staged in groups,
+    ``NVFP4JAX_GEMM_X_RESIDENT=1``, prefetch depth P, default ``gemm.X_RESIDENT_PREFETCH``)."""
+    head, _, tail = mode.partition(":")
+    if head == "plain":
+        return {kg.X_RESIDENT_ENV: "0", kg.PREFETCH_ENV: "1"}
+    if head == "xres":
+        return {kg.X_RESIDENT_ENV: "1", kg.PREFETCH_ENV: tail or "1"}
+    return {kg.PREFILL_ENV: head, "NVFP4JAX_GEMM_WS_W": tail or "regs"}
 
 
 def quantize_then_gemm(x, w):
@@ -143,8 +149,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new shapes after this")
     ap.add_argument("--m", default="", help="comma list of m values for every shape (overrides --quick's)")
     ap.add_argument("--no-quantize", action="store_true", help="skip the quantize table")
-    ap.add_argument("--modes", default="", help="comma list of prefill kernel modes timed side by side, "
-                    "PREFILL[:W] (e.g. ws,ws:tma,one-warpgroup): a row per mode, the baselines measured once")
+    ap.add_argument("--modes", default="", help="comma list of kernel modes timed side by side: prefill "
+                    "PREFILL[:W] (e.g. ws,ws:tma,one-warpgroup), decode plain / xres[:P] (mode_env): a row per "
+                    "mode, the baselines measured once")
     ap.add_argument("--linear", action="store_true", help="also time recipe nvfp4's linear from BF16 X (quantize "
                     "included): kg.nvfp4_linear and quantize-then-GEMM, two more columns")
     args = ap.parse_args()

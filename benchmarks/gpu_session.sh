@@ -19,16 +19,19 @@
 #   linear: recipe nvfp4's linear with X quantized straight to its decoded form on the gemm_ws path
 #          (session 9, not yet run on a GPU): its GPU tests (the decoded quantize bitwise, the linear bitwise vs
 #          quantize + gemm_ws), then the W4A4 linear from BF16 X timed both ways, quantize included   (~7 min)
+#   x-resident: the decode GEMMs with X staged in groups and a fence-free K loop (NVFP4JAX_GEMM_X_RESIDENT=1,
+#          session 9, not yet run on a GPU): its GPU tests, a decode table (default path vs prefetch depth 4
+#          and 2), the MoE at T = 1, 64 with and without it                                      (~9 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all ten single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all eleven single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|x-resident|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -127,6 +130,20 @@ if [ "$stage" = linear ] || [ "$stage" = all ]; then
   timeout 300 python3 benchmarks/gemm.py --no-quantize --names wq_a,shared.w1/w3,wo_b --m 4096,16384 --modes ws \
     --linear --budget-s 220 --out "$out/RESULTS_gemm_linear.md" > "$out/gemm_linear.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_linear.log"
+fi
+if [ "$stage" = x-resident ] || [ "$stage" = all ]; then
+  $T timeout 200 $P tests/kernels/test_gemm.py tests/kernels/test_moe.py -k x_resident > "$out/tests_xres.log" 2>&1
+  echo "x-resident tests: $(tail -1 "$out/tests_xres.log")"
+  grep -E "^FAILED" "$out/tests_xres.log" | head
+  timeout 230 python3 benchmarks/gemm.py --no-quantize --names wq_b,wo_b,shared.w1/w3,wq_a --m 1,16,64 \
+    --modes plain,xres,xres:2 --budget-s 170 --out "$out/RESULTS_gemm_xres.md" > "$out/gemm_xres.log" 2>&1
+  grep -E "^\| (flash|pro)|stopped" "$out/gemm_xres.log"
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+  NVFP4JAX_GEMM_X_RESIDENT=1 timeout 90 python3 benchmarks/moe.py --t 1,64 --budget-s 60 \
+    --out "$out/RESULTS_moe_xres.md" > "$out/moe_xres.log" 2>&1
+  echo "MoE, X resident:"; grep -E "^\| (flash|pro)" "$out/moe_xres.log"
+  timeout 90 python3 benchmarks/moe.py --t 1,64 --budget-s 60 > "$out/moe_plain.log" 2>&1
+  echo "MoE, default:"; grep -E "^\| (flash|pro)" "$out/moe_plain.log"
 fi
 if [ "$stage" = multi ]; then
   n=$(nvidia-smi -L | wc -l)

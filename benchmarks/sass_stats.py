@@ -36,19 +36,30 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 
 def loop_counts(sass: str) -> collections.Counter:
-    """Opcode counts of the K loop: from the target of the first predicated back branch after the
-    first HGMMA up to that branch."""
+    """Opcode counts of the K loop: the first branch after the first HGMMA that jumps back to before
+    it, from its target up to it (with ``prefetch`` P the loop body holds P K tiles: see
+    :func:`tiles_per_trip`)."""
     lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
     first = next(i for i, ln in enumerate(lines) if "HGMMA" in ln)
-    back = next(i for i in range(first, len(lines)) if re.search(r"@!?U?P\d+ BRA", lines[i]))
-    target = re.search(r"BRA (0x[0-9a-f]+)", lines[back]).group(1)
-    start = next(i for i, ln in enumerate(lines) if re.match(rf"\s+/\*0*{int(target, 16):x}\*/", ln))
+
+    def target(i):
+        m = re.search(r"@!?U?P\d+ BRA (0x[0-9a-f]+)", lines[i])
+        return int(m.group(1), 16) if m else None
+
+    back = next(i for i in range(first, len(lines)) if target(i) is not None and target(i) <= addr[first])
+    start = addr.index(target(back))
     ops = collections.Counter()
     for ln in lines[start:back + 1]:
         words = ln.split("*/", 1)[1].split()
         op = words[1] if words[0].startswith("@") else words[0]
         ops[op.split(".")[0].rstrip(";")] += 1
     return ops
+
+
+def tiles_per_trip(ops: collections.Counter, hgmma_per_tile: int) -> int:
+    """K tiles per trip of a loop whose opcode counts are ``ops``: its HGMMAs over one tile's."""
+    return max(1, ops["HGMMA"] // hgmma_per_tile)
 
 
 def producer_loop_counts(sass: str) -> collections.Counter:
@@ -143,7 +154,9 @@ def main() -> None:
         print(f"producer K loop: {sum(prod.values()) / 2:.0f} instructions per K tile per warp (two K tiles per trip)")
         print("  " + ", ".join(f"{op} {c}" for op, c in prod.most_common(12)))
     ops = loop_counts(sass)
-    print(f"K loop: {sum(ops.values())} instructions per K tile per warp")
+    per_tile = 64 // 16 if args.kind == "ws" else (cfg.tile_k // 16) * (cfg.tile_w // 64)  # HGMMAs per K tile
+    trip = tiles_per_trip(ops, per_tile)
+    print(f"K loop: {sum(ops.values()) / trip:.0f} instructions per K tile per warp ({trip} K tiles per trip)")
     print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common()))
 
 

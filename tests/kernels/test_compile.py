@@ -7,6 +7,7 @@ rounded division (quantize), so kernel code cannot rot between GPU runs.
 
 import collections
 import dataclasses
+import pathlib
 import re
 
 import jax
@@ -29,6 +30,7 @@ def compile_ptx(launcher, inputs, outputs, out_spec, dump_dir) -> str:
     present = [t for t in inputs if t is not None]
     in_args = tuple(Arg(i, t.shape, t.dtype, default_tensor_spec(t)) for i, t in enumerate(present))
     out_args = tuple(Arg(i, t.shape, t.dtype, out_spec or default_tensor_spec(t)) for i, t in enumerate(outputs))
+    pathlib.Path(dump_dir).mkdir(parents=True, exist_ok=True)  # else __ptx__ is the would-be file's path
     opts = f"--gpu-arch sm_90a --keep-ptx --dump-dir {dump_dir}"
     spec = FunctionSpec(
         in_args, jax.tree.structure(tuple(inputs)), out_args, jax.tree.structure(tuple(outputs)), (),
@@ -36,6 +38,7 @@ def compile_ptx(launcher, inputs, outputs, out_spec, dump_dir) -> str:
     )
     compiled = cute.compile(jit_wrapper, cuda.CUstream(0), *spec.get_compile_args(), wrapped_fn=launcher, spec=spec, options=opts)
     ptx = compiled.__ptx__
+    assert ".target sm_90a" in ptx, f"not PTX text: {ptx[:200]!r}"
     assert not nested_elects(ptx), f"elect.sync inside an elected region at PTX lines {nested_elects(ptx)}"
     return ptx
 
@@ -549,6 +552,66 @@ def test_grouped_w_regs_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4):
         assert wgmma == 8 * cfg.tile_w // 64 and ops["st.shared.v4.b32"] == 0, ops
         assert re.search(r"wgmma\.mma_async\S+ \{[^}]+\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd", ptx)
         assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None)
+
+
+def loops(ptx: str) -> list[list[str]]:
+    """The bodies (stripped PTX lines) of every loop: a backward ``bra`` to an earlier label."""
+    lines = ptx.splitlines()
+    labels = {ln.strip()[:-1]: i for i, ln in enumerate(lines) if re.match(r"\s*\$L__\w+:\s*$", ln)}
+    found = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", ln)
+        if m and labels.get(m.group(1), i) < i:
+            found.append([b.strip() for b in lines[labels[m.group(1)]:i + 1]])
+    return found
+
+
+def fenced_tiles(ptx: str, wgmma_per_tile: int) -> int:
+    """The fewest K tiles of wgmma (``wgmma_per_tile`` instructions each) per ``fence.proxy.async`` in any
+    loop that holds both (a large number when no loop does)."""
+    ratios = [sum(ln.startswith("wgmma.mma_async") for ln in b) // wgmma_per_tile // fences for b in loops(ptx)
+              if (fences := sum(ln.startswith("fence.proxy.async") for ln in b))
+              and any(ln.startswith("wgmma.mma_async") for ln in b)]
+    return min(ratios, default=1 << 30)
+
+
+@pytest.mark.parametrize("m,n,k,act_nvfp4", [(1, 32768, 1024, False), (1, 32768, 1024, True), (16, 4096, 8192, False)])
+def test_gemm_x_resident_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
+    """``NVFP4JAX_GEMM_X_RESIDENT=1``: all of a CTA's X staged first (one stage per K tile), then a K loop of
+    W loads, register decode and wgmma with no proxy fence and no barrier in it (the default register
+    path fences every K tile, and each ``fence.proxy.async`` drains the loads in flight)."""
+    monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)
+    monkeypatch.setenv(kg.X_RESIDENT_ENV, "0")
+    base = kg.choose_config(m, n, k, act_nvfp4)
+    monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
+    cfg = kg.choose_config(m, n, k, act_nvfp4)
+    k_cta = k // 128 // cfg.split
+    depth = min(kg.X_RESIDENT_PREFETCH, k_cta)
+    assert cfg.w_regs and cfg.prefetch == depth and cfg.x_tiles == k_cta - k_cta % depth, cfg
+    assert kg.smem_bytes(cfg) == 2 * cfg.tile_t * 128 * cfg.x_tiles <= kg.X_RESIDENT_MAX_BYTES
+    assert kg.choose_config(64, 1536, 7168, act_nvfp4).x_tiles == 2  # 14 K tiles of 64 tokens: groups of 2
+    ptx = compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path)
+    wgmma = f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"
+    assert opcodes(ptx)[wgmma] == 8 * cfg.prefetch  # P K tiles per trip
+    # at least P K tiles of wgmma per proxy fence in every loop (one fence per group of x_tiles at run time)
+    assert fenced_tiles(ptx, 8) >= cfg.prefetch
+    base_ptx = compile_ptx(kg._kernel(base), *_dense_io(base, m, n, k), tmp_path / "base")
+    assert fenced_tiles(base_ptx, 8) == 1, "the default path fences every K tile"
+
+
+def test_grouped_x_resident_compiles_sm90a(tmp_path, monkeypatch):
+    """The MoE decode tiles (Flash T = 1) take it too: L1 (gate_up) and L2, no fence in the K loop."""
+    from nvfp4jax.kernels import moe as km
+
+    monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)
+    monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
+    experts, inter, d, t = 256, 2048, 4096, 1
+    for gate_up, n, k in ((True, inter, d), (False, d, inter)):
+        cfg = km.choose_grouped_config(6 * t, experts, 2 * n if gate_up else n, k, True, gate_up=gate_up,
+                                       swiglu_limit=10.0)
+        assert cfg.x_tiles == min(k // 128 // cfg.split, 8) and cfg.grouped, cfg  # 10 x 4 KB fit: 8 of P = 4
+        ptx = compile_ptx(km._kernel(cfg), *_grouped_io(cfg, t, 6 * t, experts, n, k, gate_up), tmp_path / str(n))
+        assert fenced_tiles(ptx, 8 * cfg.tile_w // 64) >= cfg.prefetch == 4
 
 
 # ---- register prefetch depth (GemmConfig.prefetch >= 2) ----------------------------------------------

@@ -157,6 +157,22 @@ def test_moe_decode_paths(rng, monkeypatch, recipe, t, w_regs):
            fresh_jit(km.moe_experts, static_argnames=_STATIC))  # traced afresh: reads the variable
 
 
+@pytest.mark.parametrize("model,recipe,t", [("flash", "nvfp4", 1), ("flash", "w4a16", 8), ("pro", "nvfp4", 1),
+                                            ("flash", "nvfp4", 37)])
+def test_moe_x_resident(rng, monkeypatch, model, recipe, t):
+    """Both grouped GEMMs' decode tiles with ``NVFP4JAX_GEMM_X_RESIDENT=1`` (session 9, opt-in): X of the
+    CTA's rows (gathered for L1) staged once, then the fence-free K loop."""
+    from nvfp4jax.kernels import gemm as kg
+
+    monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
+    e, d, inter, _ = MODELS[model]
+    cfg = km.choose_grouped_config(t * TOPK, e, 2 * inter, d, True, gate_up=True, swiglu_limit=10.0)
+    assert cfg.x_tiles > 0, cfg
+    x, weights, expert_ids = _inputs(rng, model, t)
+    _check(f"x resident {model} {recipe} {t=}", model, x, weights, expert_ids, RECIPES[recipe],
+           fresh_jit(km.moe_experts, static_argnames=_STATIC))  # traced afresh: reads the variable
+
+
 def _bias(experts: int, value: float, which) -> jax.Array:
     return jnp.zeros(experts, jnp.float32).at[jnp.asarray(which)].set(value)
 
