@@ -163,7 +163,8 @@ def main():
                "one-warpgroup": "one-warpgroup (gemm)"}.get(mode, "warp-specialized (gemm_ws)")
     prefill = f"{prefill}, NVFP4JAX_GEMM_PREFILL={mode}; gemm_ws's W4A4 includes dequant_rows of X"
     if args.modes:
-        prefill = ("per row the mode in brackets, NVFP4JAX_GEMM_PREFILL[:NVFP4JAX_GEMM_WS_W] (baselines shared); "
+        prefill = ("per row the mode in brackets (baselines shared): NVFP4JAX_GEMM_PREFILL[:NVFP4JAX_GEMM_WS_W], or "
+                   "plain / xres[:P] = NVFP4JAX_GEMM_X_RESIDENT=0 / 1 with prefetch depth P; "
                    "gemm_ws's W4A4 includes dequant_rows of X")
     lines = [f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev}); "
              "device kernel times from the profiler trace, L2 flushed before each call (benchmarks/_timing.py); "
