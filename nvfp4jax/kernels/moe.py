@@ -23,10 +23,11 @@ Calls with at least 256 rows per expert (:func:`ws_grouped_auto`: V4-Flash and V
 both GEMMs on the warp-specialized prefill kernel instead (:func:`grouped_gemm_ws`,
 :mod:`nvfp4jax.kernels.gemm_ws`; ``$NVFP4JAX_GEMM_PREFILL=ws`` for every call with more than 64 rows per
 expert, ``one-warpgroup`` for none): the L1 input is gathered into expert order by XLA first (``rows x
-dim`` BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads whole boxes of consecutive rows.
-H200, session 8: V4-Pro T = 16384 NVFP4 37.9 ms there against 46.3 ms here (session 7's run, same
-kind of card); V4-Flash's
-figure with the 256-row tiles it now gets is predicted (:func:`ws_grouped_auto`).
+dim`` BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads whole boxes of consecutive rows;
+recipe ``nvfp4``'s ``h`` is quantized straight to its decoded BF16 form for L2 there
+(``quantize.quantize_nvfp4_decoded``: the same numbers without the codes' round trip; session 9, not yet
+run on a GPU). H200, T = 16384: V4-Pro NVFP4 37.4 ms there (session 9) against 46.3 ms here (session 7's
+run, same kind of card); V4-Flash 13.5 / 12.6 ms NVFP4 / W4A16 against 18.3 / 15.4 (:func:`ws_grouped_auto`).
 
 Calls of up to 1024 rows do step 1 and the gathers of the routing weights and of the combine's inverse
 permutation in one kernel (:mod:`nvfp4jax.kernels.group`, same bits as :func:`group_rows_xla`; 13-19 us
@@ -53,7 +54,7 @@ from cutlass.jax import TensorSpec, cutlass_call
 
 from nvfp4jax.formats.nvfp4 import NVFP4Tensor
 from nvfp4jax.kernels import gemm as kg, gemm_ws, group
-from nvfp4jax.kernels.quantize import quantize_nvfp4
+from nvfp4jax.kernels.quantize import quantize_nvfp4, quantize_nvfp4_decoded
 from nvfp4jax.ref.moe import swiglu
 
 
@@ -222,7 +223,7 @@ def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, g
 
 def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes: Int[Array, " experts"],
                     w: NVFP4Tensor, w3: NVFP4Tensor | None = None, route_w: Float[Array, " rows"] | None = None,
-                    swiglu_limit: float | None = None) -> Array:
+                    swiglu_limit: float | None = None, gx: Float[Array, " rows"] | None = None) -> Array:
     """:func:`grouped_gemm` on the warp-specialized prefill kernel (:mod:`nvfp4jax.kernels.gemm_ws`; where
     :func:`uses_ws` says), same arguments and result.
 
@@ -230,15 +231,19 @@ def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, si
     gathered into expert order first (``x[rows]``: ``rows x dim`` values, once per call, instead of the
     in-kernel gather of :mod:`gemm`); NVFP4 X is decoded to BF16 once (:func:`gemm_ws.dequant_rows`) and its
     per-row global scales go to the epilogue. Always a BF16 result (no K split: prefill tiles fill the GPU).
+    ``gx``: ``x`` is an NVFP4 X already decoded (``quantize.quantize_nvfp4_decoded``, in row order) and these
+    are its per-row global scales.
     """
     experts, n, _ = w.shape
+    if gx is not None and (isinstance(x, NVFP4Tensor) or rows is not None):
+        raise ValueError("grouped_gemm_ws: per-row global scales go with a decoded BF16 x in row order")
     act_nvfp4 = isinstance(x, NVFP4Tensor)
     gate_up = w3 is not None
     if rows is not None:
         x = NVFP4Tensor(x.values[rows], x.scales[rows], x.global_scale[rows]) if act_nvfp4 else x[rows]
     r = x.shape[0]
-    cfg = choose_grouped_prefill_config(r, experts, act_nvfp4, gate_up=gate_up, swiglu_limit=swiglu_limit)
-    gx = None
+    cfg = choose_grouped_prefill_config(r, experts, act_nvfp4 or gx is not None, gate_up=gate_up,
+                                        swiglu_limit=swiglu_limit)
     if act_nvfp4:
         x, gx = gemm_ws.dequant_rows(x), x.global_scale
     tiles = tile_table(sizes, cfg.tile_t, num_tiles(r, experts, cfg.tile_t))
@@ -309,8 +314,12 @@ def moe_experts(
         order, rows, sizes, route_w, inverse = group_rows_xla(expert_ids, weights, experts)
     xa = quantize_nvfp4(x) if quantize_activations else x
     h = grouped_gemm(xa, rows, sizes, w1, w3, route_w, swiglu_limit, tiles=tiles)
-    ha = quantize_nvfp4(h) if quantize_activations else h
-    y = grouped_gemm(ha, None, sizes, w2, tiles=tiles)
+    if quantize_activations and uses_ws(r, experts, dim):
+        # L2 on gemm_ws reads X as BF16: quantize h straight to its decoded form (no codes, no dequant_rows)
+        hd, _, gh = quantize_nvfp4_decoded(h)
+        y = grouped_gemm_ws(hd, None, sizes, w2, gx=gh)
+    else:
+        y = grouped_gemm(quantize_nvfp4(h) if quantize_activations else h, None, sizes, w2, tiles=tiles)
     return y.astype(jnp.float32)[inverse].reshape(t, k, dim).sum(axis=1)
 
 

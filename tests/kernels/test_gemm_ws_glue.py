@@ -123,9 +123,12 @@ def test_linear_wiring(rng, emulated, monkeypatch, m):
 
 @pytest.mark.parametrize("t,experts,skew,quantize_activations", [(100, 4, False, True), (150, 6, True, False),
                                                                   (150, 6, True, True)])
-def test_moe_wiring(rng, emulated, t, experts, skew, quantize_activations):
+def test_moe_wiring(rng, emulated, monkeypatch, t, experts, skew, quantize_activations):
     """Both grouped GEMMs through ``grouped_gemm_ws`` (> 64 rows per expert). ``skew``: expert 5 gets no
-    rows and expert 0 most of them, so tiles are partial and some table entries empty."""
+    rows and expert 0 most of them, so tiles are partial and some table entries empty. Recipe nvfp4: L2's
+    input quantized straight to its decoded form."""
+    decoded = []
+    monkeypatch.setattr(km, "quantize_nvfp4_decoded", lambda h: decoded.append(h.shape) or kq.quantize_nvfp4_decoded(h))
     dim, inter = 256, 256
     keys = jax.random.split(jax.random.key(1), 3)
     mk = lambda k, s: jax.vmap(quantize)(0.02 * jax.random.normal(k, s, jnp.float32))  # noqa: E731
@@ -143,3 +146,4 @@ def test_moe_wiring(rng, emulated, t, experts, skew, quantize_activations):
     got = km.moe_experts(x, weights, ids, *(tile_weight(w) for w in (w1, w3, w2)), **kw_)
     want = ref_moe.moe_experts(x, weights, ids, w1, w3, w2, **kw_)
     assert _rel_err(got, want) < 1e-2
+    assert decoded == ([(t * topk, inter)] if quantize_activations else [])
