@@ -20,8 +20,8 @@
 #          (session 9, not yet run on a GPU): its GPU tests (the decoded quantize bitwise, the linear bitwise vs
 #          quantize + gemm_ws), then the W4A4 linear from BF16 X timed both ways, quantize included   (~7 min)
 #   x-resident: the decode GEMMs with X staged in groups and a fence-free K loop (NVFP4JAX_GEMM_X_RESIDENT=1,
-#          session 9, not yet run on a GPU): its GPU tests, a decode table (default path vs prefetch depth 4
-#          and 2), the MoE at T = 1, 64 with and without it                                      (~9 min)
+#          session 9, not yet run on a GPU): its GPU tests, a decode table (default path vs X resident at its
+#          chosen depth and at depth 4), the MoE at T = 1, 64 with and without it                (~9 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
@@ -136,7 +136,7 @@ if [ "$stage" = x-resident ] || [ "$stage" = all ]; then
   echo "x-resident tests: $(tail -1 "$out/tests_xres.log")"
   grep -E "^FAILED" "$out/tests_xres.log" | head
   timeout 230 python3 benchmarks/gemm.py --no-quantize --names wq_b,wo_b,shared.w1/w3,wq_a --m 1,16,64 \
-    --modes plain,xres,xres:2 --budget-s 170 --out "$out/RESULTS_gemm_xres.md" > "$out/gemm_xres.log" 2>&1
+    --modes plain,xres,xres:4 --budget-s 170 --out "$out/RESULTS_gemm_xres.md" > "$out/gemm_xres.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_xres.log"
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
   NVFP4JAX_GEMM_X_RESIDENT=1 timeout 90 python3 benchmarks/moe.py --t 1,64 --budget-s 60 \

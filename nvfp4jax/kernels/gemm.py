@@ -833,7 +833,7 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
         while ctas * split * 2 <= 2 * NUM_SMS and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 8:
             split *= 2
     cfg = with_env_prefetch(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
-    return with_env_x_resident(with_env_w_regs(cfg), k)
+    return with_env_x_resident(with_env_w_regs(cfg), k, ctas)
 
 
 def with_env_w_regs(cfg: GemmConfig) -> GemmConfig:
@@ -855,15 +855,20 @@ X_RESIDENT_ENV = "NVFP4JAX_GEMM_X_RESIDENT"  # "1": register-path configs stage 
 #: registers allow (e.g. 16 tokens x 1024 K = 32 KB: all of Flash wq_b's K, wo_b's at split 8)
 X_RESIDENT_MAX_BYTES = 40 * 1024
 X_RESIDENT_PREFETCH = 4  # default K tiles of W loads in flight with X resident ($NVFP4JAX_GEMM_PREFETCH)
+#: ptxas (sm_90a, session 9), 64-row decode tiles with X resident: 128 registers at prefetch 2 (4 CTAs per
+#: SM), 143-168 at 3-4 (3 per SM); 128-row tiles (MoE L1) 194-245 at 2-4 (2 per SM either way)
+X_RESIDENT_CTAS_PER_SM_DEEP = 3
 
 
-def with_env_x_resident(cfg: GemmConfig, k: int) -> GemmConfig:
+def with_env_x_resident(cfg: GemmConfig, k: int, ctas: int) -> GemmConfig:
     """``cfg`` with X staged in groups of ``x_tiles`` K tiles (as many of the CTA's K tiles as
     ``X_RESIDENT_MAX_BYTES`` holds, at least 2, rounded down to a multiple of the prefetch depth;
     :meth:`GemmNvfp4Sm90.mainloop_x_resident`) when
     ``$NVFP4JAX_GEMM_X_RESIDENT`` is ``1`` (read at trace time; default off: compiled and CPU-checked in
     session 9, not yet run on a GPU) and the config is on the register path. Prefetch depth
-    ``$NVFP4JAX_GEMM_PREFETCH`` if set above 1, else ``X_RESIDENT_PREFETCH``, at most the CTA's K tiles."""
+    ``$NVFP4JAX_GEMM_PREFETCH`` if set above 1, else ``X_RESIDENT_PREFETCH`` -- or 2 where the deeper
+    buffers' registers would leave 64-row tiles more than one wave (``ctas`` x split CTAs over
+    ``X_RESIDENT_CTAS_PER_SM_DEEP`` per SM; e.g. Flash wq_b's 512 at m = 1) -- at most the group."""
     if os.environ.get(X_RESIDENT_ENV, "0") != "1" or not cfg.w_regs:
         return cfg
     k_cta = k // cfg.tile_k // cfg.split
@@ -871,7 +876,10 @@ def with_env_x_resident(cfg: GemmConfig, k: int) -> GemmConfig:
     if group < 2:
         return cfg
     depth = int(os.environ.get(PREFETCH_ENV, "1") or 1)
-    depth = min(depth if depth > 1 else X_RESIDENT_PREFETCH, 4, group)
+    if depth < 2:
+        one_wave = ctas * cfg.split <= X_RESIDENT_CTAS_PER_SM_DEEP * NUM_SMS
+        depth = X_RESIDENT_PREFETCH if cfg.tile_w == 128 or one_wave else 2
+    depth = min(depth, 4, group)
     resident = dataclasses.replace(cfg, x_tiles=group - group % depth, prefetch=depth)
     return resident if GemmNvfp4Sm90.can_implement(resident) else cfg
 

@@ -575,7 +575,30 @@ def fenced_tiles(ptx: str, wgmma_per_tile: int) -> int:
     return min(ratios, default=1 << 30)
 
 
-@pytest.mark.parametrize("m,n,k,act_nvfp4", [(1, 32768, 1024, False), (1, 32768, 1024, True), (16, 4096, 8192, False)])
+def test_x_resident_config_choice(monkeypatch):
+    """Groups of K tiles as many as fit ``X_RESIDENT_MAX_BYTES``, a multiple of the prefetch depth: 4 where
+    the grid fits one wave at 3 CTAs per SM (the deeper buffers' registers) or the tiles are 128 rows, else 2;
+    ``$NVFP4JAX_GEMM_PREFETCH`` overrides; off by default and off the register path."""
+    from nvfp4jax.kernels import moe as km
+
+    monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)
+    monkeypatch.delenv(kg.X_RESIDENT_ENV, raising=False)
+    assert kg.choose_config(1, 32768, 1024, False).x_tiles == 0
+    monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
+    pick = lambda *a: (lambda c: (c.x_tiles, c.prefetch))(kg.choose_config(*a))  # noqa: E731
+    assert pick(1, 32768, 1024, False) == (8, 2)  # Flash wq_b: 512 CTAs, more than 3 per SM
+    assert pick(1, 1536, 7168, True) == (4, 4)  # Pro wq_a: 192 CTAs of 7 K tiles, groups of 4
+    assert pick(64, 1536, 7168, True) == (2, 2)  # 64 tokens: 16 KB per K tile, groups of 2
+    assert pick(1, 1024, 4096, False) == (0, 1)  # one K tile per CTA (split 32): nothing to group
+    assert kg.choose_config(200, 1024, 4096, True).x_tiles == 0  # prefill tiles: not the register path
+    l1 = km.choose_grouped_config(6, 256, 4096, 4096, True, gate_up=True, swiglu_limit=10.0)
+    assert (l1.x_tiles, l1.prefetch) == (4, 4)  # 128-row tiles: 2 CTAs per SM at either depth
+    monkeypatch.setenv(kg.PREFETCH_ENV, "3")
+    assert pick(1, 32768, 1024, False) == (6, 3)
+
+
+@pytest.mark.parametrize("m,n,k,act_nvfp4", [(1, 32768, 1024, False), (1, 32768, 1024, True), (16, 4096, 8192, False),
+                                             (1, 1536, 7168, True)])
 def test_gemm_x_resident_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
     """``NVFP4JAX_GEMM_X_RESIDENT=1``: all of a CTA's X staged first (one stage per K tile), then a K loop of
     W loads, register decode and wgmma with no proxy fence and no barrier in it (the default register
@@ -586,10 +609,8 @@ def test_gemm_x_resident_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp
     monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
     cfg = kg.choose_config(m, n, k, act_nvfp4)
     k_cta = k // 128 // cfg.split
-    depth = min(kg.X_RESIDENT_PREFETCH, k_cta)
-    assert cfg.w_regs and cfg.prefetch == depth and cfg.x_tiles == k_cta - k_cta % depth, cfg
+    assert cfg.w_regs and cfg.prefetch in (2, 4) and cfg.x_tiles == k_cta - k_cta % cfg.prefetch, cfg
     assert kg.smem_bytes(cfg) == 2 * cfg.tile_t * 128 * cfg.x_tiles <= kg.X_RESIDENT_MAX_BYTES
-    assert kg.choose_config(64, 1536, 7168, act_nvfp4).x_tiles == 2  # 14 K tiles of 64 tokens: groups of 2
     ptx = compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path)
     wgmma = f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"
     assert opcodes(ptx)[wgmma] == 8 * cfg.prefetch  # P K tiles per trip
@@ -610,8 +631,9 @@ def test_grouped_x_resident_compiles_sm90a(tmp_path, monkeypatch):
         cfg = km.choose_grouped_config(6 * t, experts, 2 * n if gate_up else n, k, True, gate_up=gate_up,
                                        swiglu_limit=10.0)
         assert cfg.x_tiles == min(k // 128 // cfg.split, 8) and cfg.grouped, cfg  # 10 x 4 KB fit: 8 of P = 4
+        assert cfg.prefetch == (4 if gate_up else 2)  # L2: 64-row tiles, 1536 CTAs (split 4)
         ptx = compile_ptx(km._kernel(cfg), *_grouped_io(cfg, t, 6 * t, experts, n, k, gate_up), tmp_path / str(n))
-        assert fenced_tiles(ptx, 8 * cfg.tile_w // 64) >= cfg.prefetch == 4
+        assert fenced_tiles(ptx, 8 * cfg.tile_w // 64) >= cfg.prefetch
 
 
 # ---- register prefetch depth (GemmConfig.prefetch >= 2) ----------------------------------------------

@@ -124,14 +124,14 @@ def test_gemm_decode_paths(rng, monkeypatch, n, k, m, act_nvfp4, prefetch, w_reg
     (4096, 2048, 1, True, 3), (1536, 7168, 1, False, 1), (1536, 7168, 64, True, 1)])
 def test_gemm_x_resident(rng, monkeypatch, n, k, m, act_nvfp4, prefetch):
     """``NVFP4JAX_GEMM_X_RESIDENT=1`` (session 9, opt-in): X staged in groups of K tiles, the K loop between
-    them without fences, W prefetched ``prefetch`` tiles ahead (1: the default depth, ``X_RESIDENT_PREFETCH``).
-    One group for the whole K range (8, 7, 4 tiles), groups of 3 over 8 (the last partial, depth 4 > 3),
-    7 groups of 2; partial token tiles; both recipes."""
+    them without fences, W prefetched ``prefetch`` tiles ahead (1: the depth ``with_env_x_resident`` picks).
+    One group for the whole K range (8 and 4 K tiles per CTA), groups 3 + 3 + 2 (depth capped at 3),
+    6 + 2, 4 + 3 at depth 4, seven groups of 2; partial token tiles; both recipes."""
     monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
     monkeypatch.setenv(kg.PREFETCH_ENV, str(prefetch))
     cfg = kg.choose_config(m, n, k, act_nvfp4)
     group = min(k // 128 // cfg.split, kg.X_RESIDENT_MAX_BYTES // (2 * cfg.tile_t * 128))
-    assert cfg.w_regs and cfg.x_tiles == group >= 2, cfg
+    assert cfg.w_regs and cfg.x_tiles == group - group % cfg.prefetch >= 2, cfg
     w = _weights(rng, n, k)
     x = activations(rng, m, k)
     x = ref.quantize_nvfp4(x) if act_nvfp4 else x
