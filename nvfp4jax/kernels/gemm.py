@@ -92,7 +92,8 @@ G K tiles at a time (one fence per group; all of the CTA's K range where ``X_RES
 e.g. Flash wq_b and wo_b at m <= 16) and an inner K loop of W loads P tiles ahead, decode into the A
 registers and wgmma, with no shared-memory write, fence or barrier (:meth:`GemmNvfp4Sm90.mainloop_x_resident`;
 the compile test checks the PTX's loops). ptxas: 128 / 143 / 154-166 registers at P = 2 / 3 / 4 for
-dense decode tiles (4 / 3 / 3 CTAs per SM; the default path: 96, 5), 194-245 for MoE L1's 128-row tiles;
+dense decode tiles (4 / 3 / 3 CTAs per SM; the default path: 96, 5), 194-245 for MoE L1's 128-row tiles,
+so the default depth is 4 only where the grid fits one wave at 3 CTAs per SM (or for 128-row tiles), else 2;
 253-261 instructions per K tile per warp (the default path: 298). ``benchmarks/gpu_session.sh OUTDIR
 x-resident`` tests and times it.
 """
