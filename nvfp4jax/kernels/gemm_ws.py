@@ -657,25 +657,33 @@ DQ_CHUNK = 32  # K values per thread
 
 
 class DequantRowsSm90:
-    """``X_bf16[m, k] = e2m1 * e4m3 * 2**-DECODE_SHIFT`` of NVFP4 ``X`` (codes ``[m, k/2]``, scale bytes
-    ``[m, k/16]``), without the per-row global scale; exact (:func:`dequant_nvfp4_chunk`). One thread per
-    32-value chunk: a 16-byte code load, a 2-byte scale load, four 16-byte stores."""
+    """``X_bf16[r, k] = e2m1 * e4m3 * 2**-DECODE_SHIFT`` of row ``r`` of NVFP4 ``X`` (codes ``[m, k/2]``, scale
+    bytes ``[m, k/16]``), or with ``gather`` of row ``rows[r]``; without the per-row global scale; exact
+    (:func:`dequant_nvfp4_chunk`). One thread per 32-value chunk: a 16-byte code load, a 2-byte scale load,
+    four 16-byte stores."""
+
+    def __init__(self, gather: bool = False):
+        self.gather = gather
 
     @cute.jit
-    def __call__(self, stream: cuda.CUstream, mXv, mXs, mY):
-        chunks = mXv.shape[0] * (mXv.shape[1] * 2 // DQ_CHUNK)
-        self.kernel(mXv, mXs, mY).launch(grid=[(chunks + WG - 1) // WG, 1, 1], block=[WG, 1, 1], stream=stream)
+    def __call__(self, stream: cuda.CUstream, mXv, mXs, mRows, mY):
+        chunks = mY.shape[0] * (mXv.shape[1] * 2 // DQ_CHUNK)
+        self.kernel(mXv, mXs, mRows, mY).launch(grid=[(chunks + WG - 1) // WG, 1, 1], block=[WG, 1, 1],
+                                               stream=stream)
 
     @cute.kernel
-    def kernel(self, mXv: cute.Tensor, mXs: cute.Tensor, mY: cute.Tensor):
+    def kernel(self, mXv: cute.Tensor, mXs: cute.Tensor, mRows, mY: cute.Tensor):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         per_row = mXv.shape[1] * 2 // DQ_CHUNK
         idx = bidx * WG + tidx
-        if idx < mXv.shape[0] * per_row:
+        if idx < mY.shape[0] * per_row:
             row, ch = idx // per_row, idx % per_row
-            gV = cute.local_tile(mXv, (1, DQ_CHUNK // 2), (row, ch))
-            gS = cute.local_tile(mXs, (1, DQ_CHUNK // BLOCK), (row, ch))
+            src = row
+            if cutlass.const_expr(self.gather):
+                src = mRows[row]
+            gV = cute.local_tile(mXv, (1, DQ_CHUNK // 2), (src, ch))
+            gS = cute.local_tile(mXs, (1, DQ_CHUNK // BLOCK), (src, ch))
             gY = cute.local_tile(mY, (1, DQ_CHUNK), (row, ch))
             rV = cute.make_rmem_tensor((DQ_CHUNK // 2,), Uint8)
             rS = cute.make_rmem_tensor((DQ_CHUNK // BLOCK,), Uint8)
@@ -687,19 +695,25 @@ class DequantRowsSm90:
 
 
 @functools.cache
-def _dequant_kernel() -> DequantRowsSm90:
-    return DequantRowsSm90()
+def _dequant_kernel(gather: bool = False) -> DequantRowsSm90:
+    return DequantRowsSm90(gather)
 
 
-def dequant_rows(x: NVFP4Tensor) -> jax.Array:
+def dequant_rows(x: NVFP4Tensor, rows: jax.Array | None = None) -> jax.Array:
     """BF16 ``[m, k]`` holding ``e2m1 * e4m3 * 2**-DECODE_SHIFT`` of NVFP4 ``x`` (exact; the per-row global
-    scale is not applied): the B operand of the prefill kernel in recipe ``nvfp4``."""
+    scale is not applied): the B operand of the prefill kernel in recipe ``nvfp4``. ``rows`` (int32 ``[r]``):
+    the result's row ``i`` is ``x``'s row ``rows[i]`` (the MoE's L1 input in expert order, gathered here
+    instead of by XLA before: the NVFP4 rows are read once and no gathered copy of them is written)."""
     if x.values.ndim != 2 or x.shape[1] % DQ_CHUNK:
         raise ValueError(f"dequant_rows takes NVFP4 [m, k] with k % {DQ_CHUNK} == 0, got {x.shape}")
+    if rows is not None and (rows.ndim != 1 or rows.dtype != jnp.int32):
+        raise ValueError(f"dequant_rows: rows must be int32 [r], got {rows.dtype} {rows.shape}")
     m, k = x.shape
-    out = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    return cutlass_call(_dequant_kernel(), output_shape_dtype=out)(
-        x.values, jax.lax.bitcast_convert_type(x.scales, jnp.uint8))
+    out = jax.ShapeDtypeStruct((m if rows is None else rows.shape[0], k), jnp.bfloat16)
+    if out.shape[0] == 0:
+        return jnp.zeros(out.shape, out.dtype)
+    return cutlass_call(_dequant_kernel(rows is not None), output_shape_dtype=out)(
+        x.values, jax.lax.bitcast_convert_type(x.scales, jnp.uint8), rows)
 
 
 __all__ = ["GemmPrefillSm90", "PrefillConfig", "dequant_rows", "nvfp4_gemm_ws", "nvfp4_gemm_ws_decoded"]

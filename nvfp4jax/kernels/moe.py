@@ -229,8 +229,9 @@ def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, si
 
     That kernel reads X with TMA, whole ``[tile_t, 64]`` boxes of consecutive rows, so the L1 input is
     gathered into expert order first (``x[rows]``: ``rows x dim`` values, once per call, instead of the
-    in-kernel gather of :mod:`gemm`); NVFP4 X is decoded to BF16 once (:func:`gemm_ws.dequant_rows`) and its
-    per-row global scales go to the epilogue. Always a BF16 result (no K split: prefill tiles fill the GPU).
+    in-kernel gather of :mod:`gemm`); NVFP4 X is decoded to BF16 once, gathered in the same pass
+    (:func:`gemm_ws.dequant_rows` with ``rows``), and its per-row global scales go to the epilogue. Always a
+    BF16 result (no K split: prefill tiles fill the GPU).
     ``gx``: ``x`` is an NVFP4 X already decoded (``quantize.quantize_nvfp4_decoded``, in row order) and these
     are its per-row global scales.
     """
@@ -239,13 +240,13 @@ def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, si
         raise ValueError("grouped_gemm_ws: per-row global scales go with a decoded BF16 x in row order")
     act_nvfp4 = isinstance(x, NVFP4Tensor)
     gate_up = w3 is not None
-    if rows is not None:
-        x = NVFP4Tensor(x.values[rows], x.scales[rows], x.global_scale[rows]) if act_nvfp4 else x[rows]
-    r = x.shape[0]
+    r = x.shape[0] if rows is None else rows.shape[0]
     cfg = choose_grouped_prefill_config(r, experts, act_nvfp4 or gx is not None, gate_up=gate_up,
                                         swiglu_limit=swiglu_limit)
-    if act_nvfp4:
-        x, gx = gemm_ws.dequant_rows(x), x.global_scale
+    if act_nvfp4:  # decoded (and gathered into expert order) in one pass
+        x, gx = gemm_ws.dequant_rows(x, rows), x.global_scale if rows is None else x.global_scale[rows]
+    elif rows is not None:
+        x = x[rows]
     tiles = tile_table(sizes, cfg.tile_t, num_tiles(r, experts, cfg.tile_t))
     w3s = _weight_args(w3) if gate_up else (None, None, None)
     out = jax.ShapeDtypeStruct((r, n), jnp.bfloat16)

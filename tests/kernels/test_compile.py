@@ -309,12 +309,16 @@ def test_group_kernel_is_the_default(monkeypatch):
         kgr.group_rows(jnp.zeros((200, 6), jnp.int32), jnp.zeros((200, 6)), 16, 128, 100)
 
 
-def test_dequant_rows_compiles_sm90a(tmp_path):
-    """The X decoder of the prefill path: 16-byte code loads, no conversions, 16-byte stores."""
-    m, k = 300, 4096
-    ins = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8))
-    ops = opcodes(compile_ptx(kw._dequant_kernel(), ins, (S((m, k), jnp.bfloat16),), None, tmp_path))
+@pytest.mark.parametrize("gather", [False, True])
+def test_dequant_rows_compiles_sm90a(tmp_path, gather):
+    """The X decoder of the prefill path: 16-byte code loads, no conversions, 16-byte stores; gathering
+    (the MoE's L1 input in expert order): one 32-bit row index load more."""
+    m, k, r = 300, 4096, 1800
+    ins = (S((m, k // 2), jnp.uint8), S((m, k // 16), jnp.uint8), S((r,), jnp.int32) if gather else None)
+    out = (S((r if gather else m, k), jnp.bfloat16),)
+    ops = opcodes(compile_ptx(kw._dequant_kernel(gather), ins, out, None, tmp_path))
     assert decodes_without_conversions(ops) and ops["ld.global.v4.b32"] == 1 and ops["st.global.v4.b32"] == 4
+    assert ops["ld.global.s32"] == int(gather), ops
 
 
 def test_ws_prefill_dispatch(monkeypatch):

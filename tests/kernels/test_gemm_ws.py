@@ -8,6 +8,7 @@ registers (``regs``) and by TMA into shared slots (``tma``, ``NVFP4JAX_GEMM_WS_W
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from nvfp4jax.ref import gemm as ref
@@ -51,12 +52,15 @@ def test_gemm_ws(rng, monkeypatch, n, k, m, mode, w_mode, act_nvfp4):
 
 @pytest.mark.parametrize("m,k", [(1, 1024), (70, 4096), (4096, 7168)])
 def test_dequant_rows_bitwise(rng, m, k):
-    """NVFP4 X -> BF16 ``e2m1 * e4m3 * 2**-8``, exact: equal bit for bit to the reference decode."""
+    """NVFP4 X -> BF16 ``e2m1 * e4m3 * 2**-8``, exact: equal bit for bit to the reference decode; with a
+    row map (the MoE's L1 gather: every row several times, in shuffled order), equal to that decode's rows."""
     x = ref.quantize_nvfp4(activations(rng, m, k))
-    poison_device_memory()
-    got = jax.jit(kw.dequant_rows)(x)
     want = (ref._dequant_unscaled(x) * 2.0**-kw.DECODE_SHIFT).astype(jnp.bfloat16)
-    assert_bitwise_equal(got, want, f"dequant_rows {m=} {k=}")
+    poison_device_memory()
+    assert_bitwise_equal(jax.jit(kw.dequant_rows)(x), want, f"dequant_rows {m=} {k=}")
+    rows = jnp.asarray(rng.permutation(np.repeat(np.arange(m), 6)), jnp.int32)
+    poison_device_memory()
+    assert_bitwise_equal(jax.jit(kw.dequant_rows)(x, rows), want[rows], f"dequant_rows gather {m=} {k=}")
 
 
 def test_nvfp4_gemm_routes_prefill_to_ws(rng, monkeypatch):

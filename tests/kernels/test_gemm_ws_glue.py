@@ -58,7 +58,9 @@ def _emulate_gemm(cfg, x, gx, wv, ws, wg, w3v, w3s, w3g, tiles, route_w, out):
     return jnp.asarray(y).astype(out.dtype)
 
 
-def _emulate_dequant(xv, xs, out):
+def _emulate_dequant(xv, xs, rows, out):
+    if rows is not None:
+        xv, xs = xv[rows], xs[rows]
     t = NVFP4Tensor(xv, jax.lax.bitcast_convert_type(xs, jnp.float8_e4m3fn), jnp.ones(xv.shape[0], jnp.float32))
     return (ref_gemm._dequant_unscaled(t) * SHIFT).astype(out.dtype)
 
