@@ -290,7 +290,7 @@ class GemmNvfp4Sm90:
             return False
         if cfg.w_regs and cfg.tile_k != TILE_K:
             return False
-        if cfg.x_tiles and (not cfg.w_regs or cfg.x_tiles < 1):
+        if cfg.x_tiles < 0 or (cfg.x_tiles and not cfg.w_regs):
             return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
@@ -555,10 +555,7 @@ class GemmNvfp4Sm90:
                     if i + P < k_tiles:
                         self.load_w_regs(kt0 + i + P, w_rows, wp, ws)
                         self.load_x(kt0 + i + P, gX, xp, xs, xd, x_rows, x_part)
-                    warpgroup.fence()
-                    for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
-                        cute.gemm(tiled_mma, acc, tArA[None, None, kb], tCrB[None, None, kb, stage], acc)
-                    warpgroup.commit_group()
+                    self.issue_mma_regs(tArA, tCrB, stage, acc, tiled_mma)
 
     @cute.jit
     def mainloop_x_resident(self, kt0, k_tiles, count, gW, gW3, w_row0, q, tWrP, tWrS, gX, x_rows, x_part,
@@ -597,10 +594,7 @@ class GemmNvfp4Sm90:
                         self.decode_w_regs(wp, ws, tArA)
                         if i + P < k_tiles:
                             self.load_w_regs(kt0 + i + P, w_rows, wp, ws)
-                        warpgroup.fence()
-                        for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
-                            cute.gemm(tiled_mma, acc, tArA[None, None, kb], tCrB[None, None, kb, i - g], acc)
-                        warpgroup.commit_group()
+                        self.issue_mma_regs(tArA, tCrB, i - g, acc, tiled_mma)
             warpgroup.wait_group(0)  # the group's last wgmma reads its X stages: done before they are rewritten
 
     @cute.jit
@@ -717,6 +711,14 @@ class GemmNvfp4Sm90:
                 cute.autovec_copy(xd[None, p], tBsB[None, p, 0, stage])
         cute.arch.fence_proxy("async.shared", space="cta")
         cute.arch.sync_threads()
+
+    @cute.jit
+    def issue_mma_regs(self, tArA, tCrB, stage, acc, tiled_mma: cute.TiledMma):
+        """Register-A paths: wgmma of the A fragment ``tArA`` over X stage ``stage`` (one commit group)."""
+        warpgroup.fence()
+        for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
+            cute.gemm(tiled_mma, acc, tArA[None, None, kb], tCrB[None, None, kb, stage], acc)
+        warpgroup.commit_group()
 
     @cute.jit
     def issue_mma(self, stage, tCrA, tCrB, acc, tiled_mma: cute.TiledMma):

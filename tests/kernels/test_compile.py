@@ -589,7 +589,11 @@ def test_x_resident_config_choice(monkeypatch):
     monkeypatch.delenv(kg.X_RESIDENT_ENV, raising=False)
     assert kg.choose_config(1, 32768, 1024, False).x_tiles == 0
     monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
-    pick = lambda *a: (lambda c: (c.x_tiles, c.prefetch))(kg.choose_config(*a))  # noqa: E731
+
+    def pick(*args):
+        cfg = kg.choose_config(*args)
+        return cfg.x_tiles, cfg.prefetch
+
     assert pick(1, 32768, 1024, False) == (8, 2)  # Flash wq_b: 512 CTAs, more than 3 per SM
     assert pick(1, 1536, 7168, True) == (4, 4)  # Pro wq_a: 192 CTAs of 7 K tiles, groups of 4
     assert pick(64, 1536, 7168, True) == (2, 2)  # 64 tokens: 16 KB per K tile, groups of 2
