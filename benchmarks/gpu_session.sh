@@ -42,8 +42,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.t
 P="python3 -m pytest -o addopts= -q -m gpu -p no:warnings --tb=short -rf"
 T="env XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"
 # the W-by-TMA cases of tests/kernels/test_gemm_ws.py and the rest (-k also matches a module's global names:
-# a plain "tma" matched its TMA_CASES list, so session 8's `-k "not tma"` selected 2 of 48 cases and
-# `-k tma` all 50; tests/kernels/test_gpu_helpers.py checks these two split the module)
+# a plain "tma" matched its TMA_CASES list: the `-k "not tma"` written in session 8 would select 2 of 48
+# cases (`ws`, not run since), `-k tma` selected all 50 (`ws-tma`, session 9: the W-to-registers cases first,
+# then the hang); tests/kernels/test_gpu_helpers.py checks these two split the module)
 WS_TMA="ws-tma or persistent-tma"
 WS_REGS="not ws-tma and not persistent-tma"
 

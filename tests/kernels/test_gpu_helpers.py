@@ -27,8 +27,8 @@ def test_fresh_jit_reads_trace_time_settings(monkeypatch):
 def test_gpu_session_splits_the_gemm_ws_tests():
     """``benchmarks/gpu_session.sh``'s stages ``ws-tma`` and ``ws`` select, by their ``-k`` expressions,
     exactly the W-by-TMA cases of ``tests/kernels/test_gemm_ws.py`` and the rest. ``-k`` also matches a
-    module's global names, so a plain ``tma`` matched every case through ``TMA_CASES`` (session 8's stages
-    ran 2 of 48 cases and all 50 instead)."""
+    module's global names, so a plain ``tma`` matched every case through ``TMA_CASES`` (the expressions
+    written in session 8 selected 2 of 48 cases and all 50 instead)."""
     import re
     import subprocess
     import sys
