@@ -76,15 +76,10 @@ def with_env(fn, env: dict[str, str]):
 
 
 def mode_env(mode: str) -> dict[str, str]:
-    """``--modes`` entry -> variables. Prefill: ``PREFILL[:W]``, e.g. ``ws``, ``ws:tma``, ``one-warpgroup``.
-    Decode: ``plain`` (the register path as it is by default) or ``xres[:P]`` (X staged in groups,
-    ``NVFP4JAX_GEMM_X_RESIDENT=1``, prefetch depth P, default ``gemm.X_RESIDENT_PREFETCH``)."""
-    head, _, tail = mode.partition(":")
-    if head == "plain":
-        return {kg.X_RESIDENT_ENV: "0", kg.PREFETCH_ENV: "1"}
-    if head == "xres":
-        return {kg.X_RESIDENT_ENV: "1", kg.PREFETCH_ENV: tail or "1"}
-    return {kg.PREFILL_ENV: head, "NVFP4JAX_GEMM_WS_W": tail or "regs"}
+    """``--modes`` entry -> variables: ``PREFILL[:W]``, e.g. ``ws`` (W by TMA, the default), ``ws:regs``,
+    ``one-warpgroup``."""
+    prefill, _, w = mode.partition(":")
+    return {kg.PREFILL_ENV: prefill, "NVFP4JAX_GEMM_WS_W": w}
 
 
 def quantize_then_gemm(x, w):
@@ -149,9 +144,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new shapes after this")
     ap.add_argument("--m", default="", help="comma list of m values for every shape (overrides --quick's)")
     ap.add_argument("--no-quantize", action="store_true", help="skip the quantize table")
-    ap.add_argument("--modes", default="", help="comma list of kernel modes timed side by side: prefill "
-                    "PREFILL[:W] (e.g. ws,ws:tma,one-warpgroup), decode plain / xres[:P] (mode_env): a row per "
-                    "mode, the baselines measured once")
+    ap.add_argument("--modes", default="", help="comma list of prefill kernel modes timed side by side, "
+                    "PREFILL[:W] (e.g. ws,ws:regs,one-warpgroup): a row per mode, the baselines measured once")
     ap.add_argument("--linear", action="store_true", help="also time recipe nvfp4's linear from BF16 X (quantize "
                     "included): kg.nvfp4_linear and quantize-then-GEMM, two more columns")
     args = ap.parse_args()
@@ -163,9 +157,8 @@ def main():
                "one-warpgroup": "one-warpgroup (gemm)"}.get(mode, "warp-specialized (gemm_ws)")
     prefill = f"{prefill}, NVFP4JAX_GEMM_PREFILL={mode}; gemm_ws's W4A4 includes dequant_rows of X"
     if args.modes:
-        prefill = ("per row the mode in brackets (baselines shared): NVFP4JAX_GEMM_PREFILL[:NVFP4JAX_GEMM_WS_W], or "
-                   "plain / xres[:P] = NVFP4JAX_GEMM_X_RESIDENT=0 / 1 with prefetch depth P; "
-                   "gemm_ws's W4A4 includes dequant_rows of X")
+        prefill = ("per row the mode in brackets (baselines shared): NVFP4JAX_GEMM_PREFILL[:NVFP4JAX_GEMM_WS_W] "
+                   "(no W: W by TMA, the default); gemm_ws's W4A4 includes dequant_rows of X")
     lines = [f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev}); "
              "device kernel times from the profiler trace, L2 flushed before each call (benchmarks/_timing.py); "
              f"m > 64: {prefill}", ""]

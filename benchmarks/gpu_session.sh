@@ -10,8 +10,9 @@
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
 #   ws:    the GPU tests of the warp-specialized prefill GEMM (gemm_ws) with W to registers (one CTA per
 #          tile and persistent) and of the MoE grouping kernel (group)                         (~7 min)
-#   ws-tma: the gemm_ws GPU tests with W by TMA (NVFP4JAX_GEMM_WS_W=tma; hung in session 9, fixed, not re-run);
-#          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~5 min)
+#   ws-tma: the gemm_ws GPU tests with W by TMA (the default since session 10) and V4-Pro's MoE on its whole
+#          384-expert bank with either W path (session 10's Int32 fix, not yet run);
+#          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~6 min)
 #   ws-gemm: one prefill GEMM table (m 4096, 16384), gemm_ws with W to registers and by TMA and the
 #          one-warpgroup kernel side by side (benchmarks/gemm.py --modes)                      (~9 min)
 #   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers
@@ -19,19 +20,16 @@
 #   linear: recipe nvfp4's linear with X quantized straight to its decoded form on the gemm_ws path
 #          (session 9, not yet run on a GPU): its GPU tests (the decoded quantize bitwise, the linear bitwise vs
 #          quantize + gemm_ws), then the W4A4 linear from BF16 X timed both ways, quantize included   (~7 min)
-#   x-resident: the decode GEMMs with X staged in groups and a fence-free K loop (NVFP4JAX_GEMM_X_RESIDENT=1,
-#          session 9, not yet run on a GPU): its GPU tests, a decode table (default path vs X resident at its
-#          chosen depth and at depth 4), the MoE at T = 1, 64 with and without it                (~9 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all eleven single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all ten single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|x-resident|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -45,8 +43,8 @@ T="env XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick XLA_PYTHON_
 # a plain "tma" matched its TMA_CASES list: the `-k "not tma"` written in session 8 would select 2 of 48
 # cases (`ws`, not run since), `-k tma` selected all 50 (`ws-tma`, session 9: the W-to-registers cases first,
 # then the hang); tests/kernels/test_gpu_helpers.py checks these two split the module)
-WS_TMA="ws-tma or persistent-tma"
-WS_REGS="not ws-tma and not persistent-tma"
+WS_TMA="ws-tma or persistent-tma or whole_pro_bank"
+WS_REGS="not ws-tma and not persistent-tma and not whole_pro_bank"
 
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
   $T timeout 200 $P tests/kernels/test_quantize.py "tests/kernels/test_gemm.py::test_gemm_decode_paths" \
@@ -108,7 +106,7 @@ fi
 if [ "$stage" = ws-gemm ] || [ "$stage" = all ]; then
   # one process: each shape's baselines (XLA's autotuning) once, the modes side by side
   timeout 560 python3 benchmarks/gemm.py --no-quantize --names wq_a,wq_b,wo_b,shared.w1/w3 --m 4096,16384 \
-    --modes ws,ws:tma,one-warpgroup --budget-s 470 --out "$out/RESULTS_gemm_ws.md" > "$out/gemm_ws.log" 2>&1
+    --modes ws:regs,ws,one-warpgroup --budget-s 470 --out "$out/RESULTS_gemm_ws.md" > "$out/gemm_ws.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_ws.log"
 fi
 if [ "$stage" = ws-moe ] || [ "$stage" = all ]; then
@@ -131,20 +129,6 @@ if [ "$stage" = linear ] || [ "$stage" = all ]; then
   timeout 300 python3 benchmarks/gemm.py --no-quantize --names wq_a,shared.w1/w3,wo_b --m 4096,16384 --modes ws \
     --linear --budget-s 220 --out "$out/RESULTS_gemm_linear.md" > "$out/gemm_linear.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_linear.log"
-fi
-if [ "$stage" = x-resident ] || [ "$stage" = all ]; then
-  $T timeout 200 $P tests/kernels/test_gemm.py tests/kernels/test_moe.py -k x_resident > "$out/tests_xres.log" 2>&1
-  echo "x-resident tests: $(tail -1 "$out/tests_xres.log")"
-  grep -E "^FAILED" "$out/tests_xres.log" | head
-  timeout 230 python3 benchmarks/gemm.py --no-quantize --names wq_b,wo_b,shared.w1/w3,wq_a --m 1,16,64 \
-    --modes plain,xres,xres:4 --budget-s 170 --out "$out/RESULTS_gemm_xres.md" > "$out/gemm_xres.log" 2>&1
-  grep -E "^\| (flash|pro)|stopped" "$out/gemm_xres.log"
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-  NVFP4JAX_GEMM_X_RESIDENT=1 timeout 90 python3 benchmarks/moe.py --t 1,64 --budget-s 60 \
-    --out "$out/RESULTS_moe_xres.md" > "$out/moe_xres.log" 2>&1
-  echo "MoE, X resident:"; grep -E "^\| (flash|pro)" "$out/moe_xres.log"
-  timeout 90 python3 benchmarks/moe.py --t 1,64 --budget-s 60 > "$out/moe_plain.log" 2>&1
-  echo "MoE, default:"; grep -E "^\| (flash|pro)" "$out/moe_plain.log"
 fi
 if [ "$stage" = multi ]; then
   n=$(nvidia-smi -L | wc -l)

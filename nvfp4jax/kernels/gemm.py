@@ -83,19 +83,13 @@ decode configs (token tile <= 64), with a K split leaving each CTA >= 2P tiles, 
 prefill configs (128 x 128 x 64: 245-250 registers, no spills at P = 2). (Session 3's cp.async ring
 of raw K tiles, the other attempt at more bytes in flight, measured no faster and was removed.)
 
-Why prefetch measured no faster (found in session 9 from the SASS): every K tile of both paths ends
-its shared-memory writes with ``fence.proxy.async``, which compiles to ``MEMBAR.ALL.CTA``, and that
-waits for the global loads in flight -- the prefetched tiles' too -- so each K tile pays about one
-memory latency whatever P is. X resident (``GemmConfig.x_tiles``, env ``NVFP4JAX_GEMM_X_RESIDENT=1``,
-opt-in; compiled and CPU-checked in session 9, not yet run on a GPU): the register path with X staged
-G K tiles at a time (one fence per group; all of the CTA's K range where ``X_RESIDENT_MAX_BYTES`` allows,
-e.g. Flash wq_b and wo_b at m <= 16) and an inner K loop of W loads P tiles ahead, decode into the A
-registers and wgmma, with no shared-memory write, fence or barrier (:meth:`GemmNvfp4Sm90.mainloop_x_resident`;
-the compile test checks the PTX's loops). ptxas: 128 / 143 / 154-166 registers at P = 2 / 3 / 4 for
-dense decode tiles (4 / 3 / 3 CTAs per SM; the default path: 96, 5), 194-245 for MoE L1's 128-row tiles,
-so the default depth is 4 only where the grid fits one wave at 3 CTAs per SM (or for 128-row tiles), else 2;
-253-261 instructions per K tile per warp (the default path: 298). ``benchmarks/gpu_session.sh OUTDIR
-x-resident`` tests and times it.
+Why prefetch measured no faster is open. Session 9 saw in the SASS that every K tile of both paths ends
+its shared-memory writes with ``fence.proxy.async`` (``MEMBAR.ALL.CTA``), which waits for the global
+loads in flight, the prefetched tiles' too, and built a path without it: X staged G K tiles at a time,
+then an inner K loop of W loads P tiles ahead, decode and wgmma with no fence or barrier
+(``NVFP4JAX_GEMM_X_RESIDENT=1``). On an H200 (session 10) it was slower on every decode shape timed
+(Flash wq_b m = 1: 14.9 us at P = 2 and 20.6 at P = 4 vs 13.5; its 128-166 registers cost CTAs per SM),
+so the fence is not what limits, and it was removed (the table: ``benchmarks/RESULTS.md``, session 10).
 """
 
 from __future__ import annotations
@@ -150,8 +144,6 @@ class GemmConfig:
     prefetch: int = 1  # register path: K tiles of loads in flight per CTA (2-4: opt-in, GPU-tested, no faster)
     w_regs: bool = False  # W decoded straight into wgmma's A registers (choose_config's default for decode
     # tiles; with it, prefetch = raw register buffers of W/X loads in flight, see mainloop_w_regs)
-    x_tiles: int = 0  # register path: 0, or G: X staged G K tiles at a time (one stage each), the K loop
-    # between those stagings free of proxy fences and barriers (mainloop_x_resident; $NVFP4JAX_GEMM_X_RESIDENT)
 
 
 def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
@@ -164,10 +156,7 @@ def _chunk(rows: int, tile_k: int, elems: int) -> tuple[int, int]:
 
 def x_stages(cfg: GemmConfig) -> int:
     """BF16 X stages: two (the shared-memory path writes tile i + 1 while wgmma(i) reads tile i), one
-    with W in registers (wgmma(i - 1) completes before any warp writes tile i, see mainloop_w_regs),
-    ``x_tiles`` with X staged in groups."""
-    if cfg.x_tiles:
-        return cfg.x_tiles
+    with W in registers (wgmma(i - 1) completes before any warp writes tile i, see mainloop_w_regs)."""
     return 1 if cfg.w_regs else 2
 
 
@@ -289,8 +278,6 @@ class GemmNvfp4Sm90:
         if smem_bytes(cfg) > SMEM_LIMIT or not 1 <= cfg.prefetch <= 4:
             return False
         if cfg.w_regs and cfg.tile_k != TILE_K:
-            return False
-        if cfg.x_tiles < 0 or (cfg.x_tiles and not cfg.w_regs):
             return False
         chunks = [_chunk(cfg.tile_w, cfg.tile_k, 32)]
         chunks.append(_chunk(cfg.tile_t, cfg.tile_k, 32 if cfg.act_nvfp4 else 8))
@@ -428,10 +415,7 @@ class GemmNvfp4Sm90:
         acc.fill(0.0)
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
-        if cutlass.const_expr(cfg.w_regs and cfg.x_tiles > 0):
-            self.mainloop_x_resident(kt0, k_tiles, count, gW, gW3, w_row0, w_part, tWrP, tWrS, gX, x_rows, x_part,
-                                     x_row_in_tile, tXrP, tXrS, tXrD, sB, tCrB, acc, tiled_mma, thr_mma)
-        elif cutlass.const_expr(cfg.w_regs):
+        if cutlass.const_expr(cfg.w_regs):
             self.mainloop_w_regs(kt0, k_tiles, count, gW, gW3, w_row0, w_part, tWrP, tWrS, gX, x_rows, x_part,
                                  x_row_in_tile, tXrP, tXrS, tXrD, sB, tCrB, acc, tiled_mma, thr_mma)
         else:
@@ -558,67 +542,6 @@ class GemmNvfp4Sm90:
                     self.issue_mma_regs(tArA, tCrB, stage, acc, tiled_mma)
 
     @cute.jit
-    def mainloop_x_resident(self, kt0, k_tiles, count, gW, gW3, w_row0, q, tWrP, tWrS, gX, x_rows, x_part,
-                            x_row_in_tile, tXrP, tXrS, tXrD, sB, tCrB, acc, tiled_mma: cute.TiledMma, thr_mma):
-        """:meth:`mainloop_w_regs` with X staged in groups (``x_tiles`` = G K tiles, one stage each): per group
-        the CTA stages G tiles of X (:meth:`stage_x_group`: one proxy fence and barrier for all of them),
-        then an inner K loop loads W ``prefetch`` = P tiles ahead, decodes it into the A registers and
-        issues wgmma -- no shared-memory writes, so no fence and no barrier in it.
-
-        Why: in :meth:`mainloop_w_regs` every K tile ends X's staging with ``fence.proxy.async``, which
-        compiles to ``MEMBAR.ALL.CTA`` (SASS) and waits for the global loads in flight -- the prefetched
-        tiles' too, which is why prefetch P = 2-4 measured no faster (sessions 4, 6) and each K tile pays
-        about one memory latency (H200 session 7: Flash wq_b m = 1 at 44% of copy bandwidth). Here W's
-        loads stay in flight for G tiles at a time (the whole K range where X fits: Flash wq_b, wo_b at
-        m <= 16). Costs: X's shared memory is G stages (:func:`with_env_x_resident` bounds it), and X's
-        loads are not overlapped with wgmma (X is small at decode sizes).
-        """
-        cfg = self.cfg
-        P, G = cfg.prefetch, cfg.x_tiles
-        tArA = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((cfg.tile_w, cfg.tile_k)))
-        bufs = [(tWrP, tWrS, tXrP, tXrS, tXrD)] + self.raw_buffers(P - 1, tXrD)
-        w_rows = self.w_regs_rows(gW, gW3, w_row0, q)
-        for j in cutlass.range_constexpr(P):
-            if j < k_tiles:
-                self.load_w_regs(kt0 + j, w_rows, bufs[j][0], bufs[j][1])
-        # G is a multiple of P (with_env_x_resident): K tile i always lives in W buffer i % P
-        for g in cutlass.range(0, k_tiles, G, unroll=1):
-            end = cutlass.min(g + G, k_tiles)
-            self.stage_x_group(kt0 + g, end - g, bufs, gX, x_rows, x_part, sB, x_row_in_tile, count)
-            for i0 in cutlass.range(g, end, P, unroll=1):
-                for j in cutlass.range_constexpr(P):
-                    wp, ws, _, _, _ = bufs[j]
-                    i = i0 + j
-                    if i < end:
-                        warpgroup.wait_group(0)  # wgmma(i - 1), the reader of the A registers, is done
-                        self.decode_w_regs(wp, ws, tArA)
-                        if i + P < k_tiles:
-                            self.load_w_regs(kt0 + i + P, w_rows, wp, ws)
-                        self.issue_mma_regs(tArA, tCrB, i - g, acc, tiled_mma)
-            warpgroup.wait_group(0)  # the group's last wgmma reads its X stages: done before they are rewritten
-
-    @cute.jit
-    def stage_x_group(self, kt, n, bufs, gX, x_rows, x_part, sB, x_row_in_tile, count):
-        """X's K tiles ``kt .. kt + n - 1`` into stages ``0 .. n - 1`` (:meth:`stage_x_permuted`), with the X
-        parts of ``bufs`` as ``prefetch`` tiles of loads in flight; one barrier before (every warp has waited
-        for its wgmma on the previous group) and one proxy fence + barrier after."""
-        P = self.cfg.prefetch
-        cute.arch.sync_threads()
-        for j in cutlass.range_constexpr(P):
-            if j < n:
-                self.load_x(kt + j, gX, bufs[j][2], bufs[j][3], bufs[j][4], x_rows, x_part)
-        for t0 in cutlass.range(0, n, P, unroll=1):
-            for j in cutlass.range_constexpr(P):
-                _, _, xp, xs, xd = bufs[j]
-                t = t0 + j
-                if t < n:
-                    self.stage_x_permuted(t, xp, xs, xd, sB, x_row_in_tile, x_part, count, fence=False)
-                    if t + P < n:
-                        self.load_x(kt + t + P, gX, xp, xs, xd, x_rows, x_part)
-        cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.sync_threads()
-
-    @cute.jit
     def w_regs_rows(self, gW, gW3, w_row0, q):
         """This thread's A rows (``w_row0 + 64 mb + 8 r``; gate_up: block 1 is W3's rows ``w_row0 + 8 r``),
         chunk ``q``, as (codes, scales) tensors over the K tiles, sliced once before the K loop (so the
@@ -664,9 +587,9 @@ class GemmNvfp4Sm90:
                             words_a[fragment_word(t, r, mb, blocks)] = e2m1_pair_bf16x2(lo, hi, j, scale)
 
     @cute.jit
-    def stage_x_permuted(self, stage, xp, xs, xd, sB, x_row_in_tile, x_part, count, fence: cutlass.Constexpr = True):
+    def stage_x_permuted(self, stage, xp, xs, xd, sB, x_row_in_tile, x_part, count):
         """X's register tile -> BF16 stage ``stage`` in the K order of :meth:`mainloop_w_regs`
-        (:func:`permuted_column`); rows past ``count`` zeroed; with ``fence``, proxy fence + barrier."""
+        (:func:`permuted_column`); rows past ``count`` zeroed; then proxy fence + barrier."""
         cfg = self.cfg
         for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
             if cutlass.const_expr(cfg.act_nvfp4):
@@ -681,9 +604,8 @@ class GemmNvfp4Sm90:
                 for i in cutlass.range_constexpr(self.x_chunk // 2):
                     col = permuted_column(x_part * self.x_chunk + 2 * i)
                     cute.autovec_copy(src[None, i], pairs[None, col // 2])
-        if cutlass.const_expr(fence):
-            cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.sync_threads()
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.sync_threads()
 
     @cute.jit
     def stage_tile(self, stage, w_regs, x_regs, tAsA, tBsB, x_row_in_tile, count):
@@ -836,7 +758,7 @@ def choose_config(m: int, n: int, k: int, act_nvfp4: bool) -> GemmConfig:
         while ctas * split * 2 <= 2 * NUM_SMS and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 8:
             split *= 2
     cfg = with_env_prefetch(GemmConfig(tile_w, tile_t, tile_k, split, act_nvfp4), ctas, k_tiles)
-    return with_env_x_resident(with_env_w_regs(cfg), k, ctas)
+    return with_env_w_regs(cfg)
 
 
 def with_env_w_regs(cfg: GemmConfig) -> GemmConfig:
@@ -851,40 +773,6 @@ def with_env_w_regs(cfg: GemmConfig) -> GemmConfig:
         return cfg
     w_regs = dataclasses.replace(cfg, w_regs=True)
     return w_regs if GemmNvfp4Sm90.can_implement(w_regs) else cfg
-
-
-X_RESIDENT_ENV = "NVFP4JAX_GEMM_X_RESIDENT"  # "1": register-path configs stage X in groups of K tiles
-#: X's stages per CTA at most this many bytes: 5 CTAs per SM by shared memory, as the register path's ~96
-#: registers allow (e.g. 16 tokens x 1024 K = 32 KB: all of Flash wq_b's K, wo_b's at split 8)
-X_RESIDENT_MAX_BYTES = 40 * 1024
-X_RESIDENT_PREFETCH = 4  # default K tiles of W loads in flight with X resident ($NVFP4JAX_GEMM_PREFETCH)
-#: ptxas (sm_90a, session 9), 64-row decode tiles with X resident: 128 registers at prefetch 2 (4 CTAs per
-#: SM), 143-168 at 3-4 (3 per SM); 128-row tiles (MoE L1) 194-245 at 2-4 (2 per SM either way)
-X_RESIDENT_CTAS_PER_SM_DEEP = 3
-
-
-def with_env_x_resident(cfg: GemmConfig, k: int, ctas: int) -> GemmConfig:
-    """``cfg`` with X staged in groups of ``x_tiles`` K tiles (as many of the CTA's K tiles as
-    ``X_RESIDENT_MAX_BYTES`` holds, at least 2, rounded down to a multiple of the prefetch depth;
-    :meth:`GemmNvfp4Sm90.mainloop_x_resident`) when
-    ``$NVFP4JAX_GEMM_X_RESIDENT`` is ``1`` (read at trace time; default off: compiled and CPU-checked in
-    session 9, not yet run on a GPU) and the config is on the register path. Prefetch depth
-    ``$NVFP4JAX_GEMM_PREFETCH`` if set above 1, else ``X_RESIDENT_PREFETCH`` -- or 2 where the deeper
-    buffers' registers would leave 64-row tiles more than one wave (``ctas`` x split CTAs over
-    ``X_RESIDENT_CTAS_PER_SM_DEEP`` per SM; e.g. Flash wq_b's 512 at m = 1) -- at most the group."""
-    if os.environ.get(X_RESIDENT_ENV, "0") != "1" or not cfg.w_regs:
-        return cfg
-    k_cta = k // cfg.tile_k // cfg.split
-    group = min(k_cta, X_RESIDENT_MAX_BYTES // (2 * cfg.tile_t * cfg.tile_k))
-    if group < 2:
-        return cfg
-    depth = int(os.environ.get(PREFETCH_ENV, "1") or 1)
-    if depth < 2:
-        one_wave = ctas * cfg.split <= X_RESIDENT_CTAS_PER_SM_DEEP * NUM_SMS
-        depth = X_RESIDENT_PREFETCH if cfg.tile_w == 128 or one_wave else 2
-    depth = min(depth, 4, group)
-    resident = dataclasses.replace(cfg, x_tiles=group - group % depth, prefetch=depth)
-    return resident if GemmNvfp4Sm90.can_implement(resident) else cfg
 
 
 def with_env_prefetch(cfg: GemmConfig, ctas: int, k_tiles: int, prefetch: int | None = None) -> GemmConfig:

@@ -75,8 +75,15 @@ of 3-4 of 128). Timed on an H200 in session 9: wq_a m = 4096 W4A16 61.9 us (99.7
 threshold is now 4096 rows. (2) W by TMA (``NVFP4JAX_GEMM_WS_W=tma``, :meth:`GemmPrefillSm90.produce_w_tma`):
 the packed W of each 128-K chunk arrives in shared slots ``2 * RAW_SLOTS`` K tiles ahead and the
 producer's only loads before its fence are from shared memory. Its first GPU run (session 9) hung: the
-copies ran inside ``elect_one`` (see :meth:`GemmPrefillSm90.issue_w`); fixed, compile-checked
-(``test_compile.nested_elects``), not yet re-run, so it stays opt-in.
+copies ran inside ``elect_one`` (see :meth:`GemmPrefillSm90.issue_w`); fixed (``test_compile.nested_elects``
+checks every kernel). H200, session 10: its 17 GPU test cases and the kernel model's logits pass with it,
+and it is 10-17% faster than W to registers on every measured shape (dense Flash wq_a, wq_b, wo_b,
+shared w1/w3 and Pro wq_a at m = 16384: W4A16 0.88-1.16x XLA BF16, W4A4 0.62-1.07x; V4-Flash's MoE at
+T = 16384 11.0 / 10.8 ms NVFP4 / W4A16, was 12.9 / 12.6), so it is the default (``NVFP4JAX_GEMM_WS_W=regs``
+keeps the register path). That run also found V4-Pro's MoE (384 experts) failing with
+CUDA_ERROR_ILLEGAL_INSTRUCTION: the bank's byte count overflowed an Int32 (:func:`byte_rows`); fixed,
+checked on CPU, not yet re-run on a GPU (``tests/kernels/test_gemm_ws.py::test_moe_on_ws_whole_pro_bank``).
+``TILE_CYCLES`` are still session 8's W-to-registers cycles (W by TMA: ~1600 at tile 256, Flash wq_a).
 """
 
 from __future__ import annotations
@@ -119,11 +126,25 @@ Y_PAD = 8  # BF16 elements of padding per staged output row
 #: W by TMA (``PrefillConfig.w_tma``): raw slots of 128 K (one tile-layout K block: two pipeline stages)
 #: for the CTA's 128 W rows = two 64-row blocks of 4096 code bytes + 512 scale bytes each
 RAW_SLOTS = 2
-W_ENV = "NVFP4JAX_GEMM_WS_W"  # "regs" (default) or "tma": how the producer loads W (with_env_options)
+W_ENV = "NVFP4JAX_GEMM_WS_W"  # "tma" (default) or "regs": how the producer loads W (with_env_options)
 W_MODES = ("regs", "tma")
 BLOCK_CODE_BYTES = TILE_ROWS * TILE_K // 2
 BLOCK_SCALE_BYTES = TILE_ROWS * TILE_K // BLOCK
 RAW_BYTES = 2 * (BLOCK_CODE_BYTES + BLOCK_SCALE_BYTES)  # one slot: expect_tx of its four copies
+
+
+def byte_rows(shape, row_bytes: int):
+    """Rows of ``row_bytes`` bytes in a tile-layout byte array of ``shape`` (``[..., tiles, 64, bytes]``),
+    multiplied out tile by tile. Not ``cute.size(t) // row_bytes``: with the dynamic shapes ``cutlass_call``
+    passes, ``cute.size`` is an Int32 product, and V4-Pro's W1 / W3 banks hold 384 x 3072 x 7168 / 2 =
+    4.2e9 code bytes, past 2**31 (their rows of 64 bytes: 6.6e7). In session 10 that wrapped size gave the W-by-TMA
+    descriptor a bogus extent: CUDA_ERROR_ILLEGAL_INSTRUCTION at V4-Pro's MoE layer. Python ints or DSL
+    integers; every partial product here is at most the result."""
+    *lead, rows, width = shape
+    n = (rows * width) // row_bytes
+    for d in reversed(lead):
+        n = n * d
+    return n
 
 
 def free_parity(kt, stages: int):
@@ -234,8 +255,8 @@ class GemmPrefillSm90:
         ``[32, 16]`` box: TMA boxes need rows of at least 16 bytes); ``blocks`` = every 64-row x 128-K tile
         of ``W`` (all experts), numbered in memory order."""
         op = cpasync.CopyBulkTensorTileG2SOp()
-        codes = cute.make_tensor(mWv.iterator, cute.make_layout((cute.size(mWv) // 64, 64), stride=(64, 1)))
-        scales = cute.make_tensor(mWs.iterator, cute.make_layout((cute.size(mWs) // 16, 16), stride=(16, 1)))
+        codes = cute.make_tensor(mWv.iterator, cute.make_layout((byte_rows(mWv.shape, 64), 64), stride=(64, 1)))
+        scales = cute.make_tensor(mWs.iterator, cute.make_layout((byte_rows(mWs.shape, 16), 16), stride=(16, 1)))
         atom_c, tma_c = cpasync.make_tiled_tma_atom(op, codes, cute.make_layout((64, 64), stride=(64, 1)), (64, 64))
         atom_s, tma_s = cpasync.make_tiled_tma_atom(op, scales, cute.make_layout((32, 16), stride=(16, 1)), (32, 16))
         return atom_c, tma_c, atom_s, tma_s
@@ -594,11 +615,11 @@ def choose_prefill_config(m: int, n: int, act_nvfp4: bool) -> PrefillConfig:
 
 
 def with_env_options(cfg: PrefillConfig) -> PrefillConfig:
-    """``cfg`` with the options read from the environment at trace time: W by TMA when ``$NVFP4JAX_GEMM_WS_W``
-    is ``tma`` (default ``regs``); persistent when ``$NVFP4JAX_GEMM_PREFILL`` is ``ws-persistent``, with
-    the most stages that fit beside its own staging tile (3 at 256 tokens, 4 below, one fewer with W by
-    TMA at 256)."""
-    w_mode = os.environ.get(W_ENV, "") or "regs"
+    """``cfg`` with the options read from the environment at trace time: W by TMA unless
+    ``$NVFP4JAX_GEMM_WS_W`` is ``regs`` (W to registers); persistent when ``$NVFP4JAX_GEMM_PREFILL`` is
+    ``ws-persistent``, with the most stages that fit beside its own staging tile (3 at 256 tokens, 4
+    below, one fewer with W by TMA at 256)."""
+    w_mode = os.environ.get(W_ENV, "") or "tma"
     if w_mode not in W_MODES:
         raise ValueError(f"{W_ENV}={w_mode!r}; choose one of {W_MODES}")
     cfg = dataclasses.replace(cfg, w_tma=w_mode == "tma")

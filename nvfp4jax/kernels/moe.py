@@ -90,7 +90,6 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
                         swiglu_limit=swiglu_limit if gate_up and split == 1 else None)
     cfg = kg.with_env_prefetch(cfg, ctas, k_tiles)  # $NVFP4JAX_GEMM_PREFETCH (default 1: unchanged)
     cfg = kg.with_env_w_regs(cfg)  # decode tiles: W into wgmma's A registers ($NVFP4JAX_GEMM_W_REGS=0: off)
-    cfg = kg.with_env_x_resident(cfg, k, ctas)  # $NVFP4JAX_GEMM_X_RESIDENT=1: X staged in groups (default off)
     if gate_up and cfg.split == 1:  # the prefetch may have dropped the split: keep the fused SwiGLU
         cfg = dataclasses.replace(cfg, swiglu_limit=swiglu_limit)
     return cfg

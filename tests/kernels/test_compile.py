@@ -7,6 +7,8 @@ rounded division (quantize), so kernel code cannot rot between GPU runs.
 
 import collections
 import dataclasses
+import functools
+import operator
 import pathlib
 import re
 
@@ -274,6 +276,51 @@ def test_grouped_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, stage, act_nvfp4,
     assert tma_copies == (2 + 3 * 4 if cfg.w_tma else 2), ops
     assert decodes_without_conversions(ops) and ops["st.global.v4.b32"] > 0
     assert (ops["ex2.approx.ftz.f32"] > 0) == gate_up
+
+
+def test_w_by_tma_is_the_default(monkeypatch):
+    """gemm_ws brings W by TMA unless ``NVFP4JAX_GEMM_WS_W=regs`` (session 10: faster on every measured
+    shape); anything else is an error at trace time."""
+    monkeypatch.delenv(kw.W_ENV, raising=False)
+    assert kw.choose_prefill_config(16384, 1024, True).w_tma
+    monkeypatch.setenv(kw.W_ENV, "regs")
+    assert not kw.choose_prefill_config(16384, 1024, True).w_tma
+    monkeypatch.setenv(kw.W_ENV, "smem")
+    with pytest.raises(ValueError, match="NVFP4JAX_GEMM_WS_W='smem'"):
+        kw.choose_prefill_config(16384, 1024, True)
+
+
+class _Int32(int):
+    """An int that fails where a DSL Int32 would wrap: what ``cute.size`` of a dynamic shape computes in."""
+
+    def _check(self, v):
+        assert -(2**31) <= v < 2**31, f"Int32 overflow: {v}"
+        return _Int32(v)
+
+    def __mul__(self, o):
+        return self._check(int(self) * int(o))
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, o):
+        return self._check(int(self) // int(o))
+
+
+@pytest.mark.parametrize("experts,n,k", [(384, 3072, 7168), (384, 7168, 3072), (256, 2048, 4096), (None, 7168, 16384)])
+def test_w_tma_byte_rows_stay_in_int32(experts, n, k):
+    """W by TMA views W's tile layout as rows of bytes (``gemm_ws.byte_rows``): V4-Pro's W1 / W3 banks
+    (384 x 3072 x 7168 / 2 = 4.2e9 code bytes) overflow an Int32 byte count, as ``cute.size`` gave
+    (session 10: CUDA_ERROR_ILLEGAL_INSTRUCTION at Pro's MoE on an H200); the rows themselves fit, and
+    ``byte_rows`` never forms a larger partial product. Shapes as the kernel sees them, every dimension an
+    Int32; the first case's byte count indeed overflows."""
+    lead = () if experts is None else (experts,)
+    codes = tuple(map(_Int32, (*lead, n // 64, k // 128, 64, 64)))
+    scales = tuple(map(_Int32, (*lead, n // 64, k // 128, 64, 8)))
+    assert kw.byte_rows(codes, 64) == (experts or 1) * n * k // 2 // 64
+    assert kw.byte_rows(scales, 16) == (experts or 1) * n * k // 16 // 16
+    if experts == 384 and n == 3072:
+        with pytest.raises(AssertionError, match="Int32 overflow"):
+            functools.reduce(operator.mul, codes)
 
 
 @pytest.mark.parametrize("rows,experts", [(6, 256), (384, 384), (1024, 16), (37, 8)])
@@ -556,92 +603,6 @@ def test_grouped_w_regs_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4):
         assert wgmma == 8 * cfg.tile_w // 64 and ops["st.shared.v4.b32"] == 0, ops
         assert re.search(r"wgmma\.mma_async\S+ \{[^}]+\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd", ptx)
         assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None)
-
-
-def loops(ptx: str) -> list[list[str]]:
-    """The bodies (stripped PTX lines) of every loop: a backward ``bra`` to an earlier label."""
-    lines = ptx.splitlines()
-    labels = {ln.strip()[:-1]: i for i, ln in enumerate(lines) if re.match(r"\s*\$L__\w+:\s*$", ln)}
-    found = []
-    for i, ln in enumerate(lines):
-        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", ln)
-        if m and labels.get(m.group(1), i) < i:
-            found.append([b.strip() for b in lines[labels[m.group(1)]:i + 1]])
-    return found
-
-
-def fenced_tiles(ptx: str, wgmma_per_tile: int) -> int:
-    """The fewest K tiles of wgmma (``wgmma_per_tile`` instructions each) per ``fence.proxy.async`` in any
-    loop that holds both (a large number when no loop does)."""
-    ratios = [sum(ln.startswith("wgmma.mma_async") for ln in b) // wgmma_per_tile // fences for b in loops(ptx)
-              if (fences := sum(ln.startswith("fence.proxy.async") for ln in b))
-              and any(ln.startswith("wgmma.mma_async") for ln in b)]
-    return min(ratios, default=1 << 30)
-
-
-def test_x_resident_config_choice(monkeypatch):
-    """Groups of K tiles as many as fit ``X_RESIDENT_MAX_BYTES``, a multiple of the prefetch depth: 4 where
-    the grid fits one wave at 3 CTAs per SM (the deeper buffers' registers) or the tiles are 128 rows, else 2;
-    ``$NVFP4JAX_GEMM_PREFETCH`` overrides; off by default and off the register path."""
-    from nvfp4jax.kernels import moe as km
-
-    monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)
-    monkeypatch.delenv(kg.X_RESIDENT_ENV, raising=False)
-    assert kg.choose_config(1, 32768, 1024, False).x_tiles == 0
-    monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
-
-    def pick(*args):
-        cfg = kg.choose_config(*args)
-        return cfg.x_tiles, cfg.prefetch
-
-    assert pick(1, 32768, 1024, False) == (8, 2)  # Flash wq_b: 512 CTAs, more than 3 per SM
-    assert pick(1, 1536, 7168, True) == (4, 4)  # Pro wq_a: 192 CTAs of 7 K tiles, groups of 4
-    assert pick(64, 1536, 7168, True) == (2, 2)  # 64 tokens: 16 KB per K tile, groups of 2
-    assert pick(1, 1024, 4096, False) == (0, 1)  # one K tile per CTA (split 32): nothing to group
-    assert kg.choose_config(200, 1024, 4096, True).x_tiles == 0  # prefill tiles: not the register path
-    l1 = km.choose_grouped_config(6, 256, 4096, 4096, True, gate_up=True, swiglu_limit=10.0)
-    assert (l1.x_tiles, l1.prefetch) == (4, 4)  # 128-row tiles: 2 CTAs per SM at either depth
-    monkeypatch.setenv(kg.PREFETCH_ENV, "3")
-    assert pick(1, 32768, 1024, False) == (6, 3)
-
-
-@pytest.mark.parametrize("m,n,k,act_nvfp4", [(1, 32768, 1024, False), (1, 32768, 1024, True), (16, 4096, 8192, False),
-                                             (1, 1536, 7168, True)])
-def test_gemm_x_resident_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
-    """``NVFP4JAX_GEMM_X_RESIDENT=1``: all of a CTA's X staged first (one stage per K tile), then a K loop of
-    W loads, register decode and wgmma with no proxy fence and no barrier in it (the default register
-    path fences every K tile, and each ``fence.proxy.async`` drains the loads in flight)."""
-    monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)
-    monkeypatch.setenv(kg.X_RESIDENT_ENV, "0")
-    base = kg.choose_config(m, n, k, act_nvfp4)
-    monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
-    cfg = kg.choose_config(m, n, k, act_nvfp4)
-    k_cta = k // 128 // cfg.split
-    assert cfg.w_regs and cfg.prefetch in (2, 4) and cfg.x_tiles == k_cta - k_cta % cfg.prefetch, cfg
-    assert kg.smem_bytes(cfg) == 2 * cfg.tile_t * 128 * cfg.x_tiles <= kg.X_RESIDENT_MAX_BYTES
-    ptx = compile_ptx(kg._kernel(cfg), *_dense_io(cfg, m, n, k), tmp_path)
-    wgmma = f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"
-    assert opcodes(ptx)[wgmma] == 8 * cfg.prefetch  # P K tiles per trip
-    # at least P K tiles of wgmma per proxy fence in every loop (one fence per group of x_tiles at run time)
-    assert fenced_tiles(ptx, 8) >= cfg.prefetch
-    base_ptx = compile_ptx(kg._kernel(base), *_dense_io(base, m, n, k), tmp_path / "base")
-    assert fenced_tiles(base_ptx, 8) == 1, "the default path fences every K tile"
-
-
-def test_grouped_x_resident_compiles_sm90a(tmp_path, monkeypatch):
-    """The MoE decode tiles (Flash T = 1) take it too: L1 (gate_up) and L2, no fence in the K loop."""
-    from nvfp4jax.kernels import moe as km
-
-    monkeypatch.delenv(kg.PREFETCH_ENV, raising=False)
-    monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
-    experts, inter, d, t = 256, 2048, 4096, 1
-    for gate_up, n, k in ((True, inter, d), (False, d, inter)):
-        cfg = km.choose_grouped_config(6 * t, experts, 2 * n if gate_up else n, k, True, gate_up=gate_up,
-                                       swiglu_limit=10.0)
-        assert cfg.x_tiles == min(k // 128 // cfg.split, 8) and cfg.grouped, cfg  # 10 x 4 KB fit: 8 of P = 4
-        assert cfg.prefetch == (4 if gate_up else 2)  # L2: 64-row tiles, 1536 CTAs (split 4)
-        ptx = compile_ptx(km._kernel(cfg), *_grouped_io(cfg, t, 6 * t, experts, n, k, gate_up), tmp_path / str(n))
-        assert fenced_tiles(ptx, 8 * cfg.tile_w // 64) >= cfg.prefetch
 
 
 # ---- register prefetch depth (GemmConfig.prefetch >= 2) ----------------------------------------------

@@ -119,25 +119,6 @@ def test_gemm_decode_paths(rng, monkeypatch, n, k, m, act_nvfp4, prefetch, w_reg
     _check(x, w, f"w_regs={w_regs} {m=} {n=} {k=} {act_nvfp4=}", fresh_jit(kg.nvfp4_gemm))
 
 
-@pytest.mark.parametrize("n,k,m,act_nvfp4,prefetch", [
-    (32768, 1024, 1, False, 1), (4096, 8192, 16, False, 1), (1024, 4096, 16, True, 2), (512, 4096, 37, False, 4),
-    (4096, 2048, 1, True, 3), (1536, 7168, 1, False, 1), (1536, 7168, 64, True, 1)])
-def test_gemm_x_resident(rng, monkeypatch, n, k, m, act_nvfp4, prefetch):
-    """``NVFP4JAX_GEMM_X_RESIDENT=1`` (session 9, opt-in): X staged in groups of K tiles, the K loop between
-    them without fences, W prefetched ``prefetch`` tiles ahead (1: the depth ``with_env_x_resident`` picks).
-    One group for the whole K range (8 and 4 K tiles per CTA), groups 3 + 3 + 2 (depth capped at 3),
-    6 + 2, 4 + 3 at depth 4, seven groups of 2; partial token tiles; both recipes."""
-    monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
-    monkeypatch.setenv(kg.PREFETCH_ENV, str(prefetch))
-    cfg = kg.choose_config(m, n, k, act_nvfp4)
-    group = min(k // 128 // cfg.split, kg.X_RESIDENT_MAX_BYTES // (2 * cfg.tile_t * 128))
-    assert cfg.w_regs and cfg.x_tiles == group - group % cfg.prefetch >= 2, cfg
-    w = _weights(rng, n, k)
-    x = activations(rng, m, k)
-    x = ref.quantize_nvfp4(x) if act_nvfp4 else x
-    _check(x, w, f"x resident {cfg} {m=} {n=} {k=} {act_nvfp4=}", fresh_jit(kg.nvfp4_gemm))
-
-
 def test_gemm_small_case(rng):
     """The case run under compute-sanitizer memcheck (odd m, one N tile, K split); a row-major weight
     (rearranged inside the call) gives the same bits as the tiled one."""

@@ -105,6 +105,29 @@ def test_moe_on_ws_prefill(rng, monkeypatch, model, recipe, t, mode, w_mode):
               fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC))  # traced afresh: reads the variable
 
 
+@pytest.mark.parametrize("w_mode", kw.W_MODES)
+def test_moe_on_ws_whole_pro_bank(rng, monkeypatch, w_mode):
+    """V4-Pro's MoE with all 384 experts: W1 and W3 hold 4.2e9 code bytes each, past 2**31 (session 10:
+    W by TMA flattened the bank with an Int32 size that wrapped there, CUDA_ERROR_ILLEGAL_INSTRUCTION at
+    T = 16384; the other tests hold 8 Pro experts). The bank is this file's 8 Pro experts repeated 48 times
+    (14 GB on the device), so expert ``e`` computes as expert ``e % 8``: the reference runs on the 8 with
+    the ids taken mod 8. 4400 tokens routed over all 384 (~69 rows per expert: this kernel takes more than
+    64; most rows on experts past 195, whose W1 bytes start past 2**31)."""
+    from tests.kernels import test_moe as tm
+
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+    monkeypatch.setenv(kw.W_ENV, w_mode)
+    experts, reps = 384, 48
+    x, _, _ = tm._inputs(rng, "pro", 4400)
+    logits = jnp.asarray(rng.standard_normal((4400, experts)), jnp.float32)
+    weights, expert_ids = tm.ref.route(logits, tm.TOPK, tm.MODELS["pro"][3], bias=jnp.zeros(experts, jnp.float32))
+    assert int(jnp.sum(expert_ids > 195)) > expert_ids.size // 3
+    bank = tuple(jax.tree.map(lambda a: jnp.concatenate([a] * reps), w) for w in tm._tiled_experts("pro"))
+    assert bank[0].values.shape[0] == experts and bank[0].values.nbytes > 2**31
+    tm._check(f"whole Pro bank, W {w_mode}", "pro", x, weights, expert_ids, True,
+              fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC), tiled=bank, ref_ids=expert_ids % 8)
+
+
 def test_moe_on_ws_prefill_one_expert_gets_every_row(rng, monkeypatch):
     """All 1200 rows on expert 0 (the others empty): 10 tiles of 128 on one expert (the last partial), the
     other tile-table entries empty (their CTAs exit at once)."""

@@ -113,14 +113,17 @@ def _tiled_experts(model: str):
     return tuple(tile_weight(w) for w in _experts(model))
 
 
-def _check(case: str, model: str, x, weights, expert_ids, quantize_activations: bool, kernel=None):
-    """The kernel on tiled experts vs the reference (and oracle) on the row-major ones."""
+def _check(case: str, model: str, x, weights, expert_ids, quantize_activations: bool, kernel=None,
+           tiled=None, ref_ids=None):
+    """The kernel on tiled experts vs the reference (and oracle) on the row-major ones. ``tiled``: the
+    kernel's banks instead of ``_tiled_experts(model)``, computing as ``_experts(model)`` does with the
+    ids ``ref_ids`` (a bank of repeated experts)."""
     kernel = _kernel if kernel is None else kernel
     w1, w3, w2 = _experts(model)
     kw = {"swiglu_limit": SWIGLU_LIMIT, "quantize_activations": quantize_activations}
-    want, oracle = _reference_and_oracle(x, weights, expert_ids, w1, w3, w2, **kw)
+    want, oracle = _reference_and_oracle(x, weights, expert_ids if ref_ids is None else ref_ids, w1, w3, w2, **kw)
     poison_device_memory()
-    got = kernel(x, weights, expert_ids, *_tiled_experts(model), **kw)
+    got = kernel(x, weights, expert_ids, *(_tiled_experts(model) if tiled is None else tiled), **kw)
     assert got.shape == want.shape and got.dtype == jnp.float32, f"{case}: {got.shape} {got.dtype}"
     finite, cos_k, cos_r, err_k, err_r, floor = (float(v) for v in _metrics(got, want, oracle))
     assert finite, f"{case}: non-finite output (unwritten element?)"
@@ -154,22 +157,6 @@ def test_moe_decode_paths(rng, monkeypatch, recipe, t, w_regs):
     assert cfg.w_regs == (w_regs == "1"), cfg
     x, weights, expert_ids = _inputs(rng, "flash", t)
     _check(f"w_regs={w_regs} flash {recipe} {t=}", "flash", x, weights, expert_ids, RECIPES[recipe],
-           fresh_jit(km.moe_experts, static_argnames=_STATIC))  # traced afresh: reads the variable
-
-
-@pytest.mark.parametrize("model,recipe,t", [("flash", "nvfp4", 1), ("flash", "w4a16", 8), ("pro", "nvfp4", 1),
-                                            ("flash", "nvfp4", 37)])
-def test_moe_x_resident(rng, monkeypatch, model, recipe, t):
-    """Both grouped GEMMs' decode tiles with ``NVFP4JAX_GEMM_X_RESIDENT=1`` (session 9, opt-in): X of the
-    CTA's rows (gathered for L1) staged once, then the fence-free K loop."""
-    from nvfp4jax.kernels import gemm as kg
-
-    monkeypatch.setenv(kg.X_RESIDENT_ENV, "1")
-    e, d, inter, _ = MODELS[model]
-    cfg = km.choose_grouped_config(t * TOPK, e, 2 * inter, d, True, gate_up=True, swiglu_limit=10.0)
-    assert cfg.x_tiles > 0, cfg
-    x, weights, expert_ids = _inputs(rng, model, t)
-    _check(f"x resident {model} {recipe} {t=}", model, x, weights, expert_ids, RECIPES[recipe],
            fresh_jit(km.moe_experts, static_argnames=_STATIC))  # traced afresh: reads the variable
 
 
