@@ -114,11 +114,22 @@ def bench_shape(n: int, k: int, ms, modes=("",), linear: bool = False) -> dict:
                 cases[f"{m}:lin4{at}"] = (with_env(kg.nvfp4_linear, env), (x, w))
                 cases[f"{m}:qg4{at}"] = (with_env(quantize_then_gemm, env), (x, w))
                 ours |= {f"{m}:lin4{at}", f"{m}:qg4{at}"}
+        if m <= 64:
+            cases[f"{m}:stream"] = (read_all, (w.values, w.scales))
         cases[f"{m}:bf16"] = (xla_dot, (x, wb))
         cases[f"{m}:fp8"] = (xla_dot, (x.astype(jnp.float8_e4m3fn), w8))
     t = timed_cases(cases, ours)
     return {m: ({r.split(":", 1)[1]: v for r, v in t.items() if r.split(":", 1)[0] == str(m)},
                 n * k * 0.5625 + m * k * 0.5625 + 2 * m * n, 2.0 * m * n * k) for m in ms}
+
+
+def read_all(values, scales):
+    """Every byte of an NVFP4 weight read once (XLA reductions over its codes and scales viewed as 32-bit
+    words): the time a memory-bound kernel needs just to stream these bytes at this size, launch and
+    ramp included -- the decode GEMM's practical floor beside the roofline's large-copy bandwidth (a
+    19 MB weight streams well below a 2 GB copy's rate: session 4's load-only kernels)."""
+    words = lambda a: jax.lax.bitcast_convert_type(a.reshape(-1, 4).view(jnp.uint8), jnp.uint32)
+    return jnp.sum(words(values), dtype=jnp.uint32) + jnp.sum(words(scales), dtype=jnp.uint32)
 
 
 def bench_quantize(shapes) -> dict:
@@ -176,9 +187,9 @@ def main():
         lines.append(f"| {m} | {k} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
     lines.append("")
-    lines += ["| model | linear | n | k | m | W4A4 us | W4A16 us | BF16 us | FP8 us | roofline us | W4A4 % roof | x BF16 (W4A4) | x BF16 (W4A16) |"
+    lines += ["| model | linear | n | k | m | W4A4 us | W4A16 us | BF16 us | FP8 us | roofline us | W4A4 % roof | x BF16 (W4A4) | x BF16 (W4A16) | W read-only us | W4A4 % read-only |"
               + (" W4A4 linear us (quantize incl.) | quantize + W4A4 us | x BF16 (linear) |" if args.linear else ""),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.linear else "")]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.linear else "")]
     print("\n".join(lines[-2:]), flush=True)
     quick_m = (1, 16, 64, 1024, 4096)
     m_flash, m_pro = (quick_m, (1, 4096)) if args.quick else (M_VALUES, M_VALUES)
@@ -202,7 +213,9 @@ def main():
                 label = f"{name} [{mode}]" if mode else name
                 line = (f"| {model} | {label} | {n} | {k} | {m} | {a4 * 1e6:.1f} | {a16 * 1e6:.1f} | "
                         f"{t['bf16'] * 1e6:.1f} | {t['fp8'] * 1e6:.1f} | {roof * 1e6:.1f} | {100 * roof / a4:.0f} | "
-                        f"{t['bf16'] / a4:.2f} | {t['bf16'] / a16:.2f} |")
+                        f"{t['bf16'] / a4:.2f} | {t['bf16'] / a16:.2f} | ")
+                stream = t.get("stream")  # decode rows: the weight's bytes merely read (read_all)
+                line += f"{stream * 1e6:.1f} | {100 * stream / a4:.0f} |" if stream else "- | - |"
                 if args.linear:
                     lin, qg = t[f"lin4{at}"], t[f"qg4{at}"]
                     line += f" {lin * 1e6:.1f} | {qg * 1e6:.1f} | {t['bf16'] / lin:.2f} |"

@@ -87,9 +87,10 @@ Why prefetch measured no faster is open. Session 9 saw in the SASS that every K 
 its shared-memory writes with ``fence.proxy.async`` (``MEMBAR.ALL.CTA``), which waits for the global
 loads in flight, the prefetched tiles' too, and built a path without it: X staged G K tiles at a time,
 then an inner K loop of W loads P tiles ahead, decode and wgmma with no fence or barrier
-(``NVFP4JAX_GEMM_X_RESIDENT=1``). On an H200 (session 10) it was slower on every decode shape timed
+(``NVFP4JAX_GEMM_X_RESIDENT=1``). On an H200 (session 10) it was 8-25% slower on 28 of 30 decode cells
 (Flash wq_b m = 1: 14.9 us at P = 2 and 20.6 at P = 4 vs 13.5; its 128-166 registers cost CTAs per SM),
-so the fence is not what limits, and it was removed (the table: ``benchmarks/RESULTS.md``, session 10).
+so removing the fence did not pay for what the path cost, and it was removed (the table:
+``benchmarks/RESULTS.md``, session 10).
 """
 
 from __future__ import annotations
