@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._timing import append_results, checked, device_times  # noqa: E402
 from nvfp4jax.formats.nvfp4 import quantize  # noqa: E402
-from nvfp4jax.kernels import gemm as kg, quantize as kq  # noqa: E402
+from nvfp4jax.kernels import gemm as kg, gemm_ws as kw, quantize as kq  # noqa: E402
 from tests.kernels._gpu import FLASH_LINEARS, PRO_LINEARS  # noqa: E402
 
 M_VALUES = (1, 4, 16, 64, 256, 1024, 4096, 16384)
@@ -133,16 +133,22 @@ def read_all(values, scales):
 
 
 def bench_quantize(shapes) -> dict:
-    """{(m, k, fused): (seconds, bytes)} for quantize calls (with the fused RMSNorm when fused)."""
+    """{(m, k, kind): (seconds, bytes)} for quantize calls: ``plain``, ``fused`` (the fused RMSNorm), and
+    gemm_ws's two X passes of recipe nvfp4 -- ``decoded`` (:func:`kq.quantize_nvfp4_decoded`, BF16 in,
+    decoded BF16 out) and ``dequant`` (:func:`kw.dequant_rows`, NVFP4 in, decoded BF16 out)."""
     rng = np.random.default_rng(1)
     cases, nbytes = {}, {}
     for m, k in shapes:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         norm = jnp.asarray(1 + 0.1 * rng.standard_normal(k), jnp.bfloat16)
-        cases[(m, k, False)] = (lambda x: kq.quantize_nvfp4(x), (x,))
-        cases[(m, k, True)] = (lambda x, g: kq.quantize_nvfp4(x, g, 1e-6), (x, norm))
+        cases[(m, k, "plain")] = (lambda x: kq.quantize_nvfp4(x), (x,))
+        cases[(m, k, "fused")] = (lambda x, g: kq.quantize_nvfp4(x, g, 1e-6), (x, norm))
+        cases[(m, k, "decoded")] = (lambda x: kq.quantize_nvfp4_decoded(x), (x,))
+        cases[(m, k, "dequant")] = (kw.dequant_rows, (kq.quantize_nvfp4(x),))
         base = m * k * (2 + 0.5625) + 4 * m
-        nbytes[(m, k, False)], nbytes[(m, k, True)] = base, base + 2 * k
+        nbytes[(m, k, "plain")], nbytes[(m, k, "fused")] = base, base + 2 * k
+        nbytes[(m, k, "decoded")] = m * k * (2 + 2 + 1 / 16) + 4 * m
+        nbytes[(m, k, "dequant")] = m * k * (0.5625 + 2)
     t = timed_cases({str(c): v for c, v in cases.items()}, {str(c) for c in cases})
     return {c: (t[str(c)], nbytes[c]) for c in cases}
 
@@ -174,14 +180,15 @@ def main():
              "device kernel times from the profiler trace, L2 flushed before each call (benchmarks/_timing.py); "
              f"m > 64: {prefill}", ""]
     # quantize first: cheap, and a run cut short by the device budget should still have it
-    lines += ["| quantize m | k | us | % copy BW | fused RMSNorm us | % copy BW |", "|---|---|---|---|---|---|"]
+    lines += [("| quantize m | k | us | % copy BW | fused RMSNorm us | % copy BW | decoded (gemm_ws X) us | % copy BW "
+               "| dequant_rows us | % copy BW |"), "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     q_shapes = () if args.no_quantize else ((1, 4096), (16, 7168), (4096, 4096), (16384, 7168))
     q = bench_quantize(q_shapes) if q_shapes else {}
     for m, k in q_shapes:
         cells = []
-        for fused_norm in (False, True):
-            t, nbytes = q[(m, k, fused_norm)]
+        for kind in ("plain", "fused", "decoded", "dequant"):
+            t, nbytes = q[(m, k, kind)]
             pct = 100 * nbytes / t / bw
             cells += [f"{t * 1e6:.1f}", f"{pct:.0f}" if pct <= 110 else f"{pct:.0f} INVALID (above copy BW)"]
         lines.append(f"| {m} | {k} | {' | '.join(cells)} |")
