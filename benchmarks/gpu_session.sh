@@ -20,16 +20,18 @@
 #   linear: recipe nvfp4's linear with X quantized straight to its decoded form on the gemm_ws path
 #          (session 9, not yet run on a GPU): its GPU tests (the decoded quantize bitwise, the linear bitwise vs
 #          quantize + gemm_ws), then the W4A4 linear from BF16 X timed both ways, quantize included   (~7 min)
+#   profile: every kernel of V4-Flash MoE calls at T = 1, 64, 16384 (both recipes) with its time, from the
+#          profiler trace (benchmarks/profile_kernels.py moe): where the time outside the grouped GEMMs goes (~6 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all ten single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all eleven single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|profile|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -129,6 +131,10 @@ if [ "$stage" = linear ] || [ "$stage" = all ]; then
   timeout 300 python3 benchmarks/gemm.py --no-quantize --names wq_a,shared.w1/w3,wo_b --m 4096,16384 --modes ws \
     --linear --budget-s 220 --out "$out/RESULTS_gemm_linear.md" > "$out/gemm_linear.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_linear.log"
+fi
+if [ "$stage" = profile ] || [ "$stage" = all ]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 420 python3 benchmarks/profile_kernels.py moe > "$out/profile_moe.log" 2>&1
+  grep -E "^flash_moe|^    " "$out/profile_moe.log" | head -60
 fi
 if [ "$stage" = multi ]; then
   n=$(nvidia-smi -L | wc -l)
