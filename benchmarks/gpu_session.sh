@@ -12,7 +12,7 @@
 #          tile and persistent) and of the MoE grouping kernel (group)                         (~7 min)
 #   ws-tma: the gemm_ws GPU tests with W by TMA (the default since session 10) and V4-Pro's MoE on its whole
 #          384-expert bank with either W path (session 10's Int32 fix, not yet run);
-#          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~6 min)
+#          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~7 min)
 #   ws-gemm: one prefill GEMM table (m 4096, 16384), gemm_ws with W to registers and by TMA and the
 #          one-warpgroup kernel side by side (benchmarks/gemm.py --modes)                      (~9 min)
 #   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers
@@ -97,7 +97,7 @@ if [ "$stage" = ws ] || [ "$stage" = all ]; then
   grep -E "^FAILED" "$out/tests_ws.log" | head -20
 fi
 if [ "$stage" = ws-tma ] || [ "$stage" = all ]; then
-  $T timeout 330 $P tests/kernels/test_gemm_ws.py -k "$WS_TMA" > "$out/tests_ws_tma.log" 2>&1
+  $T timeout 420 $P tests/kernels/test_gemm_ws.py -k "$WS_TMA" > "$out/tests_ws_tma.log" 2>&1
   echo "ws (W by TMA) tests: $(tail -1 "$out/tests_ws_tma.log")"
   grep -E "^FAILED" "$out/tests_ws_tma.log" | head -20
   if grep -q -E "^FAILED.*test_(gemm|moe_on)_ws" "$out/tests_ws.log" "$out/tests_ws_tma.log" 2>/dev/null \
