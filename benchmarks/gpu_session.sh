@@ -22,16 +22,19 @@
 #          quantize + gemm_ws), then the W4A4 linear from BF16 X timed both ways, quantize included   (~7 min)
 #   profile: every kernel of V4-Flash MoE calls at T = 1, 64, 16384 (both recipes) with its time, from the
 #          profiler trace (benchmarks/profile_kernels.py moe): where the time outside the grouped GEMMs goes (~6 min)
+#   ncu:   Nsight Compute on single launches without JAX (benchmarks/ncu_gemm.py): the prefill kernel (Flash wq_a,
+#          m = 16384, W4A16) with W by TMA and to registers, the decode kernel (Flash wq_b, m = 1): tensor-pipe
+#          and DRAM throughput, occupancy, warp stall reasons (needs torch on the machine)          (~5 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all eleven single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all twelve single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|profile|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -135,6 +138,16 @@ fi
 if [ "$stage" = profile ] || [ "$stage" = all ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 420 python3 benchmarks/profile_kernels.py moe > "$out/profile_moe.log" 2>&1
   grep -E "^flash_moe|^    " "$out/profile_moe.log" | head -60
+fi
+if [ "$stage" = ncu ] || [ "$stage" = all ]; then
+  N="ncu --profile-from-start off --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy
+     --section WarpStateStats --section SchedulerStats --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+  for w in tma regs; do
+    NVFP4JAX_GEMM_WS_W=$w timeout 120 $N python3 benchmarks/ncu_gemm.py ws > "$out/ncu_ws_$w.log" 2>&1
+    echo "ncu gemm_ws (W $w):"; grep -E "hmma|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Stall|ran|rror" "$out/ncu_ws_$w.log" | head -14
+  done
+  timeout 120 $N python3 benchmarks/ncu_gemm.py > "$out/ncu_decode.log" 2>&1
+  echo "ncu decode (Flash wq_b m = 1):"; grep -E "hmma|Duration|DRAM Throughput|Achieved Occupancy|Stall|ran|rror" "$out/ncu_decode.log" | head -12
 fi
 if [ "$stage" = multi ]; then
   n=$(nvidia-smi -L | wc -l)
