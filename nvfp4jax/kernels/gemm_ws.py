@@ -15,9 +15,11 @@ roofline, 0.4-0.7x XLA BF16 on an H200, session 7). Here the roles are split acr
 
 - warpgroup 0, the producer (``PRODUCER_REGS`` registers after ``setmaxnreg``): one elected thread
   issues the TMA load of X's ``[tile_t, 64]`` box into the swizzled B stage (rows past ``m`` arrive as
-  zeros); all 128 threads load W's codes and scales for the next K tile (128-bit loads, one tile ahead
-  in registers), decode the current one and store it to the swizzled A stage (16-byte stores,
-  :func:`gemm.store_copy`).
+  zeros); all 128 threads decode W's codes and scales of the current K tile and store it to the
+  swizzled A stage (16-byte stores, :func:`gemm.store_copy`). W's packed bytes arrive by TMA into shared
+  raw slots up to ``2 * RAW_SLOTS`` K tiles ahead (the default since session 10,
+  :meth:`GemmPrefillSm90.produce_w_tma`), or with ``NVFP4JAX_GEMM_WS_W=regs`` by 128-bit loads into
+  registers one K tile ahead (:meth:`GemmPrefillSm90.produce`).
 - warpgroups 1 and 2, the consumers (``CONSUMER_REGS``): wgmma ``64 x tile_t x 16``, one 64-row M block of
   W each, A and B from shared memory, float32 accumulators (``tile_t / 2`` per thread).
 
