@@ -79,7 +79,7 @@ the packed W of each 128-K chunk arrives in shared slots ``2 * RAW_SLOTS`` K til
 producer's only loads before its fence are from shared memory. Its first GPU run (session 9) hung: the
 copies ran inside ``elect_one`` (see :meth:`GemmPrefillSm90.issue_w`); fixed (``test_compile.nested_elects``
 checks every kernel). H200, session 10: its 17 GPU test cases and the kernel model's logits pass with it,
-and it is 10-17% faster than W to registers on every measured shape (dense Flash wq_a, wq_b, wo_b,
+and it is 10-15% faster than W to registers on every measured shape (dense Flash wq_a, wq_b, wo_b,
 shared w1/w3 and Pro wq_a at m = 16384: W4A16 0.88-1.16x XLA BF16, W4A4 0.62-1.07x; V4-Flash's MoE at
 T = 16384 11.0 / 10.8 ms NVFP4 / W4A16, was 12.9 / 12.6), so it is the default (``NVFP4JAX_GEMM_WS_W=regs``
 keeps the register path). That run also found V4-Pro's MoE (384 experts) failing with
