@@ -8,8 +8,9 @@
 #   fallback: the kernel model's per-shape fallback to the reference on small linears     (~6 min)
 #   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
-#   ws:    the GPU tests of the warp-specialized prefill GEMM (gemm_ws) with W to registers (one CTA per
-#          tile and persistent) and of the MoE grouping kernel (group)                         (~7 min)
+#   ws:    the GPU tests of the warp-specialized prefill GEMM (gemm_ws): its W-to-registers cases (one CTA
+#          per tile and persistent) and the cases without a W parameter (on the default, W by TMA);
+#          and those of the MoE grouping kernel (group)                                       (~7 min)
 #   ws-tma: the gemm_ws GPU tests with W by TMA (the default since session 10) and V4-Pro's MoE on its whole
 #          384-expert bank with either W path (session 10's Int32 fix, not yet run);
 #          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~7 min)
@@ -96,7 +97,7 @@ fi
 if [ "$stage" = ws ] || [ "$stage" = all ]; then
   # session 8: 43 of the 46 cases then present passed in 300 s (the three MoE-with-group-kernel cases were cut)
   $T timeout 420 $P tests/kernels/test_group.py tests/kernels/test_gemm_ws.py -k "$WS_REGS" > "$out/tests_ws.log" 2>&1
-  echo "ws (W to registers) + group tests: $(tail -1 "$out/tests_ws.log")"
+  echo "ws (the W-to-registers cases, the rest on the default W by TMA) + group tests: $(tail -1 "$out/tests_ws.log")"
   grep -E "^FAILED" "$out/tests_ws.log" | head -20
 fi
 if [ "$stage" = ws-tma ] || [ "$stage" = all ]; then
