@@ -11,13 +11,15 @@
 #   ws:    the GPU tests of the warp-specialized prefill GEMM (gemm_ws): its W-to-registers cases (one CTA
 #          per tile and persistent) and the cases without a W parameter (on the default, W by TMA);
 #          and those of the MoE grouping kernel (group)                                       (~7 min)
-#   ws-tma: the gemm_ws GPU tests with W by TMA (the default since session 10) and V4-Pro's MoE on its whole
-#          384-expert bank with either W path (session 10's Int32 fix, not yet run);
+#   ws-tma: the gemm_ws GPU tests with W by TMA (the default since session 10), V4-Pro's MoE on its whole
+#          384-expert bank with either W path (session 10's Int32 fix, not yet run) and the MoE with
+#          NVFP4JAX_MOE_WS_TAIL=64 (session 10, not yet run);
 #          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~7 min)
 #   ws-gemm: one prefill GEMM table (m 4096, 16384), gemm_ws with W to registers and by TMA and the
 #          one-warpgroup kernel side by side (benchmarks/gemm.py --modes)                      (~9 min)
-#   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers
-#          and by TMA; at T = 1, 64 with the grouping kernel (the default) and NVFP4JAX_MOE_GROUP=xla  (~8 min)
+#   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers,
+#          by TMA, and by TMA with NVFP4JAX_MOE_WS_TAIL=64; at T = 1, 64 with the grouping kernel (the
+#          default) and NVFP4JAX_MOE_GROUP=xla                                                  (~9 min)
 #   linear: recipe nvfp4's linear with X quantized straight to its decoded form on the gemm_ws path
 #          (session 9, not yet run on a GPU): its GPU tests (the decoded quantize bitwise, the linear bitwise vs
 #          quantize + gemm_ws), then the W4A4 linear from BF16 X timed both ways, quantize included   (~7 min)
@@ -49,8 +51,8 @@ T="env XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick XLA_PYTHON_
 # a plain "tma" matched its TMA_CASES list: the `-k "not tma"` written in session 8 would select 2 of 48
 # cases (`ws`, not run since), `-k tma` selected all 50 (`ws-tma`, session 9: the W-to-registers cases first,
 # then the hang); tests/kernels/test_gpu_helpers.py checks these two split the module)
-WS_TMA="ws-tma or persistent-tma or whole_pro_bank"
-WS_REGS="not ws-tma and not persistent-tma and not whole_pro_bank"
+WS_TMA="ws-tma or persistent-tma or whole_pro_bank or ws_tail"
+WS_REGS="not ws-tma and not persistent-tma and not whole_pro_bank and not ws_tail"
 
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
   $T timeout 200 $P tests/kernels/test_quantize.py "tests/kernels/test_gemm.py::test_gemm_decode_paths" \
@@ -101,7 +103,7 @@ if [ "$stage" = ws ] || [ "$stage" = all ]; then
   grep -E "^FAILED" "$out/tests_ws.log" | head -20
 fi
 if [ "$stage" = ws-tma ] || [ "$stage" = all ]; then
-  $T timeout 420 $P tests/kernels/test_gemm_ws.py -k "$WS_TMA" > "$out/tests_ws_tma.log" 2>&1
+  $T timeout 450 $P tests/kernels/test_gemm_ws.py -k "$WS_TMA" > "$out/tests_ws_tma.log" 2>&1
   echo "ws (W by TMA) tests: $(tail -1 "$out/tests_ws_tma.log")"
   grep -E "^FAILED" "$out/tests_ws_tma.log" | head -20
   if grep -q -E "^FAILED.*test_(gemm|moe_on)_ws" "$out/tests_ws.log" "$out/tests_ws_tma.log" 2>/dev/null \
@@ -122,6 +124,8 @@ if [ "$stage" = ws-moe ] || [ "$stage" = all ]; then
     NVFP4JAX_GEMM_WS_W=$w timeout 120 $M --t 16384 --out "$out/RESULTS_moe_ws_$w.md" > "$out/moe_ws_$w.log" 2>&1
     echo "T = 16384, gemm_ws, W $w:"; grep -E "^\| (flash|pro)" "$out/moe_ws_$w.log"
   done
+  NVFP4JAX_MOE_WS_TAIL=64 timeout 120 $M --t 16384 --out "$out/RESULTS_moe_ws_tail.md" > "$out/moe_ws_tail.log" 2>&1
+  echo "T = 16384, gemm_ws, W by TMA, 256-row tiles with a 64-row tail:"; grep -E "^\| (flash|pro)" "$out/moe_ws_tail.log"
   timeout 100 $M --t 1,64 --out "$out/RESULTS_moe_group.md" > "$out/moe_group.log" 2>&1
   echo "group kernel:"; grep -E "^\| (flash|pro)" "$out/moe_group.log"
   NVFP4JAX_MOE_GROUP=xla timeout 100 $M --t 1,64 > "$out/moe_base.log" 2>&1

@@ -293,7 +293,7 @@ def main():
         bw, peak = measure_ceilings()
     opt_in = " ".join(f"{v}={os.environ[v]}" for v in ("NVFP4JAX_GEMM_PREFILL", "NVFP4JAX_MOE_GROUP",
                                                         "NVFP4JAX_GEMM_W_REGS", "NVFP4JAX_MOE_CTAS_PER_SM",
-                                                        "NVFP4JAX_GEMM_WS_W",
+                                                        "NVFP4JAX_GEMM_WS_W", "NVFP4JAX_MOE_WS_TAIL",
                                                         "NVFP4JAX_GEMM_PREFETCH")
                       if os.environ.get(v))
     emit(f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev})"

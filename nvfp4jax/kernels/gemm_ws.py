@@ -86,6 +86,14 @@ keeps the register path). That run also found V4-Pro's MoE (384 experts) failing
 CUDA_ERROR_ILLEGAL_INSTRUCTION: the bank's byte count overflowed an Int32 (:func:`byte_rows`); fixed,
 checked on CPU, not yet re-run on a GPU (``tests/kernels/test_gemm_ws.py::test_moe_on_ws_whole_pro_bank``).
 ``TILE_CYCLES`` are still session 8's W-to-registers cycles (W by TMA: ~1600 at tile 256, Flash wq_a).
+
+Tail option (``PrefillConfig.tail``, MoE only, ``NVFP4JAX_MOE_WS_TAIL=64``, opt-in; session 10: compiled,
+CPU-checked, not yet run on a GPU): a 256-row tile takes up to 64 rows more. They arrive in a second TMA box
+into their own B stages and go through a second wgmma (N = 64) into a second accumulator, both only in CTAs
+whose tile has more than 256 rows; the epilogue stages them after the first 256. Why: at V4-Pro's T = 16384
+(256 +- 16 rows per expert, uniform routing) 49% of the experts otherwise get a second 256-row tile for ~13
+rows and decode their W twice (1.49 tiles per expert). Costs: 3 pipeline stages instead of 4 with W by TMA
+(shared memory), consumers at 198 of their 200 registers (SASS, no spills).
 """
 
 from __future__ import annotations
@@ -128,6 +136,9 @@ Y_PAD = 8  # BF16 elements of padding per staged output row
 #: W by TMA (``PrefillConfig.w_tma``): raw slots of 128 K (one tile-layout K block: two pipeline stages)
 #: for the CTA's 128 W rows = two 64-row blocks of 4096 code bytes + 512 scale bytes each
 RAW_SLOTS = 2
+#: ``PrefillConfig.tail``: rows past the 256-row tile (one more wgmma of N = 64; 3 stages then fit with W
+#: by TMA, 4 with W to registers)
+TAIL = 64
 W_ENV = "NVFP4JAX_GEMM_WS_W"  # "tma" (default) or "regs": how the producer loads W (with_env_options)
 W_MODES = ("regs", "tma")
 BLOCK_CODE_BYTES = TILE_ROWS * TILE_K // 2
@@ -171,17 +182,25 @@ class PrefillConfig:
     swiglu_limit: float | None = None  # gate_up: epilogue silu(min(g, l)) * clip(u, +-l) * routing weight
     persistent: bool = False  # NUM_SMS CTAs looping over the tiles (own staging buffer), else one CTA per tile
     w_tma: bool = False  # W's packed bytes by TMA into RAW_SLOTS shared slots, else 128-bit loads to registers
+    tail: int = 0  # grouped, tile_t 256: up to TAIL more rows per CTA in a second wgmma (N = TAIL) beside the
+    # first, issued only by CTAs with more than tile_t rows (rows_per_tile); 0: none
+
+
+def rows_per_tile(cfg: PrefillConfig) -> int:
+    """X rows a CTA takes: ``tile_t``, plus ``tail`` (the tile table's capacity per entry)."""
+    return cfg.tile_t + cfg.tail
 
 
 def staging_elems(cfg: PrefillConfig) -> int:
-    """BF16 elements of the epilogue's staging tile ``[tile_t, 128 + Y_PAD]``."""
-    return cfg.tile_t * (TILE_W + Y_PAD)
+    """BF16 elements of the epilogue's staging tile ``[rows_per_tile, 128 + Y_PAD]``."""
+    return rows_per_tile(cfg) * (TILE_W + Y_PAD)
 
 
 def smem_bytes(cfg: PrefillConfig) -> int:
     own_staging = 2 * staging_elems(cfg) if cfg.persistent else 0
     raw = RAW_SLOTS * (RAW_BYTES + 8) + 256 if cfg.w_tma else 0
-    return cfg.stages * (TILE_W + cfg.tile_t) * KSTAGE * 2 + 16 * cfg.stages + own_staging + raw + 1024
+    tail = 1024 if cfg.tail else 0  # the tail's B stages: a second 1024-byte-aligned region
+    return cfg.stages * (TILE_W + rows_per_tile(cfg)) * KSTAGE * 2 + 16 * cfg.stages + own_staging + raw + tail + 1024
 
 
 def can_implement(cfg: PrefillConfig) -> bool:
@@ -189,7 +208,9 @@ def can_implement(cfg: PrefillConfig) -> bool:
             and smem_bytes(cfg) <= 227 * 1024
             # one tile per CTA: the epilogue's staging tile reuses the B stages
             and (cfg.persistent or staging_elems(cfg) <= cfg.stages * cfg.tile_t * KSTAGE)
-            and (cfg.grouped or not cfg.gate_up) and (cfg.gate_up == (cfg.swiglu_limit is not None)))
+            and (cfg.grouped or not cfg.gate_up) and (cfg.gate_up == (cfg.swiglu_limit is not None))
+            # the tail: a second TMA box and wgmma of TAIL rows after a full 256-row tile, MoE only
+            and (cfg.tail == 0 or (cfg.tail == TAIL and cfg.tile_t == 256 and cfg.grouped and not cfg.persistent)))
 
 
 class GemmPrefillSm90:
@@ -218,6 +239,18 @@ class GemmPrefillSm90:
         sB_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, cfg.stages)
         tma_atom, mX_tma = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), mX, cute.slice_(sB_layout, (None, None, 0)), (cfg.tile_t, KSTAGE))
+        # the tail (cfg.tail rows after the tile_t ones): its own B stages, TMA box and wgmma (N = tail)
+        tail_args = (None,) * 4
+        tail_elems = 8
+        if cutlass.const_expr(cfg.tail > 0):
+            sBt_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_W, cfg.tail, KSTAGE), BFloat16,
+                                                       cfg.stages)
+            tma_atom_t, mX_tma_t = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileG2SOp(), mX, cute.slice_(sBt_layout, (None, None, 0)), (cfg.tail, KSTAGE))
+            tiled_mma_t = sm90_utils.make_trivial_tiled_mma(
+                BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (2, 1, 1), (64, cfg.tail))
+            tail_args = (tma_atom_t, mX_tma_t, tiled_mma_t, sBt_layout)
+            tail_elems = cute.cosize(sBt_layout)
         w_tmas = (None,) * 8
         if cutlass.const_expr(cfg.w_tma):
             w_tmas = self.w_tma_atoms(mWv, mWs) + (
@@ -231,6 +264,7 @@ class GemmPrefillSm90:
             raw_full: cute.struct.MemRange[Int64, raw_slots]
             sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sA_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sB_layout)], 1024]
+            sBt: cute.struct.Align[cute.struct.MemRange[BFloat16, tail_elems], 1024]
             sY: cute.struct.Align[cute.struct.MemRange[BFloat16, staging_elems(cfg) if cfg.persistent else 8], 128]
             # W by TMA: per slot two 64-row blocks of codes [64, 64] bytes, then of scales [64, 8] bytes
             raw_codes: cute.struct.Align[cute.struct.MemRange[Uint8, 2 * BLOCK_CODE_BYTES * raw_slots if cfg.w_tma
@@ -248,7 +282,7 @@ class GemmPrefillSm90:
         if cutlass.const_expr(cfg.persistent):
             ctas = cutlass.min(ctas, kg.NUM_SMS)
         self.kernel(tma_atom, mX_tma, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mTiles, mRouteW, mY, tiled_mma,
-                    sA_layout, sB_layout, tiles_w, tiles_t, *w_tmas).launch(grid=[ctas, 1, 1],
+                    sA_layout, sB_layout, tiles_w, tiles_t, *w_tmas, *tail_args).launch(grid=[ctas, 1, 1],
                                                                            block=[THREADS, 1, 1], stream=stream)
 
     def w_tma_atoms(self, mWv: cute.Tensor, mWs: cute.Tensor):
@@ -267,7 +301,8 @@ class GemmPrefillSm90:
     def kernel(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mXg, mWv: cute.Tensor, mWs: cute.Tensor,
                mWg: cute.Tensor, mW3v, mW3s, mW3g, mTiles, mRouteW, mY: cute.Tensor, tiled_mma: cute.TiledMma,
                sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, tiles_w, tiles_t,
-               atom_wc, tma_wc, atom_ws, tma_ws, atom_w3c, tma_w3c, atom_w3s, tma_w3s):
+               atom_wc, tma_wc, atom_ws, tma_ws, atom_w3c, tma_w3c, atom_w3s, tma_w3s,
+               tma_atom_t, mX_t, tiled_mma_t, sBt_layout):
         cfg = self.cfg
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         storage = cutlass.utils.SmemAllocator().allocate(self.shared_storage)
@@ -288,6 +323,10 @@ class GemmPrefillSm90:
 
         sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
         sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)
+        # the tail's TMA atom, X view and B stages (cfg.tail), else Nones
+        xt = (None, None, None)
+        if cutlass.const_expr(cfg.tail > 0):
+            xt = (tma_atom_t, mX_t, storage.sBt.get_tensor(sBt_layout.outer, swizzle=sBt_layout.inner))
         # one tile per CTA: the staging tile reuses the B stages; persistent: its own buffer, since the
         # producer already fills the stages for the CTA's next tile during the epilogue
         stage_ptr = storage.sY.data_ptr() if cutlass.const_expr(cfg.persistent) else storage.sB.data_ptr()
@@ -311,9 +350,10 @@ class GemmPrefillSm90:
                     if cutlass.const_expr(cfg.w_tma):
                         self.produce_w_tma(tma_atom, mX, mWv, sA, sB, full, empty, k_tiles, bw, e, start, done,
                                            storage, raw_full, (atom_wc, tma_wc, atom_ws, tma_ws),
-                                           (atom_w3c, tma_w3c, atom_w3s, tma_w3s))
+                                           (atom_w3c, tma_w3c, atom_w3s, tma_w3s), xt, count)
                     else:
-                        self.produce(tma_atom, mX, wv, ws, w3v, w3s, sA, sB, full, empty, k_tiles, bw, start, done)
+                        self.produce(tma_atom, mX, wv, ws, w3v, w3s, sA, sB, full, empty, k_tiles, bw, start, done,
+                                     xt, count)
                     done += k_tiles
         else:
             cute.arch.warpgroup_reg_alloc(CONSUMER_REGS)
@@ -322,7 +362,7 @@ class GemmPrefillSm90:
                 e, start, count = self.tile_rows(mX, mTiles, bt)
                 if count > 0:
                     self.consume(mXg, mWg, mW3g, mRouteW, mY, sA, sB, stage_ptr, full, empty, tiled_mma, k_tiles,
-                                 bw, e, start, count, done)
+                                 bw, e, start, count, done, tiled_mma_t, xt[2])
                     done += k_tiles
 
     @cute.jit
@@ -341,10 +381,12 @@ class GemmPrefillSm90:
 
     @cute.jit
     def produce(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, wv, ws, w3v, w3s, sA: cute.Tensor,
-                sB: cute.Tensor, full, empty, k_tiles, bw, start, done):
+                sB: cute.Tensor, full, empty, k_tiles, bw, start, done, xt, count):
         """Warpgroup 0, one tile: per K tile, wait for its stage to be free, TMA X into it, decode W into
-        it. ``done``: K tiles this CTA pipelined before this tile (stage and parity continue)."""
-        tXsX, tXgX, w_row_in_pass, w_part, tAsA, bufs, tWrD = self.producer_setup(tma_atom, mX, sA, sB, start)
+        it. ``done``: K tiles this CTA pipelined before this tile (stage and parity continue); ``xt``,
+        ``count``: the tail (:meth:`producer_setup`) and the tile's rows."""
+        tXsX, tXgX, w_row_in_pass, w_part, tAsA, bufs, tWrD, xtail = self.producer_setup(
+            tma_atom, mX, sA, sB, start, xt, count)
         # pass p covers tile rows 64p .. 64p + 63: W rows bw * 128 + those, or (gate_up) the same 64 rows
         # of W1 then of W3
         w_row0 = bw * self.out_w + w_row_in_pass
@@ -361,13 +403,17 @@ class GemmPrefillSm90:
                 if kt < k_tiles:
                     if kt + 1 < k_tiles:
                         self.load_w(kt + 1, gW, gW3, bufs[1 - j], w_row0, w_part)
-                    self.fill_stage(tma_atom, tXsX, tXgX, full, empty, kt, done + kt, bufs[j], tWrD, tAsA)
+                    self.fill_stage(tma_atom, tXsX, tXgX, full, empty, kt, done + kt, bufs[j], tWrD, tAsA, xtail)
 
-    def producer_setup(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, sA: cute.Tensor, sB: cute.Tensor, start):
+    def producer_setup(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, sA: cute.Tensor, sB: cute.Tensor, start,
+                       xt, count):
         """What both producers use (trace time): X's TMA views (the ``[tile_t, 64]`` box at row ``start``,
         K tile ``kt`` -> B stage ``s``; rows past X's end read as zeros), this thread's (row in the pass,
         chunk) of W as :func:`gemm.thread_coords` (plain order for K tiles of 64), its view of the A stages
-        for the 16-byte stores, and its register buffers: two K tiles of codes and scales, one decoded."""
+        for the 16-byte stores, and its register buffers: two K tiles of codes and scales, one decoded.
+        Last, the tail's ``(atom, smem view, gmem view, copy it)`` (``cfg.tail``: the ``[tail, 64]`` box at
+        row ``start + tile_t`` into the tail's B stage, copied only when the tile has more than ``tile_t``
+        rows), else None."""
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
         gX = cute.local_tile(cute.domain_offset((start, 0), mX), (cfg.tile_t, KSTAGE), (0, None))
@@ -378,21 +424,36 @@ class GemmPrefillSm90:
         bufs = [(cute.make_rmem_tensor((self.w_chunk // 2, self.w_passes), Uint8),
                  cute.make_rmem_tensor((self.w_chunk // BLOCK, self.w_passes), Uint8)) for _ in range(2)]
         tWrD = cute.make_rmem_tensor((self.w_chunk, self.w_passes), BFloat16)
-        return tXsX, tXgX, w_row, w_part, tAsA, bufs, tWrD
+        xtail = None
+        if cutlass.const_expr(cfg.tail > 0):
+            atom_t, mXt, sBt = xt
+            gXt = cute.local_tile(cute.domain_offset((start + cfg.tile_t, 0), mXt), (cfg.tail, KSTAGE), (0, None))
+            tXsXt, tXgXt = cpasync.tma_partition(atom_t, 0, cute.make_layout(1), cute.group_modes(sBt, 0, 2),
+                                                 cute.group_modes(gXt, 0, 2))
+            xtail = (atom_t, tXsXt, tXgXt, count > cfg.tile_t)
+        return tXsX, tXgX, w_row, w_part, tAsA, bufs, tWrD, xtail
 
     @cute.jit
-    def fill_stage(self, tma_atom: cute.CopyAtom, tXsX, tXgX, full, empty, kt, g, buf, tWrD, tAsA):
+    def fill_stage(self, tma_atom: cute.CopyAtom, tXsX, tXgX, full, empty, kt, g, buf, tWrD, tAsA, xtail):
         """Pipelined K tile ``g`` (the tile's ``kt``): once its stage is free (its previous contents, K tile
-        ``g - stages``, consumed), TMA X into it, decode this thread's W codes and scales ``buf`` into it,
-        fence the stores for the async proxy and arrive on ``full``."""
+        ``g - stages``, consumed), TMA X into it (and the tail's rows into the tail stage, ``xtail``), decode
+        this thread's W codes and scales ``buf`` into it, fence the stores for the async proxy and arrive on
+        ``full``."""
         cfg = self.cfg
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         s = g % cfg.stages
         cute.arch.mbarrier_wait(empty + s, free_parity(g, cfg.stages))
         if warp == 0:
+            x_bytes = Int32(cfg.tile_t * KSTAGE * 2)
+            if cutlass.const_expr(cfg.tail > 0):
+                if xtail[3]:
+                    x_bytes = Int32((cfg.tile_t + cfg.tail) * KSTAGE * 2)
             with cute.arch.elect_one():
-                cute.arch.mbarrier_arrive_and_expect_tx(full + s, cfg.tile_t * KSTAGE * 2)
+                cute.arch.mbarrier_arrive_and_expect_tx(full + s, x_bytes)
             cute.copy(tma_atom, tXgX[None, kt], tXsX[None, s], tma_bar_ptr=full + s)
+            if cutlass.const_expr(cfg.tail > 0):
+                if xtail[3]:
+                    cute.copy(xtail[0], xtail[2][None, kt], xtail[1][None, s], tma_bar_ptr=full + s)
         for p in cutlass.range_constexpr(self.w_passes):
             dequant_nvfp4_chunk(buf[0][None, p], buf[1][None, p], tWrD[None, p])
             cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, s])
@@ -401,7 +462,8 @@ class GemmPrefillSm90:
 
     @cute.jit
     def produce_w_tma(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, mWv: cute.Tensor, sA: cute.Tensor,
-                      sB: cute.Tensor, full, empty, k_tiles, bw, e, start, done, storage, raw_full, w_tma, w3_tma):
+                      sB: cute.Tensor, full, empty, k_tiles, bw, e, start, done, storage, raw_full, w_tma, w3_tma,
+                      xt, count):
         """:meth:`produce` with W's packed bytes brought by TMA (``cfg.w_tma``): per 128-K chunk (two K
         tiles) one elected thread copies the CTA's two 64-row tiles of codes and scales (``RAW_BYTES``) into
         raw slot ``chunk % RAW_SLOTS``, ``RAW_SLOTS`` chunks ahead, completing ``raw_full``; the 128 threads
@@ -419,7 +481,8 @@ class GemmPrefillSm90:
         across tiles as ``done // 2``)."""
         cfg = self.cfg
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        tXsX, tXgX, w_row, w_part, tAsA, bufs, tWrD = self.producer_setup(tma_atom, mX, sA, sB, start)
+        tXsX, tXgX, w_row, w_part, tAsA, bufs, tWrD, xtail = self.producer_setup(tma_atom, mX, sA, sB, start,
+                                                                                xt, count)
         # slot views: TMA boxes [64, 64] codes / [32, 16] scales per (slot, block) = slot * 2 + block ...
         slots = 2 * RAW_SLOTS
         sCodes = storage.raw_codes.get_tensor(cute.make_layout((64, 64, slots), stride=(64, 1, BLOCK_CODE_BYTES)))
@@ -463,7 +526,8 @@ class GemmPrefillSm90:
                 if c + RAW_SLOTS < chunks:
                     self.issue_w(parts, raw_full, slot, rb0, kb, c + RAW_SLOTS)
             for j in cutlass.range_constexpr(2):
-                self.fill_stage(tma_atom, tXsX, tXgX, full, empty, 2 * c + j, done + 2 * c + j, bufs[j], tWrD, tAsA)
+                self.fill_stage(tma_atom, tXsX, tXgX, full, empty, 2 * c + j, done + 2 * c + j, bufs[j], tWrD, tAsA,
+                                xtail)
 
     @cute.jit
     def issue_w(self, parts, raw_full, slot, rb0, kb, chunk):
@@ -497,9 +561,10 @@ class GemmPrefillSm90:
 
     @cute.jit
     def consume(self, mXg, mWg, mW3g, mRouteW, mY, sA: cute.Tensor, sB: cute.Tensor, stage_ptr, full, empty,
-                tiled_mma: cute.TiledMma, k_tiles, bw, e, start, count, done):
+                tiled_mma: cute.TiledMma, k_tiles, bw, e, start, count, done, tiled_mma_t, sBt):
         """Warpgroups 1, 2, one tile: wgmma over each full stage, release it once its wgmma completed;
-        the last stage once all completed; epilogue."""
+        the last stage once all completed; epilogue. ``cfg.tail``: tiles with more than ``tile_t`` rows also
+        run the tail's wgmma (``tiled_mma_t``, N = tail) on its B stage ``sBt`` into a second accumulator."""
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
         ctid = tidx - WG
@@ -509,6 +574,14 @@ class GemmPrefillSm90:
         acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_W, cfg.tile_t)), Float32)
         acc.fill(0.0)
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        tail = None
+        if cutlass.const_expr(cfg.tail > 0):
+            thr_t = tiled_mma_t.get_slice(ctid)
+            acc_t = cute.make_rmem_tensor(thr_t.partition_shape_C((TILE_W, cfg.tail)), Float32)
+            acc_t.fill(0.0)
+            tiled_mma_t.set(warpgroup.Field.ACCUMULATE, True)
+            tail = (thr_t, tiled_mma_t.make_fragment_A(thr_t.partition_A(sA)),
+                    tiled_mma_t.make_fragment_B(thr_t.partition_B(sBt)), acc_t, count > cfg.tile_t)
         for kt in cutlass.range(k_tiles, unroll=1):
             g = done + kt
             s = g % cfg.stages
@@ -516,6 +589,12 @@ class GemmPrefillSm90:
             warpgroup.fence()
             for kb in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
                 cute.gemm(tiled_mma, acc, tCrA[None, None, kb, s], tCrB[None, None, kb, s], acc)
+            if cutlass.const_expr(cfg.tail > 0):
+                if tail[4]:
+                    warpgroup.fence()  # ptxas injects one here otherwise (C7519): the branch hides the acc's use
+                    for kb in cutlass.range_constexpr(cute.size(tail[1], mode=[2])):
+                        cute.gemm(tiled_mma_t, tail[3], tail[1][None, None, kb, s], tail[2][None, None, kb, s],
+                                  tail[3])
             warpgroup.commit_group()
             # wgmma(kt - 1) is done: its stage goes back to the producer
             warpgroup.wait_group(1)
@@ -525,12 +604,14 @@ class GemmPrefillSm90:
         warpgroup.wait_group(0)
         if tidx % 32 == 0:
             cute.arch.mbarrier_arrive(empty + (done + k_tiles - 1) % cfg.stages)
-        self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY, stage_ptr, bw, e, start, count)
+        self.epilogue(acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY, stage_ptr, bw, e, start, count, tail)
 
     @cute.jit
-    def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY: cute.Tensor, stage_ptr, bw, e, start, count):
-        """``acc * (gx[row] * gw * 2**shift)`` -> BF16 staging tile ``[tile_t, 128 + Y_PAD]`` at ``stage_ptr``
-        -> 16-byte stores of ``Y[start + t, bw * 128 : bw * 128 + 128]`` for the tile's rows ``t < count``.
+    def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY: cute.Tensor, stage_ptr, bw, e, start, count,
+                 tail):
+        """``acc * (gx[row] * gw * 2**shift)`` -> BF16 staging tile ``[rows_per_tile, 128 + Y_PAD]`` at
+        ``stage_ptr`` (the tail's accumulator, if it ran, at rows ``tile_t ..``) -> 16-byte stores of
+        ``Y[start + t, bw * 128 : bw * 128 + 128]`` for the tile's rows ``t < count``.
 
         gate_up: staged columns 0..63 are gate, 64..127 up (each rounded to BF16, as the reference's GEMM
         outputs are); the store pass computes ``silu(min(g, l)) * clip(u, +-l) * routing weight`` and writes
@@ -542,30 +623,27 @@ class GemmPrefillSm90:
         # both consumer warpgroups are done reading the stages (one tile per CTA: the producer wrote its
         # last one before) and, persistent, reading the staging tile of the CTA's previous tile
         cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
-        sY = cute.make_tensor(stage_ptr, cute.make_layout((cfg.tile_t, TILE_W), stride=(TILE_W + Y_PAD, 1)))
+        rows = rows_per_tile(cfg)
+        sY = cute.make_tensor(stage_ptr, cute.make_layout((rows, TILE_W), stride=(TILE_W + Y_PAD, 1)))
         cC = thr_mma.partition_C(cute.make_identity_tensor((TILE_W, cfg.tile_t)))
         unscale = Float32(2.0 ** (DECODE_SHIFT * (2 if cfg.x_scaled else 1)))
         gw = mWg[e] * unscale
         gw3 = gw
         if cutlass.const_expr(cfg.gate_up):
             gw3 = mW3g[e] * unscale
-        for i in cutlass.range_constexpr(cute.size(acc)):
-            r, c = cC[i]
-            scale = gw
-            if cutlass.const_expr(cfg.gate_up):
-                if r >= TILE_W // 2:
-                    scale = gw3
-            if cutlass.const_expr(cfg.x_scaled):
-                scale = mXg[start + cutlass.min(c, count - 1)] * scale
-            sY[c, r] = (acc[i] * scale).to(BFloat16)
+        self.stage_acc(acc, cC, 0, sY, mXg, gw, gw3, start, count)
+        if cutlass.const_expr(cfg.tail > 0):
+            if tail[4]:
+                cCt = tail[0].partition_C(cute.make_identity_tensor((TILE_W, cfg.tail)))
+                self.stage_acc(tail[3], cCt, cfg.tile_t, sY, mXg, gw, gw3, start, count)
         cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
         # a warp stores whole row segments (256 bytes, or 128 for h) per step
         vec = 8
         per_row = self.out_w // vec
         sYv = cute.zipped_divide(sY, (1, vec))
-        gY = cute.local_tile(cute.domain_offset((start, 0), mY), (cfg.tile_t, self.out_w), (0, bw))
+        gY = cute.local_tile(cute.domain_offset((start, 0), mY), (rows, self.out_w), (0, bw))
         gYv = cute.zipped_divide(gY, (1, vec))
-        for it in cutlass.range_constexpr(cfg.tile_t * per_row // consumers):
+        for it in cutlass.range_constexpr(rows * per_row // consumers):
             idx = it * consumers + ctid
             row, ch = idx // per_row, idx % per_row
             if row < count:
@@ -583,6 +661,23 @@ class GemmPrefillSm90:
                 else:
                     cute.autovec_copy(sYv[None, (row, ch)], frag)
                 cute.autovec_copy(frag, gYv[None, (row, ch)])
+
+
+    @cute.jit
+    def stage_acc(self, acc, cC, row0, sY, mXg, gw, gw3, start, count):
+        """Accumulator ``acc`` (coordinates ``cC``: (W row, token)) scaled and rounded to BF16 into the
+        staging tile at token rows ``row0 + token``: ``gw`` (W3's ``gw3`` for gate_up's up half) times the
+        token's ``gx`` when ``x_scaled`` (tokens past ``count`` use the last row's, their rows are not stored)."""
+        cfg = self.cfg
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            r, c = cC[i]
+            scale = gw
+            if cutlass.const_expr(cfg.gate_up):
+                if r >= TILE_W // 2:
+                    scale = gw3
+            if cutlass.const_expr(cfg.x_scaled):
+                scale = mXg[start + cutlass.min(row0 + c, count - 1)] * scale
+            sY[row0 + c, r] = (acc[i] * scale).to(BFloat16)
 
 
 _NO_GROUPS = (None,) * 5  # W3 (values, scales, global), tile table, routing weights

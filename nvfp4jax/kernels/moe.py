@@ -210,14 +210,29 @@ def uses_ws(rows: int, experts: int, n_out: int) -> bool:
                               auto=ws_grouped_auto(rows, experts))
 
 
+WS_TAIL_ENV = "NVFP4JAX_MOE_WS_TAIL"  # "64": 256-row tiles take up to 64 rows more (gemm_ws.PrefillConfig.tail)
+
+
 def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, gate_up: bool,
                                   swiglu_limit: float | None) -> gemm_ws.PrefillConfig:
     """Config of the warp-specialized kernel for ``rows`` rows over ``experts`` experts: token tile
-    :func:`ws_tile` of the expected rows per expert (uniform routing)."""
+    :func:`ws_tile` of the expected rows per expert (uniform routing). With ``$NVFP4JAX_MOE_WS_TAIL=64``
+    (read at trace time; opt-in, session 10: compiled and CPU-checked, not yet run on a GPU) 256-row tiles
+    take up to 64 rows more in a second wgmma (3 stages with W by TMA): at V4-Pro's T = 16384 (256 +- 16 rows per expert,
+    uniform routing) 49% of the experts otherwise get a second 256-row tile for ~13 rows, decoding their W
+    again (1.49 tiles per expert; ~1.0 with the tail)."""
     tile_t = ws_tile(rows_per_expert(rows, experts))
+    tail = os.environ.get(WS_TAIL_ENV, "") or "0"
+    if tail not in ("0", str(gemm_ws.TAIL)):
+        raise ValueError(f"{WS_TAIL_ENV}={tail!r}; choose 0 or {gemm_ws.TAIL}")
     cfg = gemm_ws.PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up,
                                 swiglu_limit=swiglu_limit if gate_up else None)
-    return gemm_ws.with_env_options(cfg)
+    cfg = gemm_ws.with_env_options(cfg)
+    if tail != "0" and tile_t == 256 and not cfg.persistent:
+        cfg = dataclasses.replace(cfg, tail=gemm_ws.TAIL)
+        while not gemm_ws.can_implement(cfg) and cfg.stages > 2:  # the tail's stages: 3 fit with W by TMA
+            cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+    return cfg
 
 
 def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, sizes: Int[Array, " experts"],
@@ -246,7 +261,8 @@ def grouped_gemm_ws(x: NVFP4Tensor | Array, rows: Int[Array, " rows"] | None, si
         x, gx = gemm_ws.dequant_rows(x, rows), x.global_scale if rows is None else x.global_scale[rows]
     elif rows is not None:
         x = x[rows]
-    tiles = tile_table(sizes, cfg.tile_t, num_tiles(r, experts, cfg.tile_t))
+    per_tile = gemm_ws.rows_per_tile(cfg)
+    tiles = tile_table(sizes, per_tile, num_tiles(r, experts, per_tile))
     w3s = _weight_args(w3) if gate_up else (None, None, None)
     out = jax.ShapeDtypeStruct((r, n), jnp.bfloat16)
     return cutlass_call(gemm_ws.kernel_for(cfg), output_shape_dtype=out)(

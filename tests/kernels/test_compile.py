@@ -278,6 +278,41 @@ def test_grouped_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, stage, act_nvfp4,
     assert (ops["ex2.approx.ftz.f32"] > 0) == gate_up
 
 
+@pytest.mark.parametrize("stage,w_mode", [("L1", "tma"), ("L2", "tma"), ("L1", "regs")])
+def test_grouped_gemm_ws_tail_compiles_sm90a(tmp_path, monkeypatch, stage, w_mode):
+    """``NVFP4JAX_MOE_WS_TAIL=64`` (V4-Pro's shapes, T = 16384: 256 rows per expert): 256-row tiles take up
+    to 64 rows more -- a second wgmma shape (N = 64) beside the first, a second X box by TMA, 3 stages
+    with W by TMA (4 with W to registers) --
+    and the consumers' two accumulators still fit their registers (ptxas: no spills)."""
+    from nvfp4jax.kernels import moe as km
+
+    experts, d, inter, t = 384, 7168, 3072, 16384
+    rows = 6 * t
+    gate_up = stage == "L1"
+    n, k = (inter, d) if gate_up else (d, inter)
+    monkeypatch.setenv(kw.W_ENV, w_mode)
+    monkeypatch.setenv(km.WS_TAIL_ENV, "64")
+    cfg = km.choose_grouped_prefill_config(rows, experts, True, gate_up=gate_up,
+                                           swiglu_limit=10.0 if gate_up else None)
+    stages = 3 if w_mode == "tma" else 4  # the most that fit beside the tail's stages (and W's raw slots)
+    assert (cfg.tile_t, cfg.tail, cfg.stages, kw.rows_per_tile(cfg)) == (256, 64, stages, 320), cfg
+    assert kw.smem_bytes(cfg) <= 227 * 1024 < kw.smem_bytes(dataclasses.replace(cfg, stages=stages + 1))
+    w = _tiled_w((experts,), n, k) + (S((experts,), jnp.float32),)
+    ins = (S((rows, k), jnp.bfloat16), S((rows,), jnp.float32)) + w
+    ins += (w if gate_up else (None,) * 3) + (S((km.num_tiles(rows, experts, 320), 3), jnp.int32),)
+    ins += (S((rows,), jnp.float32) if gate_up else None,)
+    ptx = compile_ptx(kw.kernel_for(cfg), ins, (S((rows, n), jnp.bfloat16),), None, tmp_path)
+    ops = opcodes(ptx)
+    wgmma = sorted(op for op in ops if op.startswith("wgmma.mma_async"))
+    assert wgmma == ["wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16",
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"], wgmma
+    tma_copies = sum(c for op, c in ops.items() if op.startswith("cp.async.bulk.tensor.2d.shared::cta.global"))
+    assert tma_copies == (2 + 3 * 4 if cfg.w_tma else 2) + 2, ops  # the tail's box in both K tiles of a trip
+    ptxas = ptxas_path()
+    if ptxas is not None:
+        assert "0 bytes spill stores" in assemble_sm90a(ptx, tmp_path, ptxas)
+
+
 def test_w_by_tma_is_the_default(monkeypatch):
     """gemm_ws brings W by TMA unless ``NVFP4JAX_GEMM_WS_W=regs`` (session 10: faster on every measured
     shape); anything else is an error at trace time."""

@@ -128,6 +128,26 @@ def test_moe_on_ws_whole_pro_bank(rng, monkeypatch, w_mode):
               fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC), tiled=bank, ref_ids=expert_ids % 8)
 
 
+@pytest.mark.parametrize("model,recipe,w_mode", [("pro", "nvfp4", "tma"), ("flash", "w4a16", "tma"),
+                                                  ("pro", "nvfp4", "regs")])
+def test_moe_on_ws_tail(rng, monkeypatch, model, recipe, w_mode):
+    """``NVFP4JAX_MOE_WS_TAIL=64`` (session 10, opt-in): 256-row tiles take up to 320 rows, the last 64 in a
+    second wgmma (N = 64) on their own B stages; T = 1000 gives Pro's 8 test experts ~750 rows (tiles of
+    320, 320 and the rest) and Flash's 16 ~375 (320 and the rest), so some CTAs run the tail and some not.
+    The MoE test gates."""
+    from tests.kernels import test_moe as tm
+
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+    monkeypatch.setenv(kw.W_ENV, w_mode)
+    monkeypatch.setenv(tm.km.WS_TAIL_ENV, "64")
+    experts = tm.MODELS[model][0]
+    cfg = tm.km.choose_grouped_prefill_config(6000, experts, recipe == "nvfp4", gate_up=True, swiglu_limit=10.0)
+    assert (cfg.tile_t, cfg.tail) == (256, 64), cfg
+    x, weights, expert_ids = tm._inputs(rng, model, 1000)
+    tm._check(f"tail W {w_mode} {model} {recipe}", model, x, weights, expert_ids, tm.RECIPES[recipe],
+              fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC))
+
+
 def test_moe_on_ws_prefill_one_expert_gets_every_row(rng, monkeypatch):
     """All 1200 rows on expert 0 (the others empty): 10 tiles of 128 on one expert (the last partial), the
     other tile-table entries empty (their CTAs exit at once)."""

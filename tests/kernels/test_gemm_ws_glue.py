@@ -44,6 +44,7 @@ def _emulate_gemm(cfg, x, gx, wv, ws, wg, w3v, w3s, w3g, tiles, route_w, out):
     w, w3 = np.asarray(_decoded_w(wv, ws)), np.asarray(_decoded_w(w3v, w3s)) if cfg.gate_up else None
     y = np.full(out.shape, np.nan, np.float32)
     for e, start, count in np.asarray(tiles):
+        assert count <= kw.rows_per_tile(cfg), (count, cfg)  # the kernel's capacity per table entry
         if count == 0:
             continue
         rows = slice(start, start + count)
@@ -123,12 +124,19 @@ def test_linear_wiring(rng, emulated, monkeypatch, m):
     assert _rel_err(got, ref_gemm.nvfp4_linear(x, w)) < 1e-2
 
 
-@pytest.mark.parametrize("t,experts,skew,quantize_activations", [(100, 4, False, True), (150, 6, True, False),
-                                                                  (150, 6, True, True)])
-def test_moe_wiring(rng, emulated, monkeypatch, t, experts, skew, quantize_activations):
+@pytest.mark.parametrize("t,experts,skew,quantize_activations,tail", [
+    (100, 4, False, True, False), (150, 6, True, False, False), (150, 6, True, True, False),
+    (600, 4, False, True, True), (500, 6, True, False, True)])
+def test_moe_wiring(rng, emulated, monkeypatch, t, experts, skew, quantize_activations, tail):
     """Both grouped GEMMs through ``grouped_gemm_ws`` (> 64 rows per expert). ``skew``: expert 5 gets no
     rows and expert 0 most of them, so tiles are partial and some table entries empty. Recipe nvfp4: L2's
-    input quantized straight to its decoded form."""
+    input quantized straight to its decoded form. ``tail``: ``NVFP4JAX_MOE_WS_TAIL=64`` with > 256 rows per
+    expert (256-row tiles taking up to 320 rows: the tile table's capacity, which the emulator checks)."""
+    if tail:
+        monkeypatch.setenv(km.WS_TAIL_ENV, "64")
+    tables = []
+    table_fn = km.tile_table
+    monkeypatch.setattr(km, "tile_table", lambda *a: tables.append(table_fn(*a)) or tables[-1])
     decoded = []
     monkeypatch.setattr(km, "quantize_nvfp4_decoded", lambda h: decoded.append(h.shape) or kq.quantize_nvfp4_decoded(h))
     dim, inter = 256, 256
@@ -149,3 +157,5 @@ def test_moe_wiring(rng, emulated, monkeypatch, t, experts, skew, quantize_activ
     want = ref_moe.moe_experts(x, weights, ids, w1, w3, w2, **kw_)
     assert _rel_err(got, want) < 1e-2
     assert decoded == ([(t * topk, inter)] if quantize_activations else [])
+    # with the tail, some CTAs take more than 256 rows (both GEMMs); without it none does
+    assert len(tables) == 2 and all((int(jnp.max(tb[:, 2])) > 256) == tail for tb in tables), tables
