@@ -218,9 +218,9 @@ def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, g
     """Config of the warp-specialized kernel for ``rows`` rows over ``experts`` experts: token tile
     :func:`ws_tile` of the expected rows per expert (uniform routing). With ``$NVFP4JAX_MOE_WS_TAIL=64``
     (read at trace time; opt-in, session 10: compiled and CPU-checked, not yet run on a GPU) 256-row tiles
-    take up to 64 rows more in a second wgmma (3 stages with W by TMA): at V4-Pro's T = 16384 (256 +- 16 rows per expert,
-    uniform routing) 49% of the experts otherwise get a second 256-row tile for ~13 rows, decoding their W
-    again (1.49 tiles per expert; ~1.0 with the tail)."""
+    take up to 64 rows more in a second wgmma (3 stages with W by TMA): at V4-Pro's T = 16384 (256 +- 16
+    rows per expert, uniform routing) 49% of the experts otherwise get a second 256-row tile for ~13 rows,
+    decoding their W again (1.49 tiles per expert; ~1.0 with the tail)."""
     tile_t = ws_tile(rows_per_expert(rows, experts))
     tail = os.environ.get(WS_TAIL_ENV, "") or "0"
     if tail not in ("0", str(gemm_ws.TAIL)):
