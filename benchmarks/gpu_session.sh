@@ -21,8 +21,9 @@
 #          by TMA, and by TMA with NVFP4JAX_MOE_WS_TAIL=64; at T = 1, 64 with the grouping kernel (the
 #          default) and NVFP4JAX_MOE_GROUP=xla                                                  (~9 min)
 #   linear: recipe nvfp4's linear with X quantized straight to its decoded form on the gemm_ws path
-#          (session 9, not yet run on a GPU): its GPU tests (the decoded quantize bitwise, the linear bitwise vs
-#          quantize + gemm_ws), then the W4A4 linear from BF16 X timed both ways, quantize included   (~7 min)
+#          (passed and timed on an H200 in session 10): its GPU tests (the decoded quantize bitwise, the
+#          linear bitwise vs quantize + gemm_ws), then the W4A4 linear from BF16 X timed both ways, quantize
+#          included                                                                              (~7 min)
 #   profile: every kernel of V4-Flash MoE calls at T = 1, 64, 16384 (both recipes) with its time, from the
 #          profiler trace (benchmarks/profile_kernels.py moe): where the time outside the grouped GEMMs goes (~6 min)
 #   ncu:   Nsight Compute on single launches without JAX (benchmarks/ncu_gemm.py): the prefill kernel (Flash wq_a,
