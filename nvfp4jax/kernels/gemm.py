@@ -540,7 +540,10 @@ class GemmNvfp4Sm90:
                     if i + P < k_tiles:
                         self.load_w_regs(kt0 + i + P, w_rows, wp, ws)
                         self.load_x(kt0 + i + P, gX, xp, xs, xd, x_rows, x_part)
-                    self.issue_mma_regs(tArA, tCrB, stage, acc, tiled_mma)
+                    warpgroup.fence()
+                    for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
+                        cute.gemm(tiled_mma, acc, tArA[None, None, kb], tCrB[None, None, kb, stage], acc)
+                    warpgroup.commit_group()
 
     @cute.jit
     def w_regs_rows(self, gW, gW3, w_row0, q):
@@ -590,7 +593,7 @@ class GemmNvfp4Sm90:
     @cute.jit
     def stage_x_permuted(self, stage, xp, xs, xd, sB, x_row_in_tile, x_part, count):
         """X's register tile -> BF16 stage ``stage`` in the K order of :meth:`mainloop_w_regs`
-        (:func:`permuted_column`); rows past ``count`` zeroed; then proxy fence + barrier."""
+        (:func:`permuted_column`); rows past ``count`` zeroed; proxy fence + barrier."""
         cfg = self.cfg
         for p in cutlass.range_constexpr(cfg.tile_t // self.x_rows_pp):
             if cutlass.const_expr(cfg.act_nvfp4):
@@ -634,14 +637,6 @@ class GemmNvfp4Sm90:
                 cute.autovec_copy(xd[None, p], tBsB[None, p, 0, stage])
         cute.arch.fence_proxy("async.shared", space="cta")
         cute.arch.sync_threads()
-
-    @cute.jit
-    def issue_mma_regs(self, tArA, tCrB, stage, acc, tiled_mma: cute.TiledMma):
-        """Register-A paths: wgmma of the A fragment ``tArA`` over X stage ``stage`` (one commit group)."""
-        warpgroup.fence()
-        for kb in cutlass.range_constexpr(cute.size(tArA, mode=[2])):
-            cute.gemm(tiled_mma, acc, tArA[None, None, kb], tCrB[None, None, kb, stage], acc)
-        warpgroup.commit_group()
 
     @cute.jit
     def issue_mma(self, stage, tCrA, tCrB, acc, tiled_mma: cute.TiledMma):

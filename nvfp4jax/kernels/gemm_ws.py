@@ -446,14 +446,15 @@ class GemmPrefillSm90:
         if warp == 0:
             x_bytes = Int32(cfg.tile_t * KSTAGE * 2)
             if cutlass.const_expr(cfg.tail > 0):
-                if xtail[3]:
+                atom_t, tXsXt, tXgXt, has_tail = xtail
+                if has_tail:
                     x_bytes = Int32((cfg.tile_t + cfg.tail) * KSTAGE * 2)
             with cute.arch.elect_one():
                 cute.arch.mbarrier_arrive_and_expect_tx(full + s, x_bytes)
             cute.copy(tma_atom, tXgX[None, kt], tXsX[None, s], tma_bar_ptr=full + s)
             if cutlass.const_expr(cfg.tail > 0):
-                if xtail[3]:
-                    cute.copy(xtail[0], xtail[2][None, kt], xtail[1][None, s], tma_bar_ptr=full + s)
+                if has_tail:
+                    cute.copy(atom_t, tXgXt[None, kt], tXsXt[None, s], tma_bar_ptr=full + s)
         for p in cutlass.range_constexpr(self.w_passes):
             dequant_nvfp4_chunk(buf[0][None, p], buf[1][None, p], tWrD[None, p])
             cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, s])
@@ -590,11 +591,11 @@ class GemmPrefillSm90:
             for kb in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
                 cute.gemm(tiled_mma, acc, tCrA[None, None, kb, s], tCrB[None, None, kb, s], acc)
             if cutlass.const_expr(cfg.tail > 0):
-                if tail[4]:
+                _, tCrAt, tCrBt, acc_t, has_tail = tail
+                if has_tail:
                     warpgroup.fence()  # ptxas injects one here otherwise (C7519): the branch hides the acc's use
-                    for kb in cutlass.range_constexpr(cute.size(tail[1], mode=[2])):
-                        cute.gemm(tiled_mma_t, tail[3], tail[1][None, None, kb, s], tail[2][None, None, kb, s],
-                                  tail[3])
+                    for kb in cutlass.range_constexpr(cute.size(tCrAt, mode=[2])):
+                        cute.gemm(tiled_mma_t, acc_t, tCrAt[None, None, kb, s], tCrBt[None, None, kb, s], acc_t)
             warpgroup.commit_group()
             # wgmma(kt - 1) is done: its stage goes back to the producer
             warpgroup.wait_group(1)
@@ -633,9 +634,10 @@ class GemmPrefillSm90:
             gw3 = mW3g[e] * unscale
         self.stage_acc(acc, cC, 0, sY, mXg, gw, gw3, start, count)
         if cutlass.const_expr(cfg.tail > 0):
-            if tail[4]:
-                cCt = tail[0].partition_C(cute.make_identity_tensor((TILE_W, cfg.tail)))
-                self.stage_acc(tail[3], cCt, cfg.tile_t, sY, mXg, gw, gw3, start, count)
+            thr_t, _, _, acc_t, has_tail = tail
+            if has_tail:
+                cCt = thr_t.partition_C(cute.make_identity_tensor((TILE_W, cfg.tail)))
+                self.stage_acc(acc_t, cCt, cfg.tile_t, sY, mXg, gw, gw3, start, count)
         cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
         # a warp stores whole row segments (256 bytes, or 128 for h) per step
         vec = 8

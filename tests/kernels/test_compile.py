@@ -249,6 +249,20 @@ def test_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4, tile_
         assert tma_copies == 2 and ops["ld.global.v4.b32"] > 0
 
 
+def _grouped_ws_io(cfg, rows, experts, n, k):
+    """(inputs, outputs) of a grouped gemm_ws call (``GemmPrefillSm90.__call__``) over ``rows`` rows: X, its
+    per-row scales (``x_scaled``), W (and W3 for gate_up), the tile table at the config's capacity per
+    entry, the routing weights (gate_up); Y."""
+    from nvfp4jax.kernels import moe as km
+
+    w = _tiled_w((experts,), n, k) + (S((experts,), jnp.float32),)
+    ins = (S((rows, k), jnp.bfloat16), S((rows,), jnp.float32) if cfg.x_scaled else None) + w
+    ins += (w if cfg.gate_up else (None,) * 3)
+    ins += (S((km.num_tiles(rows, experts, kw.rows_per_tile(cfg)), 3), jnp.int32),)
+    ins += (S((rows,), jnp.float32) if cfg.gate_up else None,)
+    return ins, (S((rows, n), jnp.bfloat16),)
+
+
 @pytest.mark.parametrize("stage,act_nvfp4,w_mode", [("L1", True, "regs"), ("L1", False, "regs"), ("L2", True, "regs"),
                                                     ("L1", True, "tma"), ("L2", False, "tma")])
 def test_grouped_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, stage, act_nvfp4, w_mode):
@@ -265,11 +279,7 @@ def test_grouped_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, stage, act_nvfp4,
     cfg = km.choose_grouped_prefill_config(rows, experts, act_nvfp4, gate_up=gate_up,
                                            swiglu_limit=10.0 if gate_up else None)
     assert cfg.tile_t == 256 and cfg.grouped and cfg.w_tma == (w_mode == "tma")  # 384 rows per expert: 2 tiles
-    w = _tiled_w((experts,), n, k) + (S((experts,), jnp.float32),)
-    ins = (S((rows, k), jnp.bfloat16), S((rows,), jnp.float32) if act_nvfp4 else None) + w
-    ins += (w if gate_up else (None,) * 3) + (S((km.num_tiles(rows, experts, cfg.tile_t), 3), jnp.int32),)
-    ins += (S((rows,), jnp.float32) if gate_up else None,)
-    ops = opcodes(compile_ptx(kw.kernel_for(cfg), ins, (S((rows, n), jnp.bfloat16),), None, tmp_path))
+    ops = opcodes(compile_ptx(kw.kernel_for(cfg), *_grouped_ws_io(cfg, rows, experts, n, k), None, tmp_path))
     wgmma = [op for op in ops if op.startswith("wgmma.mma_async")]
     assert wgmma == ["wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16"], wgmma
     tma_copies = sum(c for op, c in ops.items() if op.startswith("cp.async.bulk.tensor.2d.shared::cta.global"))
@@ -282,8 +292,8 @@ def test_grouped_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, stage, act_nvfp4,
 def test_grouped_gemm_ws_tail_compiles_sm90a(tmp_path, monkeypatch, stage, w_mode):
     """``NVFP4JAX_MOE_WS_TAIL=64`` (V4-Pro's shapes, T = 16384: 256 rows per expert): 256-row tiles take up
     to 64 rows more -- a second wgmma shape (N = 64) beside the first, a second X box by TMA, 3 stages
-    with W by TMA (4 with W to registers) --
-    and the consumers' two accumulators still fit their registers (ptxas: no spills)."""
+    with W by TMA (4 with W to registers) -- and the consumers' two accumulators still fit their registers
+    (ptxas: no spills)."""
     from nvfp4jax.kernels import moe as km
 
     experts, d, inter, t = 384, 7168, 3072, 16384
@@ -297,11 +307,7 @@ def test_grouped_gemm_ws_tail_compiles_sm90a(tmp_path, monkeypatch, stage, w_mod
     stages = 3 if w_mode == "tma" else 4  # the most that fit beside the tail's stages (and W's raw slots)
     assert (cfg.tile_t, cfg.tail, cfg.stages, kw.rows_per_tile(cfg)) == (256, 64, stages, 320), cfg
     assert kw.smem_bytes(cfg) <= 227 * 1024 < kw.smem_bytes(dataclasses.replace(cfg, stages=stages + 1))
-    w = _tiled_w((experts,), n, k) + (S((experts,), jnp.float32),)
-    ins = (S((rows, k), jnp.bfloat16), S((rows,), jnp.float32)) + w
-    ins += (w if gate_up else (None,) * 3) + (S((km.num_tiles(rows, experts, 320), 3), jnp.int32),)
-    ins += (S((rows,), jnp.float32) if gate_up else None,)
-    ptx = compile_ptx(kw.kernel_for(cfg), ins, (S((rows, n), jnp.bfloat16),), None, tmp_path)
+    ptx = compile_ptx(kw.kernel_for(cfg), *_grouped_ws_io(cfg, rows, experts, n, k), None, tmp_path)
     ops = opcodes(ptx)
     wgmma = sorted(op for op in ops if op.startswith("wgmma.mma_async"))
     assert wgmma == ["wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16",
