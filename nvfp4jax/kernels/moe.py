@@ -22,12 +22,14 @@ Same signature and math as :func:`nvfp4jax.ref.moe.moe_experts` (spec §4); one 
 Calls with at least 256 rows per expert (:func:`ws_grouped_auto`: V4-Flash and V4-Pro at T = 16384) run
 both GEMMs on the warp-specialized prefill kernel instead (:func:`grouped_gemm_ws`,
 :mod:`nvfp4jax.kernels.gemm_ws`; ``$NVFP4JAX_GEMM_PREFILL=ws`` for every call with more than 64 rows per
-expert, ``one-warpgroup`` for none): the L1 input is gathered into expert order by XLA first (``rows x
-dim`` BF16, or NVFP4 decoded once to BF16), since that kernel TMA-loads whole boxes of consecutive rows;
+expert, ``one-warpgroup`` for none): the L1 input is gathered into expert order first (BF16 X by an XLA
+gather, ``rows x dim``; NVFP4 X decoded and gathered in one pass by ``gemm_ws.dequant_rows``), since that
+kernel TMA-loads whole boxes of consecutive rows;
 recipe ``nvfp4``'s ``h`` is quantized straight to its decoded BF16 form for L2 there
-(``quantize.quantize_nvfp4_decoded``: the same numbers without the codes' round trip; session 9, not yet
-run on a GPU). H200, T = 16384: V4-Pro NVFP4 37.4 ms there (session 9) against 46.3 ms here (session 7's
-run, same kind of card); V4-Flash 13.5 / 12.6 ms NVFP4 / W4A16 against 18.3 / 15.4 (:func:`ws_grouped_auto`).
+(``quantize.quantize_nvfp4_decoded``: the same numbers without the codes' round trip; its GPU tests
+passed on an H200, session 10). H200, T = 16384: V4-Pro NVFP4 36.8 ms there (session 10, W to registers)
+against 46.3 ms here (session 7's run, same kind of card); V4-Flash 11.0 / 10.8 ms NVFP4 / W4A16 with W by
+TMA (session 10) against 18.3 / 15.4 (:func:`ws_grouped_auto`).
 
 Calls of up to 1024 rows do step 1 and the gathers of the routing weights and of the combine's inverse
 permutation in one kernel (:mod:`nvfp4jax.kernels.group`, same bits as :func:`group_rows_xla`; 13-19 us
