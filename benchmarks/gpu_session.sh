@@ -12,13 +12,13 @@
 #          per tile and persistent) and the cases without a W parameter (on the default, W by TMA);
 #          and those of the MoE grouping kernel (group)                                       (~7 min)
 #   ws-tma: the gemm_ws GPU tests with W by TMA (the default since session 10), V4-Pro's MoE on its whole
-#          384-expert bank with either W path (session 10's Int32 fix, not yet run) and the MoE with
-#          NVFP4JAX_MOE_WS_TAIL=64 (session 10, not yet run);
+#          384-expert bank with either W path and the MoE with NVFP4JAX_MOE_WS_TAIL=64 (22 passed in 240 s,
+#          H200, session 11);
 #          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~7 min)
 #   ws-gemm: one prefill GEMM table (m 4096, 16384), gemm_ws with W to registers and by TMA and the
 #          one-warpgroup kernel side by side (benchmarks/gemm.py --modes)                      (~9 min)
 #   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers,
-#          by TMA, and by TMA with NVFP4JAX_MOE_WS_TAIL=64; at T = 1, 64 with the grouping kernel (the
+#          by TMA without the tail (NVFP4JAX_MOE_WS_TAIL=0), and by TMA with NVFP4JAX_MOE_WS_TAIL=64; at T = 1, 64 with the grouping kernel (the
 #          default) and NVFP4JAX_MOE_GROUP=xla                                                  (~9 min)
 #   linear: recipe nvfp4's linear with X quantized straight to its decoded form on the gemm_ws path
 #          (passed and timed on an H200 in session 10): its GPU tests (the decoded quantize bitwise, the
@@ -122,7 +122,7 @@ if [ "$stage" = ws-moe ] || [ "$stage" = all ]; then
   M="python3 benchmarks/moe.py --budget-s 90"
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
   for w in regs tma; do
-    NVFP4JAX_GEMM_WS_W=$w timeout 120 $M --t 16384 --out "$out/RESULTS_moe_ws_$w.md" > "$out/moe_ws_$w.log" 2>&1
+    NVFP4JAX_MOE_WS_TAIL=0 NVFP4JAX_GEMM_WS_W=$w timeout 120 $M --t 16384 --out "$out/RESULTS_moe_ws_$w.md" > "$out/moe_ws_$w.log" 2>&1
     echo "T = 16384, gemm_ws, W $w:"; grep -E "^\| (flash|pro)" "$out/moe_ws_$w.log"
   done
   NVFP4JAX_MOE_WS_TAIL=64 timeout 120 $M --t 16384 --out "$out/RESULTS_moe_ws_tail.md" > "$out/moe_ws_tail.log" 2>&1

@@ -83,17 +83,22 @@ and it is 10-15% faster than W to registers on every measured shape (dense Flash
 shared w1/w3 and Pro wq_a at m = 16384: W4A16 0.88-1.16x XLA BF16, W4A4 0.62-1.07x; V4-Flash's MoE at
 T = 16384 11.0 / 10.8 ms NVFP4 / W4A16, was 12.9 / 12.6), so it is the default (``NVFP4JAX_GEMM_WS_W=regs``
 keeps the register path). That run also found V4-Pro's MoE (384 experts) failing with
-CUDA_ERROR_ILLEGAL_INSTRUCTION: the bank's byte count overflowed an Int32 (:func:`byte_rows`); fixed,
-checked on CPU, not yet re-run on a GPU (``tests/kernels/test_gemm_ws.py::test_moe_on_ws_whole_pro_bank``).
+CUDA_ERROR_ILLEGAL_INSTRUCTION: the bank's byte count overflowed an Int32 (:func:`byte_rows`); fixed, and
+V4-Pro's MoE on its whole 384-expert bank passed on an H200 in session 11, either W path
+(``tests/kernels/test_gemm_ws.py::test_moe_on_ws_whole_pro_bank``): 32.6 ms at T = 16384 (NVFP4), 36.3
+with W to registers.
 ``TILE_CYCLES`` are still session 8's W-to-registers cycles (W by TMA: ~1600 at tile 256, Flash wq_a).
 
-Tail option (``PrefillConfig.tail``, MoE only, ``NVFP4JAX_MOE_WS_TAIL=64``, opt-in; session 10: compiled,
-CPU-checked, not yet run on a GPU): a 256-row tile takes up to 64 rows more. They arrive in a second TMA box
+Tail option (``PrefillConfig.tail``, MoE only; where :func:`nvfp4jax.kernels.moe.ws_tail_auto` says,
+``NVFP4JAX_MOE_WS_TAIL=0`` / ``64`` forces it; its GPU tests passed on an H200 in session 11): a 256-row
+tile takes up to 64 rows more. They arrive in a second TMA box
 into their own B stages and go through a second wgmma (N = 64) into a second accumulator, both only in CTAs
 whose tile has more than 256 rows; the epilogue stages them after the first 256. Why: at V4-Pro's T = 16384
 (256 +- 16 rows per expert, uniform routing) 49% of the experts otherwise get a second 256-row tile for ~13
-rows and decode their W twice (1.49 tiles per expert). Costs: 3 pipeline stages instead of 4 with W by TMA
-(shared memory), consumers at 198 of their 200 registers (SASS, no spills).
+rows and decode their W twice (1.48 tiles per expert). Costs: 3 pipeline stages instead of 4 with W by TMA
+(shared memory), consumers at 198 of their 200 registers (SASS, no spills). H200, session 11, T = 16384:
+V4-Pro 26.9 ms with it against 32.6 (NVFP4; 1.00 tile per expert instead of 1.48), V4-Flash 13.8 against
+11.2 (2 tiles per expert either way): a CTA of the tail kernel costs ~1.22x one without, hence the rule.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ gather, ``rows x dim``; NVFP4 X decoded and gathered in one pass by ``gemm_ws.de
 kernel TMA-loads whole boxes of consecutive rows;
 recipe ``nvfp4``'s ``h`` is quantized straight to its decoded BF16 form for L2 there
 (``quantize.quantize_nvfp4_decoded``: the same numbers without the codes' round trip; its GPU tests
-passed on an H200, session 10). H200, T = 16384: V4-Pro NVFP4 36.8 ms there (session 10, W to registers)
-against 46.3 ms here (session 7's run, same kind of card); V4-Flash 11.0 / 10.8 ms NVFP4 / W4A16 with W by
-TMA (session 10) against 18.3 / 15.4 (:func:`ws_grouped_auto`).
+passed on an H200, session 10). H200, T = 16384: V4-Pro NVFP4 26.9 ms there (session 11: W by TMA,
+256-row tiles with a tail, :func:`ws_tail_auto`; 32.6 without the tail, 36.3 with W to registers) against
+46.3 ms here (session 7's run, same kind of card); V4-Flash 11.2 / 11.0 ms NVFP4 / W4A16 (session 11)
+against 18.3 / 15.4 (:func:`ws_grouped_auto`).
 
 Calls of up to 1024 rows do step 1 and the gathers of the routing weights and of the combine's inverse
 permutation in one kernel (:mod:`nvfp4jax.kernels.group`, same bits as :func:`group_rows_xla`; 13-19 us
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -212,25 +214,61 @@ def uses_ws(rows: int, experts: int, n_out: int) -> bool:
                               auto=ws_grouped_auto(rows, experts))
 
 
-WS_TAIL_ENV = "NVFP4JAX_MOE_WS_TAIL"  # "64": 256-row tiles take up to 64 rows more (gemm_ws.PrefillConfig.tail)
+WS_TAIL_ENV = "NVFP4JAX_MOE_WS_TAIL"  # "auto" (default), "0" or "64": gemm_ws.PrefillConfig.tail
+#: Time of one CTA column of the kernel built with the tail relative to one without (same rows or fewer):
+#: 3 pipeline stages instead of 4 with W by TMA. H200, session 11, T = 16384, W by TMA: V4-Flash 13.77 vs
+#: 11.20 ms with the tail and without, the same 2 tiles per expert (1.23); V4-Pro 26.86 vs 32.64 ms at
+#: 1.00 vs 1.48 tiles per expert (expected_tiles: 0.82 x 1.48 = 1.22).
+WS_TAIL_COST = 1.22
+
+
+def expected_tiles(rows: int, experts: int, capacity: int) -> float:
+    """Expected tile-table entries per expert, ``E[ceil(r / capacity)]``, for ``r ~ Binomial(rows,
+    1 / experts)``: the rows one expert gets under uniform routing (``rows`` = tokens x k). Exact sum over
+    +-10 standard deviations of the mean (Python floats, at trace time)."""
+    p = 1.0 / experts
+    mean, sd = rows * p, math.sqrt(rows * p * (1.0 - p))
+    lo, hi = max(0, int(mean - 10 * sd)), min(rows, int(mean + 10 * sd) + 1)
+    log_c = math.lgamma(rows + 1)
+    total = 0.0
+    for r in range(lo, hi + 1):
+        log_p = log_c - math.lgamma(r + 1) - math.lgamma(rows - r + 1) + r * math.log(p)
+        total += math.exp(log_p + (rows - r) * math.log1p(-p)) * -(-r // capacity)
+    return total
+
+
+def ws_tail_auto(rows: int, experts: int) -> bool:
+    """Whether 256-row tiles take a tail (``$NVFP4JAX_MOE_WS_TAIL=auto``): where the tiles it saves under
+    uniform routing outweigh :data:`WS_TAIL_COST` on every tile, ``WS_TAIL_COST x E[ceil(r / 320)] <
+    E[ceil(r / 256)]``. Both session-11 measurements follow this model (V4-Pro at T = 16384: 1.48 -> 1.00
+    tiles per expert, 18% faster; V4-Flash: 2 tiles either way, 23% slower). It picks the tail for V4-Pro
+    at T = 16384, 20000 and 32768 (not 24576, 65536) and V4-Flash at 12288, 24576, 49152, 65536 (not
+    16384, 32768): measured only at T = 16384, the rest is the model's extrapolation. Real routings are
+    not uniform: a skewed one changes the counts, not what a tile costs."""
+    if rows < experts:  # fewer rows than experts: below any 256-row tile
+        return False
+    tail = gemm_ws.TAIL
+    return WS_TAIL_COST * expected_tiles(rows, experts, 256 + tail) < expected_tiles(rows, experts, 256)
 
 
 def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, gate_up: bool,
                                   swiglu_limit: float | None) -> gemm_ws.PrefillConfig:
     """Config of the warp-specialized kernel for ``rows`` rows over ``experts`` experts: token tile
-    :func:`ws_tile` of the expected rows per expert (uniform routing). With ``$NVFP4JAX_MOE_WS_TAIL=64``
-    (read at trace time; opt-in, session 10: compiled and CPU-checked, not yet run on a GPU) 256-row tiles
-    take up to 64 rows more in a second wgmma (3 stages with W by TMA): at V4-Pro's T = 16384 (256 +- 16
-    rows per expert, uniform routing) 49% of the experts otherwise get a second 256-row tile for ~13 rows,
-    decoding their W again (1.49 tiles per expert; ~1.0 with the tail)."""
+    :func:`ws_tile` of the expected rows per expert (uniform routing). 256-row tiles take up to 64 rows
+    more in a second wgmma (``PrefillConfig.tail``; 3 stages with W by TMA) where :func:`ws_tail_auto` says,
+    or as ``$NVFP4JAX_MOE_WS_TAIL`` (read at trace time: ``auto``, ``0``, ``64``) says: at V4-Pro's
+    T = 16384 (256 +- 16 rows per expert, uniform routing) 49% of the experts otherwise get a second
+    256-row tile for ~13 rows, decoding their W again (1.48 tiles per expert; 1.00 with the tail). H200,
+    session 11: 26.9 vs 32.6 ms (NVFP4)."""
     tile_t = ws_tile(rows_per_expert(rows, experts))
-    tail = os.environ.get(WS_TAIL_ENV, "") or "0"
-    if tail not in ("0", str(gemm_ws.TAIL)):
-        raise ValueError(f"{WS_TAIL_ENV}={tail!r}; choose 0 or {gemm_ws.TAIL}")
+    tail = os.environ.get(WS_TAIL_ENV, "") or "auto"
+    if tail not in ("auto", "0", str(gemm_ws.TAIL)):
+        raise ValueError(f"{WS_TAIL_ENV}={tail!r}; choose auto, 0 or {gemm_ws.TAIL}")
     cfg = gemm_ws.PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up,
                                 swiglu_limit=swiglu_limit if gate_up else None)
     cfg = gemm_ws.with_env_options(cfg)
-    if tail != "0" and tile_t == 256 and not cfg.persistent:
+    wanted = ws_tail_auto(rows, experts) if tail == "auto" else tail != "0"
+    if wanted and tile_t == 256 and not cfg.persistent:
         cfg = dataclasses.replace(cfg, tail=gemm_ws.TAIL)
         while not gemm_ws.can_implement(cfg) and cfg.stages > 2:  # the tail's stages: 3 fit with W by TMA
             cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)

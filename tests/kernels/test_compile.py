@@ -14,6 +14,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 cutlass = pytest.importorskip("cutlass")
@@ -407,6 +408,36 @@ def test_dequant_rows_compiles_sm90a(tmp_path, gather):
     ops = opcodes(compile_ptx(kw._dequant_kernel(gather), ins, out, None, tmp_path))
     assert decodes_without_conversions(ops) and ops["ld.global.v4.b32"] == 1 and ops["st.global.v4.b32"] == 4
     assert ops["ld.global.s32"] == int(gather), ops
+
+
+def test_ws_tail_rule(monkeypatch):
+    """``$NVFP4JAX_MOE_WS_TAIL=auto`` (the default): the tail where its saved tiles outweigh its cost on
+    every tile. V4-Pro at T = 16384 (256 rows per expert: 1.48 tiles -> 1.00) takes it, V4-Flash at
+    T = 16384 (384: 2 tiles either way; 23% slower with it, H200 session 11) does not; calls with 128-row
+    tiles never. ``expected_tiles`` against sampled binomial counts; ``0`` / ``64`` force it; other values
+    are refused."""
+    from nvfp4jax.kernels import moe as km
+
+    rng = np.random.default_rng(0)
+    for rows, experts, cap in ((16384 * 6, 384, 256), (16384 * 6, 384, 320), (16384 * 6, 256, 256), (900, 8, 64)):
+        sampled = np.mean(-(-rng.binomial(rows, 1 / experts, 400_000) // cap))
+        assert abs(km.expected_tiles(rows, experts, cap) - sampled) < 0.01, (rows, experts, cap)
+    assert abs(km.expected_tiles(16384 * 6, 384, 256) - 1.48) < 0.01
+
+    def pick(rows, experts):
+        return km.choose_grouped_prefill_config(rows, experts, True, gate_up=True, swiglu_limit=10.0)
+
+    monkeypatch.delenv(km.WS_TAIL_ENV, raising=False)
+    assert km.ws_tail_auto(16384 * 6, 384) and not km.ws_tail_auto(16384 * 6, 256)
+    assert pick(16384 * 6, 384).tail == kw.TAIL and pick(16384 * 6, 256).tail == 0
+    assert not km.ws_tail_auto(8192 * 6, 384) and pick(8192 * 6, 384).tail == 0  # 128 rows per expert
+    monkeypatch.setenv(km.WS_TAIL_ENV, "0")
+    assert pick(16384 * 6, 384).tail == 0
+    monkeypatch.setenv(km.WS_TAIL_ENV, "64")
+    assert pick(16384 * 6, 256).tail == kw.TAIL and pick(4096 * 6, 256).tail == 0  # tile 128: no tail
+    monkeypatch.setenv(km.WS_TAIL_ENV, "32")
+    with pytest.raises(ValueError, match="NVFP4JAX_MOE_WS_TAIL='32'"):
+        pick(16384 * 6, 384)
 
 
 def test_ws_prefill_dispatch(monkeypatch):

@@ -131,7 +131,7 @@ def test_moe_on_ws_whole_pro_bank(rng, monkeypatch, w_mode):
 @pytest.mark.parametrize("model,recipe,w_mode", [("pro", "nvfp4", "tma"), ("flash", "w4a16", "tma"),
                                                   ("pro", "nvfp4", "regs")])
 def test_moe_on_ws_tail(rng, monkeypatch, model, recipe, w_mode):
-    """``NVFP4JAX_MOE_WS_TAIL=64`` (session 10, opt-in): 256-row tiles take up to 320 rows, the last 64 in a
+    """``NVFP4JAX_MOE_WS_TAIL=64`` (forced on; ``moe.ws_tail_auto`` would not pick it here): 256-row tiles take up to 320 rows, the last 64 in a
     second wgmma (N = 64) on their own B stages; T = 1000 gives Pro's 8 test experts ~750 rows (tiles of
     320, 320 and the rest) and Flash's 16 ~375 (320 and the rest), so some CTAs run the tail and some not.
     The MoE test gates."""
