@@ -52,8 +52,8 @@ T="env XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick XLA_PYTHON_
 # a plain "tma" matched its TMA_CASES list: the `-k "not tma"` written in session 8 would select 2 of 48
 # cases (`ws`, not run since), `-k tma` selected all 50 (`ws-tma`, session 9: the W-to-registers cases first,
 # then the hang); tests/kernels/test_gpu_helpers.py checks these two split the module)
-WS_TMA="ws-tma or persistent-tma or whole_pro_bank or ws_tail or two_producers"
-WS_REGS="not ws-tma and not persistent-tma and not whole_pro_bank and not ws_tail and not two_producers"
+WS_TMA="ws-tma or persistent-tma or whole_pro_bank or ws_tail"
+WS_REGS="not ws-tma and not persistent-tma and not whole_pro_bank and not ws_tail"
 
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
   $T timeout 200 $P tests/kernels/test_quantize.py "tests/kernels/test_gemm.py::test_gemm_decode_paths" \

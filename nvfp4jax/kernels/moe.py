@@ -268,7 +268,7 @@ def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, g
                                 swiglu_limit=swiglu_limit if gate_up else None)
     cfg = gemm_ws.with_env_options(cfg)
     wanted = ws_tail_auto(rows, experts) if tail == "auto" else tail != "0"
-    if wanted and (cfg.tile_t, cfg.tail) == (256, 0) and not cfg.persistent:  # (two producers: split)
+    if wanted and tile_t == 256 and not cfg.persistent:
         cfg = dataclasses.replace(cfg, tail=gemm_ws.TAIL)
         while not gemm_ws.can_implement(cfg) and cfg.stages > 2:  # the tail's stages: 3 fit with W by TMA
             cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
