@@ -88,6 +88,9 @@ V4-Pro's MoE on its whole 384-expert bank passed on an H200 in session 11, eithe
 (``tests/kernels/test_gemm_ws.py::test_moe_on_ws_whole_pro_bank``): 32.6 ms at T = 16384 (NVFP4), 36.3
 with W to registers.
 ``TILE_CYCLES`` are still session 8's W-to-registers cycles (W by TMA: ~1600 at tile 256, Flash wq_a).
+Session 11 tested the producer-bound reading directly, with two decode warpgroups (each one 64-row pass;
+512 threads, so a 256-row tile as two wgmma of N = 128): correct, but 3-15% slower on every dense and MoE
+shape timed (``benchmarks/RESULTS.md``), so at 256-row tiles the decode is not the limit; removed.
 
 Tail option (``PrefillConfig.tail``, MoE only; where :func:`nvfp4jax.kernels.moe.ws_tail_auto` says,
 ``NVFP4JAX_MOE_WS_TAIL=0`` / ``64`` forces it; its GPU tests passed on an H200 in session 11): a 256-row
