@@ -10,6 +10,8 @@
 #   fallback: the kernel model's per-shape fallback to the reference on small linears     (~6 min)
 #   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
+#   moe-full: benchmarks/moe.py at every T of issue 7 (1, 8, 64, 512, 4096, 16384; the H200 tables since
+#          session 4 are --quick: T = 8, 512, 4096 were last measured on an H100 at 390f15f)      (~9 min)
 #   ws:    the GPU tests of the warp-specialized prefill GEMM (gemm_ws): its W-to-registers cases (one CTA
 #          per tile and persistent) and the cases without a W parameter (on the default, W by TMA);
 #          and those of the MoE grouping kernel (group)                                       (~7 min)
@@ -36,11 +38,11 @@
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all thirteen single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all fourteen single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|moe|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -102,6 +104,11 @@ if [ "$stage" = moe ] || [ "$stage" = all ]; then
   timeout 140 python3 benchmarks/gemm_tune.py --names wq_a,wkv --m 256,1024,4096 --tile-w 128 --recipes w4a4 \
     --splits 1,2,4,8 --prefetch 1 --budget-s 110 > "$out/tune_prefill_split.log" 2>&1
   cat "$out/tune_prefill_split.log"
+fi
+if [ "$stage" = moe-full ] || [ "$stage" = all ]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 560 python3 benchmarks/moe.py --budget-s 450 \
+    --out "$out/RESULTS_moe_full.md" > "$out/moe_full.log" 2>&1
+  grep -E "^\| (flash|pro)|budget" "$out/moe_full.log"
 fi
 if [ "$stage" = ws ] || [ "$stage" = all ]; then
   # session 8: 43 of the 46 cases then present passed in 300 s (the three MoE-with-group-kernel cases were cut)
