@@ -157,6 +157,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="Flash shapes at m in {1, 16, 64, 1024, 4096}, Pro at {1, 4096}")
     ap.add_argument("--names", default="", help="comma list of linear names to measure (default: all)")
+    ap.add_argument("--models", default="flash,pro", help="comma list of models whose linears are measured")
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new shapes after this")
     ap.add_argument("--m", default="", help="comma list of m values for every shape (overrides --quick's)")
@@ -166,6 +167,9 @@ def main():
     ap.add_argument("--linear", action="store_true", help="also time recipe nvfp4's linear from BF16 X (quantize "
                     "included): kg.nvfp4_linear and quantize-then-GEMM, two more columns")
     args = ap.parse_args()
+    models = set(filter(None, args.models.split(",")))
+    if models - {"flash", "pro"}:
+        ap.error(f"--models: unknown {sorted(models - {'flash', 'pro'})}; choose flash, pro")
     t_start = time.time()
     dev = jax.devices()[0].device_kind
     bw, peak = measure_ceilings()
@@ -203,6 +207,7 @@ def main():
     if args.m:
         m_flash = m_pro = tuple(int(v) for v in args.m.split(","))
     shapes = [("flash", *s, m_flash) for s in FLASH_LINEARS] + [("pro", *s, m_pro) for s in PRO_LINEARS]
+    shapes = [s for s in shapes if s[0] in models]
     keep = set(filter(None, args.names.split(",")))
     for model, name, n, k, ms in shapes:
         if keep and name not in keep:
