@@ -9,9 +9,11 @@
 #          memcheck on the small GEMM case and a quantize case                          (~9 min)
 #   fallback: the kernel model's per-shape fallback to the reference on small linears     (~6 min)
 #   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
-#   gemm-flash, gemm-pro: benchmarks/gemm.py at every m of issue 6 (1, 4, 16, 64, 256, 1024, 4096, 16384) for
-#          one model's linears (the runs since session 4 were --quick: m = 4, 256 never measured, m = 16384
-#          only for the shapes of ws-gemm); a shape cut by the budget is named in the table  (~9 min each)
+#   gemm-flash-1, gemm-flash-2, gemm-pro-1, gemm-pro-2: benchmarks/gemm.py at every m of issue 6 (1, 4, 16,
+#          64, 256, 1024, 4096, 16384) for half of one model's linears each (1: wq_a, wq_b, wkv, wo_b; 2: the
+#          indexer's wq_b, the shared expert, the MTP projections); the runs since session 4 were --quick
+#          (m = 4, 256 never measured, m = 16384 only in ws-gemm); a shape cut by the budget is named in
+#          the table                                                                          (~9 min each)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
 #   moe-full: benchmarks/moe.py at every T of issue 7 (1, 8, 64, 512, 4096, 16384; the H200 tables since
 #          session 4 are --quick: T = 8, 512, 4096 were last measured on an H100 at 390f15f)      (~9 min)
@@ -41,11 +43,11 @@
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all sixteen single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all eighteen single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash|gemm-pro|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-pro-1|gemm-pro-2|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -97,11 +99,13 @@ if [ "$stage" = gemm ] || [ "$stage" = all ]; then
   timeout 560 python3 benchmarks/gemm.py --quick --budget-s 440 --out "$out/RESULTS_gemm.md" > "$out/gemm_bench.log" 2>&1
   tail -5 "$out/gemm_bench.log"
 fi
-for model in flash pro; do
-  if [ "$stage" = "gemm-$model" ] || [ "$stage" = all ]; then
-    timeout 560 python3 benchmarks/gemm.py --no-quantize --models $model --budget-s 420 \
-      --out "$out/RESULTS_gemm_$model.md" > "$out/gemm_$model.log" 2>&1
-    grep -E "^\| (flash|pro)|stopped" "$out/gemm_$model.log" | tail -12
+for part in flash-1 flash-2 pro-1 pro-2; do
+  if [ "$stage" = "gemm-$part" ] || [ "$stage" = all ]; then
+    names=wq_a,wq_b,wkv,wo_b
+    [ "${part#*-}" = 2 ] && names=indexer.wq_b,shared.w1/w3,shared.w2,mtp.e_proj/h_proj
+    timeout 560 python3 benchmarks/gemm.py --no-quantize --models "${part%-*}" --names "$names" --budget-s 420 \
+      --out "$out/RESULTS_gemm_$part.md" > "$out/gemm_$part.log" 2>&1
+    grep -E "^\| (flash|pro)|stopped" "$out/gemm_$part.log" | tail -12
   fi
 done
 if [ "$stage" = moe ] || [ "$stage" = all ]; then
