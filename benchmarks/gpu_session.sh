@@ -36,8 +36,9 @@
 #   profile: every kernel of V4-Flash MoE calls at T = 1, 64, 16384 (both recipes) with its time, from the
 #          profiler trace (benchmarks/profile_kernels.py moe): where the time outside the grouped GEMMs goes (~6 min)
 #   ncu:   Nsight Compute on single launches without JAX (benchmarks/ncu_gemm.py): the prefill kernel (Flash wq_a,
-#          m = 16384, W4A16) with W by TMA and to registers, the decode kernel (Flash wq_b, m = 1): tensor-pipe
-#          and DRAM throughput, occupancy, warp stall reasons (needs torch on the machine)          (~5 min)
+#          m = 16384, W4A16) with W by TMA and to registers, the decode kernel (Flash wq_b, m = 1), each
+#          under --set full: pipe and unit throughputs (tensor, shared memory, DRAM), occupancy, warp
+#          stall reasons, bank conflicts (needs torch on the machine; never run yet)                 (~7 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
@@ -173,14 +174,16 @@ if [ "$stage" = profile ] || [ "$stage" = all ]; then
   grep -E "^flash_moe|^    " "$out/profile_moe.log" | head -60
 fi
 if [ "$stage" = ncu ] || [ "$stage" = all ]; then
-  N="ncu --profile-from-start off --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy
-     --section WarpStateStats --section SchedulerStats --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+  # --set full as in sessions 4 and 6 (its text output names the busiest pipes and units); a metric named on
+  # the command line that this ncu does not know would abort the whole profile
+  N="ncu --profile-from-start off --launch-skip 2 --launch-count 1 --set full"
+  G="Duration|Throughput|[Pp]ipe|Issue Slots|Occupancy|[Ss]tall|[Ss]hared|[Bb]ank|Registers Per|ran |rror"
   for w in tma regs; do
-    NVFP4JAX_GEMM_WS_W=$w timeout 120 $N python3 benchmarks/ncu_gemm.py ws > "$out/ncu_ws_$w.log" 2>&1
-    echo "ncu gemm_ws (W $w):"; grep -E "hmma|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Stall|ran|rror" "$out/ncu_ws_$w.log" | head -14
+    NVFP4JAX_GEMM_WS_W=$w timeout 150 $N python3 benchmarks/ncu_gemm.py ws > "$out/ncu_ws_$w.log" 2>&1
+    echo "ncu gemm_ws (W $w):"; grep -E "$G" "$out/ncu_ws_$w.log" | head -30
   done
   timeout 120 $N python3 benchmarks/ncu_gemm.py > "$out/ncu_decode.log" 2>&1
-  echo "ncu decode (Flash wq_b m = 1):"; grep -E "hmma|Duration|DRAM Throughput|Achieved Occupancy|Stall|ran|rror" "$out/ncu_decode.log" | head -12
+  echo "ncu decode (Flash wq_b m = 1):"; grep -E "$G" "$out/ncu_decode.log" | head -30
 fi
 if [ "$stage" = multi ]; then
   n=$(nvidia-smi -L | wc -l)
