@@ -260,7 +260,7 @@ def bench_model(name, shape, t_values, ours, ours_kernel_calls, bw, peak, deadli
 def ws_configs(models: dict, t_values) -> str:
     """Which calls run the grouped GEMMs on gemm_ws and with what token tile (and tail), as the kernels choose
     them at trace time under the current environment: the tables then say which kernel each row timed."""
-    from nvfp4jax.kernels import gemm_ws as kw, moe as km
+    from nvfp4jax.kernels import moe as km
 
     out = []
     for name, (experts, dim, inter, _) in models.items():
@@ -270,7 +270,6 @@ def ws_configs(models: dict, t_values) -> str:
                 cfg = km.choose_grouped_prefill_config(rows, experts, True, gate_up=True, swiglu_limit=SWIGLU_LIMIT)
                 tail = f" + tail {cfg.tail}" if cfg.tail else ""
                 out.append(f"{name} T={t} tile {cfg.tile_t}{tail}, W {'by TMA' if cfg.w_tma else 'to registers'}")
-                assert kw.can_implement(cfg), cfg
     return "grouped GEMMs on gemm_ws: " + "; ".join(out) if out else ""
 
 
@@ -315,7 +314,8 @@ def main():
                       if os.environ.get(v))
     ws_note = "" if args.cpu_smoke else ws_configs(models, t_values)
     emit(f"measured copy bandwidth {bw / 1e12:.2f} TB/s, BF16 dense peak {peak / 1e12:.0f} TFLOP/s ({dev})"
-         + (f"; kernel options: {opt_in}" if opt_in else "") + (f"; {ws_note}" if ws_note else ""), record=True)
+         + (f"; kernel options: {opt_in}" if opt_in else "") + (f"; {ws_note}" if ws_note else ""),
+         record=True)
     emit("", record=True)
     emit("| model | experts | T | experts hit | ours nvfp4 us | nvfp4 span us | ours w4a16 us | route+group (XLA) us "
          "| ragged_dot BF16 us | roofline us | bound | nvfp4 % roof | w4a16 % roof | x ragged (nvfp4) | x ragged (w4a16) |",

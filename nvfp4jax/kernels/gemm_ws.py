@@ -456,7 +456,7 @@ class GemmPrefillSm90:
             if cutlass.const_expr(cfg.tail > 0):
                 atom_t, tXsXt, tXgXt, has_tail = xtail
                 if has_tail:
-                    x_bytes = Int32((cfg.tile_t + cfg.tail) * KSTAGE * 2)
+                    x_bytes = Int32(rows_per_tile(cfg) * KSTAGE * 2)
             with cute.arch.elect_one():
                 cute.arch.mbarrier_arrive_and_expect_tx(full + s, x_bytes)
             cute.copy(tma_atom, tXgX[None, kt], tXsX[None, s], tma_bar_ptr=full + s)

@@ -245,10 +245,7 @@ def ws_tail_auto(rows: int, experts: int) -> bool:
     at T = 16384, 20000 and 32768 (not 24576, 65536) and V4-Flash at 12288, 24576, 49152, 65536 (not
     16384, 32768): measured only at T = 16384, the rest is the model's extrapolation. Real routings are
     not uniform: a skewed one changes the counts, not what a tile costs."""
-    if rows < experts:  # fewer rows than experts: below any 256-row tile
-        return False
-    tail = gemm_ws.TAIL
-    return WS_TAIL_COST * expected_tiles(rows, experts, 256 + tail) < expected_tiles(rows, experts, 256)
+    return WS_TAIL_COST * expected_tiles(rows, experts, 256 + gemm_ws.TAIL) < expected_tiles(rows, experts, 256)
 
 
 def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, gate_up: bool,
@@ -267,8 +264,7 @@ def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, g
     cfg = gemm_ws.PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up,
                                 swiglu_limit=swiglu_limit if gate_up else None)
     cfg = gemm_ws.with_env_options(cfg)
-    wanted = ws_tail_auto(rows, experts) if tail == "auto" else tail != "0"
-    if wanted and tile_t == 256 and not cfg.persistent:
+    if tile_t == 256 and not cfg.persistent and (ws_tail_auto(rows, experts) if tail == "auto" else tail != "0"):
         cfg = dataclasses.replace(cfg, tail=gemm_ws.TAIL)
         while not gemm_ws.can_implement(cfg) and cfg.stages > 2:  # the tail's stages: 3 fit with W by TMA
             cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
