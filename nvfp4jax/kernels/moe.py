@@ -19,18 +19,19 @@ Same signature and math as :func:`nvfp4jax.ref.moe.moe_experts` (spec §4); one 
 6. combine (XLA): each token's k rows gathered back and summed in float32 (the shared expert is
    added by the model).
 
-Calls with at least 256 rows per expert (:func:`ws_grouped_auto`: V4-Flash and V4-Pro at T = 16384) run
-both GEMMs on the warp-specialized prefill kernel instead (:func:`grouped_gemm_ws`,
-:mod:`nvfp4jax.kernels.gemm_ws`; ``$NVFP4JAX_GEMM_PREFILL=ws`` for every call with more than 64 rows per
-expert, ``one-warpgroup`` for none): the L1 input is gathered into expert order first (BF16 X by an XLA
-gather, ``rows x dim``; NVFP4 X decoded and gathered in one pass by ``gemm_ws.dequant_rows``), since that
+Calls with more than 64 rows per expert (:func:`ws_grouped_auto`: V4-Flash from T = 2731, V4-Pro from
+T = 4097; every call that kernel can take, since session 12) run both GEMMs on the warp-specialized
+prefill kernel instead (:func:`grouped_gemm_ws`, :mod:`nvfp4jax.kernels.gemm_ws`;
+``$NVFP4JAX_GEMM_PREFILL=one-warpgroup`` keeps them here): the L1 input is gathered into expert order
+first (BF16 X by an XLA gather, ``rows x dim``; NVFP4 X decoded and gathered in one pass by ``gemm_ws.dequant_rows``), since that
 kernel TMA-loads whole boxes of consecutive rows;
 recipe ``nvfp4``'s ``h`` is quantized straight to its decoded BF16 form for L2 there
 (``quantize.quantize_nvfp4_decoded``: the same numbers without the codes' round trip; its GPU tests
 passed on an H200, session 10). H200, T = 16384: V4-Pro NVFP4 26.9 ms there (session 11: W by TMA,
 256-row tiles with a tail, :func:`ws_tail_auto`; 32.6 without the tail, 36.3 with W to registers) against
 46.3 ms here (session 7's run, same kind of card); V4-Flash 11.2 / 11.0 ms NVFP4 / W4A16 (session 11)
-against 18.3 / 15.4 (:func:`ws_grouped_auto`).
+against 18.3 / 15.4; V4-Flash T = 8192 5.7 vs 10.4 ms, T = 4096 4.5 vs 5.5 ms (NVFP4, session 12,
+:data:`WS_GROUPED_MIN_PER_EXPERT`).
 
 Calls of up to 1024 rows do step 1 and the gathers of the routing weights and of the combine's inverse
 permutation in one kernel (:mod:`nvfp4jax.kernels.group`, same bits as :func:`group_rows_xla`; 13-19 us
@@ -197,14 +198,20 @@ def ws_tile(per_expert: int) -> int:
     return min((256, 128), key=lambda t: -(-per_expert // t) * gemm_ws.TILE_CYCLES[t])
 
 
+#: ``auto``: grouped calls with at least this many expected rows per expert go to gemm_ws (every call it
+#: can take: it needs more than 64). H200, session 12 (``benchmarks/moe_variants.py``, default vs
+#: ``NVFP4JAX_GEMM_PREFILL=ws``, NVFP4 / W4A16): V4-Flash T = 4096 (96 rows per expert, 128-row tiles)
+#: 5504 -> 4492 / 4780 -> 4359 us, T = 8192 (192 rows, 256-row tiles) 10376 -> 5739 / 8924 -> 5544 us;
+#: V4-Pro T = 8192 (128 rows) 27596 -> 24000 / 24525 -> 23282 us. Until session 11 the rule was 256
+#: rows per expert, from session 8's T = 16384 V4-Flash run with 128-row tiles and W to registers.
+WS_GROUPED_MIN_PER_EXPERT = 65
+
+
 def ws_grouped_auto(rows: int, experts: int) -> bool:
-    """The grouped GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: the warp-specialized kernel from 256 rows
-    per expert. H200, T = 16384: V4-Pro (256 rows per expert, tile 256) NVFP4 37.9 ms (session 8), 37.4
-    (session 9) there against 46.3 ms on the one-warpgroup kernel (session 7's run, same kind of card).
-    V4-Flash (384 per expert): 18.9 / 17.8 ms (NVFP4 / W4A16) with 128-row tiles (session 8) against
-    18.3 / 15.4 on the one-warpgroup kernel; with the 256-row tiles it now gets (2 per expert instead of
-    3-4) 13.5 / 12.6 ms (session 9; 12.5 W4A16 had been predicted from the per-K-tile cycles)."""
-    return rows_per_expert(rows, experts) >= 256
+    """The grouped GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: the warp-specialized kernel from
+    :data:`WS_GROUPED_MIN_PER_EXPERT` expected rows per expert (uniform routing), measured faster than the
+    one-warpgroup kernel at every such call timed (1.05-1.81x, session 12; T = 16384 since session 8)."""
+    return rows_per_expert(rows, experts) >= WS_GROUPED_MIN_PER_EXPERT
 
 
 def uses_ws(rows: int, experts: int, n_out: int) -> bool:

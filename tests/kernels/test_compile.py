@@ -442,7 +442,7 @@ def test_ws_tail_rule(monkeypatch):
 
 def test_ws_prefill_dispatch(monkeypatch):
     """Which GEMMs the warp-specialized kernel gets: under the default ``auto``, dense calls of at least
-    ``WS_DENSE_MIN_M`` rows and grouped calls whose token tile is 256 (the measured wins); ``ws`` /
+    ``WS_DENSE_MIN_M`` rows and grouped calls with more than 64 rows per expert (the measured wins); ``ws`` /
     ``ws-persistent`` every m > 64, ``one-warpgroup`` none; never n % 128 != 0 or a float32 output; an
     unknown mode is refused; its own entry point rejects other n."""
     from nvfp4jax.kernels import moe as km
@@ -452,10 +452,12 @@ def test_ws_prefill_dispatch(monkeypatch):
     assert kg.uses_ws_prefill(kg.WS_DENSE_MIN_M, 4096, jnp.bfloat16)
     assert not kg.uses_ws_prefill(kg.WS_DENSE_MIN_M - 1, 4096, jnp.bfloat16)
     assert not kg.uses_ws_prefill(16384, 4096, jnp.float32) and not kg.uses_ws_prefill(16384, 192, jnp.bfloat16)
-    # grouped, 6 rows per token: from 256 rows per expert (Pro and Flash at T = 16384), tile 256 from 129
+    # grouped, 6 rows per token: from 65 rows per expert (Flash from T = 2731, Pro from 4097), tile 256 from 129
     assert [km.ws_tile(p) for p in (65, 128, 129, 256, 384, 768)] == [128, 128, 256, 256, 256, 256]
     assert km.uses_ws(16384 * 6, 384, 2 * 3072) and km.uses_ws(16384 * 6, 384, 7168)
-    assert km.uses_ws(16384 * 6, 256, 2 * 2048) and not km.uses_ws(8192 * 6, 256, 2 * 2048)
+    assert km.uses_ws(8192 * 6, 256, 2 * 2048) and km.uses_ws(4096 * 6, 256, 4096)
+    assert km.uses_ws(2731 * 6, 256, 2 * 2048) and not km.uses_ws(2730 * 6, 256, 2 * 2048)
+    assert km.uses_ws(4097 * 6, 384, 7168) and not km.uses_ws(4096 * 6, 384, 7168)  # 64 rows per expert
     assert not km.uses_ws(1024 * 6, 384, 7168)  # 16 rows per expert
     monkeypatch.setenv(kg.PREFILL_ENV, "ws")
     assert kg.uses_ws_prefill(65, 4096, jnp.bfloat16) and km.uses_ws(16384 * 6, 256, 2 * 2048)
@@ -466,6 +468,7 @@ def test_ws_prefill_dispatch(monkeypatch):
     assert kg.uses_ws_prefill(65, 4096, jnp.bfloat16)
     monkeypatch.setenv(kg.PREFILL_ENV, "one-warpgroup")
     assert not kg.uses_ws_prefill(16384, 4096, jnp.bfloat16) and not km.uses_ws(16384 * 6, 384, 7168)
+    assert not km.uses_ws(8192 * 6, 256, 2 * 2048)
     monkeypatch.setenv(kg.PREFILL_ENV, "wss")
     with pytest.raises(ValueError, match="NVFP4JAX_GEMM_PREFILL='wss'"):
         kg.uses_ws_prefill(4096, 4096, jnp.bfloat16)
