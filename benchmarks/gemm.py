@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -87,40 +88,40 @@ def quantize_then_gemm(x, w):
     return kg.nvfp4_gemm(kq.quantize_nvfp4(x), w)
 
 
-def bench_shape(n: int, k: int, ms, modes=("",), linear: bool = False) -> dict:
-    """{m: ({recipe: seconds}, bytes W4A4, FLOPs)} for one weight shape at each m; with ``modes``, our
-    recipes are keyed ``w4a4@mode`` / ``w4a16@mode``, each traced under :func:`mode_env`, and the
-    baselines are measured once. ``linear``: also recipe nvfp4's whole linear from BF16 X, quantize
-    included, as one op (``lin4``: :func:`kg.nvfp4_linear`, X decoded by the quantize on the gemm_ws path)
-    and as quantize then GEMM (``qg4``)."""
+def bench_shape(n: int, k: int, ms, modes=("",), linear: bool = False):
+    """Yields ``(m, {recipe: seconds}, bytes W4A4, FLOPs)`` for one weight shape at each m in turn, each m
+    timed in its own ``device_times`` run (so a run stopped by its time limit keeps the m values already
+    measured; the weights are made once). With ``modes``, our recipes are keyed ``w4a4@mode`` /
+    ``w4a16@mode``, each traced under :func:`mode_env`, and the baselines are measured once per m.
+    ``linear``: also recipe nvfp4's whole linear from BF16 X, quantize included, as one op (``lin4``:
+    :func:`kg.nvfp4_linear`, X decoded by the quantize on the gemm_ws path) and as quantize then GEMM
+    (``qg4``)."""
     rng = np.random.default_rng(0)
     w32 = jnp.asarray(rng.standard_normal((n, k)).astype(np.float32) * 0.02)
     w = kg.as_tiled(jax.jit(quantize)(w32))  # the layout a loaded model holds (no per-call rearrangement)
     wb = w32.astype(jnp.bfloat16)
     w8 = w32.astype(jnp.float8_e4m3fn)
     del w32
-    cases, ours = {}, set()
     for m in ms:
+        cases, ours = {}, set()
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         xq = kq.quantize_nvfp4(x)
         for mode in modes:
             at = f"@{mode}" if mode else ""
             gemm = with_env(kg.nvfp4_gemm, mode_env(mode)) if mode else kg.nvfp4_gemm
-            cases[f"{m}:w4a4{at}"] = (gemm, (xq, w))
-            cases[f"{m}:w4a16{at}"] = (gemm, (x, w))
-            ours |= {f"{m}:w4a4{at}", f"{m}:w4a16{at}"}
+            cases[f"w4a4{at}"] = (gemm, (xq, w))
+            cases[f"w4a16{at}"] = (gemm, (x, w))
+            ours |= {f"w4a4{at}", f"w4a16{at}"}
             if linear:
                 env = mode_env(mode) if mode else {}
-                cases[f"{m}:lin4{at}"] = (with_env(kg.nvfp4_linear, env), (x, w))
-                cases[f"{m}:qg4{at}"] = (with_env(quantize_then_gemm, env), (x, w))
-                ours |= {f"{m}:lin4{at}", f"{m}:qg4{at}"}
+                cases[f"lin4{at}"] = (with_env(kg.nvfp4_linear, env), (x, w))
+                cases[f"qg4{at}"] = (with_env(quantize_then_gemm, env), (x, w))
+                ours |= {f"lin4{at}", f"qg4{at}"}
         if m <= 64:
-            cases[f"{m}:stream"] = (read_all, (w.values, w.scales))
-        cases[f"{m}:bf16"] = (xla_dot, (x, wb))
-        cases[f"{m}:fp8"] = (xla_dot, (x.astype(jnp.float8_e4m3fn), w8))
-    t = timed_cases(cases, ours)
-    return {m: ({r.split(":", 1)[1]: v for r, v in t.items() if r.split(":", 1)[0] == str(m)},
-                n * k * 0.5625 + m * k * 0.5625 + 2 * m * n, 2.0 * m * n * k) for m in ms}
+            cases["stream"] = (read_all, (w.values, w.scales))
+        cases["bf16"] = (xla_dot, (x, wb))
+        cases["fp8"] = (xla_dot, (x.astype(jnp.float8_e4m3fn), w8))
+        yield m, timed_cases(cases, ours), n * k * 0.5625 + m * k * 0.5625 + 2 * m * n, 2.0 * m * n * k
 
 
 def read_all(values, scales):
@@ -159,7 +160,7 @@ def main():
     ap.add_argument("--names", default="", help="comma list of linear names to measure (default: all)")
     ap.add_argument("--models", default="flash,pro", help="comma list of models whose linears are measured")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new shapes after this")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new m values after this")
     ap.add_argument("--m", default="", help="comma list of m values for every shape (overrides --quick's)")
     ap.add_argument("--no-quantize", action="store_true", help="skip the quantize table")
     ap.add_argument("--modes", default="", help="comma list of prefill kernel modes timed side by side, "
@@ -170,6 +171,9 @@ def main():
     models = set(filter(None, args.models.split(",")))
     if models - {"flash", "pro"}:
         ap.error(f"--models: unknown {sorted(models - {'flash', 'pro'})}; choose flash, pro")
+    known = {name for name, _, _ in FLASH_LINEARS + PRO_LINEARS}
+    if set(filter(None, args.names.split(","))) - known:
+        ap.error(f"--names: unknown {sorted(set(args.names.split(',')) - known - {''})}; choose from {sorted(known)}")
     t_start = time.time()
     dev = jax.devices()[0].device_kind
     bw, peak = measure_ceilings()
@@ -184,10 +188,11 @@ def main():
              "device kernel times from the profiler trace, L2 flushed before each call (benchmarks/_timing.py); "
              f"m > 64: {prefill}", ""]
     # quantize first: cheap, and a run cut short by the device budget should still have it
-    lines += [("| quantize m | k | us | % copy BW | fused RMSNorm us | % copy BW | decoded (gemm_ws X) us | % copy BW "
-               "| dequant_rows us | % copy BW |"), "|---|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
     q_shapes = () if args.no_quantize else ((1, 4096), (16, 7168), (4096, 4096), (16384, 7168))
+    if q_shapes:
+        lines += [("| quantize m | k | us | % copy BW | fused RMSNorm us | % copy BW | decoded (gemm_ws X) us "
+                   "| % copy BW | dequant_rows us | % copy BW |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     q = bench_quantize(q_shapes) if q_shapes else {}
     for m, k in q_shapes:
         cells = []
@@ -197,7 +202,8 @@ def main():
             cells += [f"{t * 1e6:.1f}", f"{pct:.0f}" if pct <= 110 else f"{pct:.0f} INVALID (above copy BW)"]
         lines.append(f"| {m} | {k} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
-    lines.append("")
+    if q_shapes:
+        lines.append("")
     lines += ["| model | linear | n | k | m | W4A4 us | W4A16 us | BF16 us | FP8 us | roofline us | W4A4 % roof | x BF16 (W4A4) | x BF16 (W4A16) | W read-only us | W4A4 % read-only |"
               + (" W4A4 linear us (quantize incl.) | quantize + W4A4 us | x BF16 (linear) |" if args.linear else ""),
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.linear else "")]
@@ -209,15 +215,21 @@ def main():
     shapes = [("flash", *s, m_flash) for s in FLASH_LINEARS] + [("pro", *s, m_pro) for s in PRO_LINEARS]
     shapes = [s for s in shapes if s[0] in models]
     keep = set(filter(None, args.names.split(",")))
+    # a run killed by `timeout` (SIGTERM) still appends the rows measured so far
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        bench_shapes(args, [s for s in shapes if not keep or s[1] in keep], bw, peak, t_start, lines)
+    finally:
+        if args.out:
+            append_results(args.out, "nvfp4_gemm / quantize_nvfp4", lines)
+
+
+def bench_shapes(args, shapes, bw: float, peak: float, t_start: float, lines: list[str]) -> None:
+    """The GEMM table's rows, appended to ``lines`` and printed as each m is measured, until
+    ``--budget-s`` has passed (checked before each m; the rest named in a last row)."""
+    modes = tuple(filter(None, args.modes.split(","))) or ("",)
     for model, name, n, k, ms in shapes:
-        if keep and name not in keep:
-            continue
-        if time.time() - t_start > args.budget_s:
-            lines.append(f"| (stopped by the time budget at {model} {name}: later shapes not measured) |")
-            print(lines[-1], flush=True)
-            break
-        modes = tuple(filter(None, args.modes.split(","))) or ("",)
-        for m, (t, nbytes, flops) in bench_shape(n, k, ms, modes, args.linear).items():
+        for m, t, nbytes, flops in bench_shape(n, k, ms, modes, args.linear):
             roof = max(nbytes / bw, flops / peak)
             for mode in modes:
                 at = f"@{mode}" if mode else ""
@@ -233,8 +245,14 @@ def main():
                     line += f" {lin * 1e6:.1f} | {qg * 1e6:.1f} | {t['bf16'] / lin:.2f} |"
                 lines.append(line)
                 print(line, flush=True)
-    if args.out:
-        append_results(args.out, "nvfp4_gemm / quantize_nvfp4", lines)
+            if time.time() - t_start > args.budget_s and (m != ms[-1] or (model, name) != shapes[-1][:2]):
+                rest = [f"m > {m}"] if m != ms[-1] else []
+                later = shapes[[s[:2] for s in shapes].index((model, name)) + 1:]
+                rest += [f"{s[0]} {s[1]}" for s in later]
+                lines.append(f"| (stopped by the time budget after {model} {name} m = {m}: not measured "
+                             f"{', '.join(rest)}) |")
+                print(lines[-1], flush=True)
+                return
 
 
 if __name__ == "__main__":

@@ -9,11 +9,16 @@
 #          memcheck on the small GEMM case and a quantize case                          (~9 min)
 #   fallback: the kernel model's per-shape fallback to the reference on small linears     (~6 min)
 #   gemm:  benchmarks/gemm.py --quick (quantize and GEMM tables, markdown in OUTDIR)     (~9 min)
-#   gemm-flash-1, gemm-flash-2, gemm-pro-1, gemm-pro-2: benchmarks/gemm.py at every m of issue 6 (1, 4, 16,
-#          64, 256, 1024, 4096, 16384) for half of one model's linears each (1: wq_a, wq_b, wkv, wo_b; 2: the
-#          indexer's wq_b, the shared expert, the MTP projections); the runs since session 4 were --quick
-#          (m = 4, 256 never measured, m = 16384 only in ws-gemm); a shape cut by the budget is named in
-#          the table                                                                          (~9 min each)
+#   gemm-flash-1 .. gemm-flash-3, gemm-pro-1 .. gemm-pro-4: benchmarks/gemm.py at every m of issue 6 (1, 4,
+#          16, 64, 256, 1024, 4096, 16384) for some of one model's linears each (flash-1: wq_a, wq_b; flash-2:
+#          the indexer's wq_b, the shared expert, the MTP projections; flash-3: wkv, wo_b; pro-1: wq_a, wkv;
+#          pro-2 as flash-2; pro-3: wq_b; pro-4: wo_b). Session 12 ran the old halves (1: wq_a, wq_b, wkv,
+#          wo_b; 2: the rest): Flash-1 stopped after wq_b by its budget, Pro-1 was killed inside wq_b after
+#          wq_a (a shape was then timed all m at once: its rows were lost); a shape is now timed one m at a
+#          time and a run stopped by the budget or killed names what it did not measure  (~9 min each)
+#   gemm-mid: dense m = 256, 1024, 2048 on the one-warpgroup kernel and on gemm_ws side by side (Flash wq_a,
+#          wq_b, wo_b, shared w1/w3): whether gemm.WS_DENSE_MIN_M (4096) should come down; at m = 256-1024
+#          the one-warpgroup kernel is 0.37-0.79x XLA BF16 (session 12)                        (~9 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
 #   moe-full: benchmarks/moe.py at every T of issue 7 (1, 8, 64, 512, 4096, 16384; the H200 tables since
 #          session 4 are --quick: T = 8, 512, 4096 were last measured on an H100 at 390f15f)      (~9 min)
@@ -44,11 +49,11 @@
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all eighteen single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all twenty-two single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-pro-1|gemm-pro-2|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -100,15 +105,27 @@ if [ "$stage" = gemm ] || [ "$stage" = all ]; then
   timeout 560 python3 benchmarks/gemm.py --quick --budget-s 440 --out "$out/RESULTS_gemm.md" > "$out/gemm_bench.log" 2>&1
   tail -5 "$out/gemm_bench.log"
 fi
-for part in flash-1 flash-2 pro-1 pro-2; do
+for part in flash-1 flash-2 flash-3 pro-1 pro-2 pro-3 pro-4; do
   if [ "$stage" = "gemm-$part" ] || [ "$stage" = all ]; then
-    names=wq_a,wq_b,wkv,wo_b
-    [ "${part#*-}" = 2 ] && names=indexer.wq_b,shared.w1/w3,shared.w2,mtp.e_proj/h_proj
-    timeout 560 python3 benchmarks/gemm.py --no-quantize --models "${part%-*}" --names "$names" --budget-s 420 \
+    case $part in
+      flash-1) names=wq_a,wq_b ;;
+      flash-3) names=wkv,wo_b ;;
+      pro-1) names=wq_a,wkv ;;
+      pro-3) names=wq_b ;;
+      pro-4) names=wo_b ;;
+      *) names=indexer.wq_b,shared.w1/w3,shared.w2,mtp.e_proj/h_proj ;;
+    esac
+    # -k: SIGKILL 20 s after the SIGTERM (gemm.py appends its rows on SIGTERM, once the call it is in returns)
+    timeout -k 20 540 python3 benchmarks/gemm.py --no-quantize --models "${part%-*}" --names "$names" --budget-s 420 \
       --out "$out/RESULTS_gemm_$part.md" > "$out/gemm_$part.log" 2>&1
-    grep -E "^\| (flash|pro)|stopped" "$out/gemm_$part.log" | tail -12
+    grep -E "^\| (flash|pro)|stopped" "$out/gemm_$part.log" | tail -20
   fi
 done
+if [ "$stage" = gemm-mid ] || [ "$stage" = all ]; then
+  timeout -k 20 540 python3 benchmarks/gemm.py --no-quantize --models flash --names wq_a,wq_b,wo_b,shared.w1/w3 \
+    --m 256,1024,2048 --modes one-warpgroup,ws --budget-s 420 --out "$out/RESULTS_gemm_mid.md" > "$out/gemm_mid.log" 2>&1
+  grep -E "^\| (flash|pro)|stopped" "$out/gemm_mid.log" | tail -30
+fi
 if [ "$stage" = moe ] || [ "$stage" = all ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 280 python3 benchmarks/moe.py --quick --budget-s 190 \
     --out "$out/RESULTS_moe.md" > "$out/moe_bench.log" 2>&1

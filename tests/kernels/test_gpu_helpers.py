@@ -51,3 +51,31 @@ def test_gpu_session_splits_the_gemm_ws_tests():
     every, tma, rest = collect(), collect("-k", exprs["WS_TMA"]), collect("-k", exprs["WS_REGS"])
     by_tma = {t for t in every if re.search(r"-tma\]$", t) or "whole_pro_bank" in t or "ws_tail" in t}
     assert by_tma and tma == by_tma and rest == every - by_tma, (sorted(tma), sorted(rest))
+
+
+def test_gemm_benchmark_stops_at_its_budget_and_names_the_rest(monkeypatch):
+    """``benchmarks/gemm.py`` checks ``--budget-s`` after each m (session 12: a shape is timed one m at a
+    time, so a run cut short keeps the m values done) and names every (shape, m) left unmeasured."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("cutlass")  # the benchmark imports the kernels
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import gemm as bg
+
+    clock = iter(range(100))
+    monkeypatch.setattr(bg.time, "time", lambda: float(next(clock)))  # one second per m
+    times = {"w4a4": 2e-6, "w4a16": 1e-6, "bf16": 4e-6, "fp8": 3e-6}
+    monkeypatch.setattr(bg, "bench_shape", lambda n, k, ms, modes, linear: ((m, times, 1e3, 1e3) for m in ms))
+    shapes = [("flash", "wq_a", 1024, 4096, (1, 16, 64)), ("flash", "wkv", 512, 4096, (1, 16))]
+    args = argparse.Namespace(modes="", linear=False, budget_s=0.5)  # past it at the second m
+    lines = []
+    bg.bench_shapes(args, shapes, 3.0e12, 8.0e14, 0.0, lines)
+    assert [line.split(" | ")[4] for line in lines[:-1]] == ["1", "16"], lines
+    assert lines[-1] == "| (stopped by the time budget after flash wq_a m = 16: not measured m > 16, flash wkv) |"
+    lines = []
+    bg.bench_shapes(argparse.Namespace(modes="", linear=False, budget_s=1e9), shapes, 3.0e12, 8.0e14, 0.0, lines)
+    assert len(lines) == 5 and "stopped" not in lines[-1]  # no stop row after the last m of the last shape
