@@ -19,6 +19,10 @@
 #   gemm-mid: dense m = 256, 1024, 2048 on the one-warpgroup kernel and on gemm_ws side by side (Flash wq_a,
 #          wq_b, wo_b, shared w1/w3): whether gemm.WS_DENSE_MIN_M (4096) should come down; at m = 256-1024
 #          the one-warpgroup kernel is 0.37-0.79x XLA BF16 (session 12)                        (~9 min)
+#   tune-m64: the decode kernel's configs at m = 64 (benchmarks/gemm_tune.py: 64 / 128 weight rows per CTA, K
+#          split 1 / 2, W to registers or not; Flash wq_b and MTP): m = 64 runs 1.8-2.6x m = 16's time and W4A16
+#          is slower than W4A4 there (session 12). Every CTA re-reads all of X (n / 64 times; Flash wq_b W4A16: 67
+#          MB from L2 against W's 19 MB), so 128 rows per CTA should halve that traffic       (~7 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
 #   moe-full: benchmarks/moe.py at every T of issue 7 (1, 8, 64, 512, 4096, 16384; the H200 tables since
 #          session 4 are --quick: T = 8, 512, 4096 were last measured on an H100 at 390f15f)      (~9 min)
@@ -49,11 +53,11 @@
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all twenty-two single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all twenty-three single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|tune-m64|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -125,6 +129,11 @@ if [ "$stage" = gemm-mid ] || [ "$stage" = all ]; then
   timeout -k 20 540 python3 benchmarks/gemm.py --no-quantize --models flash --names wq_a,wq_b,wo_b,shared.w1/w3 \
     --m 256,1024,2048 --modes one-warpgroup,ws --budget-s 420 --out "$out/RESULTS_gemm_mid.md" > "$out/gemm_mid.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_mid.log" | tail -30
+fi
+if [ "$stage" = tune-m64 ] || [ "$stage" = all ]; then
+  timeout -k 20 480 python3 benchmarks/gemm_tune.py --shapes flash --names wq_b,mtp.e_proj/h_proj --m 64 \
+    --tile-w 64,128 --splits 1,2 --prefetch 1 --w-regs 1,0 --budget-s 420 > "$out/tune_m64.log" 2>&1
+  grep -vE "^(E|W)[0-9]{4} " "$out/tune_m64.log" | tail -30
 fi
 if [ "$stage" = moe ] || [ "$stage" = all ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 280 python3 benchmarks/moe.py --quick --budget-s 190 \
