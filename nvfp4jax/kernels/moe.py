@@ -23,9 +23,9 @@ Calls with more than 64 rows per expert (:func:`ws_grouped_auto`: V4-Flash from 
 T = 4097; every call that kernel can take, since session 12) run both GEMMs on the warp-specialized
 prefill kernel instead (:func:`grouped_gemm_ws`, :mod:`nvfp4jax.kernels.gemm_ws`;
 ``$NVFP4JAX_GEMM_PREFILL=one-warpgroup`` keeps them here): the L1 input is gathered into expert order
-first (BF16 X by an XLA gather, ``rows x dim``; NVFP4 X decoded and gathered in one pass by ``gemm_ws.dequant_rows``), since that
-kernel TMA-loads whole boxes of consecutive rows;
-recipe ``nvfp4``'s ``h`` is quantized straight to its decoded BF16 form for L2 there
+first (BF16 X by an XLA gather, ``rows x dim``; NVFP4 X decoded and gathered in one pass by
+``gemm_ws.dequant_rows``), since that kernel TMA-loads whole boxes of consecutive rows; recipe
+``nvfp4``'s ``h`` is quantized straight to its decoded BF16 form for L2 there
 (``quantize.quantize_nvfp4_decoded``: the same numbers without the codes' round trip; its GPU tests
 passed on an H200, session 10). H200, T = 16384: V4-Pro NVFP4 26.9 ms there (session 11: W by TMA,
 256-row tiles with a tail, :func:`ws_tail_auto`; 32.6 without the tail, 36.3 with W to registers) against
