@@ -48,16 +48,19 @@
 #          m = 16384, W4A16) with W by TMA and to registers, the decode kernel (Flash wq_b, m = 1), each
 #          under --set full: pipe and unit throughputs (tensor, shared memory, DRAM), occupancy, warp
 #          stall reasons, bank conflicts (needs torch on the machine; never run yet)                 (~7 min)
+#   ncu-src: gemm_ws (Flash wq_a, m = 16384, W4A16, W by TMA) under ncu with the source counters, report saved
+#          (OUTDIR/ws_tma.ncu-rep) and its SASS source page as CSV: which instructions make the 19% / 13% excess
+#          shared load / store wavefronts of session 12 (benchmarks/ncu_source_top.py prints the top ones)  (~3 min)
 #   multi: on a multi-GPU kind (nvidia-h200-x2 ...): issue 8's sharded-equality cases on the real devices
 #          (not part of `all`)                                                                   (~9 min)
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all twenty-three single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all twenty-four single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|tune-m64|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|tune-m64|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|ncu-src|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -210,6 +213,14 @@ if [ "$stage" = ncu ] || [ "$stage" = all ]; then
   done
   timeout 120 $N python3 benchmarks/ncu_gemm.py > "$out/ncu_decode.log" 2>&1
   echo "ncu decode (Flash wq_b m = 1):"; grep -E "$G" "$out/ncu_decode.log" | head -30
+fi
+if [ "$stage" = ncu-src ] || [ "$stage" = all ]; then
+  NVFP4JAX_GEMM_WS_W=tma timeout 200 ncu --profile-from-start off --launch-skip 2 --launch-count 1 \
+    --section SourceCounters --section MemoryWorkloadAnalysis_Tables --import-source no -f -o "$out/ws_tma" \
+    python3 benchmarks/ncu_gemm.py ws > "$out/ncu_src.log" 2>&1
+  tail -3 "$out/ncu_src.log"
+  timeout 120 ncu -i "$out/ws_tma.ncu-rep" --page source --csv --print-source sass > "$out/ws_tma_source.csv" 2>&1
+  python3 benchmarks/ncu_source_top.py "$out/ws_tma_source.csv" 30
 fi
 if [ "$stage" = multi ]; then
   n=$(nvidia-smi -L | wc -l)

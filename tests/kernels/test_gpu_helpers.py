@@ -79,3 +79,24 @@ def test_gemm_benchmark_stops_at_its_budget_and_names_the_rest(monkeypatch):
     lines = []
     bg.bench_shapes(argparse.Namespace(modes="", linear=False, budget_s=1e9), shapes, 3.0e12, 8.0e14, 0.0, lines)
     assert len(lines) == 5 and "stopped" not in lines[-1]  # no stop row after the last m of the last shape
+
+
+def test_ncu_source_top_ranks_instructions_by_excess_shared_wavefronts(tmp_path):
+    """``benchmarks/ncu_source_top.py`` (the ``ncu-src`` stage's reader): finds the header below ncu's
+    preamble, tells the excess column from the plain wavefront column, ranks by excess."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.ncu_source_top import top_rows
+
+    csv_file = tmp_path / "source.csv"
+    csv_file.write_text(
+        '"Kernel Name","gemm"\n'
+        '"Address","Source","L1 Wavefronts Shared Excessive","L1 Wavefronts Shared"\n'
+        '"0x10","LDS.128 R4, [R2]","2,048","4,096"\n"0x20","STS.128 [R3], R8","0","4,096"\n'
+        '"0x30","STS.U16 [R5], R9","7000","9000"\n')
+    lines = top_rows(str(csv_file), 2)
+    assert "'L1 Wavefronts Shared Excessive'" in lines[0] and "wavefronts = 'L1 Wavefronts Shared'" in lines[0]
+    assert [line.split(" | ")[-1] for line in lines[1:]] == ["STS.U16 [R5], R9", "LDS.128 R4, [R2]"]
+    assert lines[2].split(" | ")[0].strip() == "2,048" and lines[2].split(" | ")[1].strip() == "4,096"
