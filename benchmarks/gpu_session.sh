@@ -24,6 +24,10 @@
 #          is slower than W4A4 there (session 12). Every CTA re-reads all of X (n / 64 times; Flash wq_b W4A16: 67
 #          MB from L2 against W's 19 MB), so 128 rows per CTA should halve that traffic       (~7 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
+#   moe-mid: the MoE's weakest range, 48-64 rows per expert (session 12: 21-26% of the roofline): the GPU tests
+#          of NVFP4JAX_MOE_L2_TILE_W=128 (opt-in: L2's decode tiles with 128 weight rows per CTA, halving the h
+#          re-reads), then benchmarks/moe_variants.py at Flash T = 1024, 2048 and Pro T = 2048, 4096, default vs
+#          that option                                                                        (~8 min)
 #   moe-full: benchmarks/moe.py at every T of issue 7 (1, 8, 64, 512, 4096, 16384; the H200 tables since
 #          session 4 are --quick: T = 8, 512, 4096 were last measured on an H100 at 390f15f)      (~9 min)
 #   ws:    the GPU tests of the warp-specialized prefill GEMM (gemm_ws): its W-to-registers cases (one CTA
@@ -56,11 +60,11 @@
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all twenty-four single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all twenty-five single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|tune-m64|moe|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|ncu-src|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|tune-m64|moe|moe-mid|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|ncu-src|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -132,6 +136,19 @@ if [ "$stage" = gemm-mid ] || [ "$stage" = all ]; then
   timeout -k 20 540 python3 benchmarks/gemm.py --no-quantize --models flash --names wq_a,wq_b,wo_b,shared.w1/w3 \
     --m 256,1024,2048 --modes one-warpgroup,ws --budget-s 420 --out "$out/RESULTS_gemm_mid.md" > "$out/gemm_mid.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_mid.log" | tail -30
+fi
+if [ "$stage" = moe-mid ] || [ "$stage" = all ]; then
+  $T timeout 200 $P tests/kernels/test_moe.py -k l2_tile_w > "$out/moe_mid_tests.log" 2>&1
+  echo "L2 tile_w 128 tests: $(tail -1 "$out/moe_mid_tests.log")"
+  grep -E "^FAILED" "$out/moe_mid_tests.log" | head
+  if grep -qE "[0-9]+ passed" "$out/moe_mid_tests.log" && ! grep -qE "failed|error" "$out/moe_mid_tests.log"; then
+    for mt in flash:1024,2048 pro:2048,4096; do
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 150 python3 benchmarks/moe_variants.py --models "${mt%%:*}" \
+        --t "${mt#*:}" --variants="-;NVFP4JAX_MOE_L2_TILE_W=128" --out "$out/RESULTS_moe_mid.md" \
+        > "$out/moe_mid_${mt%%:*}.log" 2>&1
+      grep -E "^\| (flash|pro)" "$out/moe_mid_${mt%%:*}.log"
+    done
+  fi
 fi
 if [ "$stage" = tune-m64 ] || [ "$stage" = all ]; then
   timeout -k 20 480 python3 benchmarks/gemm_tune.py --shapes flash --names wq_b,mtp.e_proj/h_proj --m 64 \

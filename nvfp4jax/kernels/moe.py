@@ -64,6 +64,22 @@ from nvfp4jax.ref.moe import swiglu
 
 
 CTAS_PER_SM_ENV = "NVFP4JAX_MOE_CTAS_PER_SM"
+#: L2's decode tiles (up to 64 rows per expert): weight rows per CTA, "64" (the default) or "128" (opt-in for an
+#: A/B, unmeasured). Every L2 CTA reads its expert's whole ``h`` rows once, ``dim / tile_w`` CTAs per expert:
+#: at V4-Pro T = 4096 (64 rows per expert) that is 384 x 112 x 64 x 3072 x 2 bytes = 17 GB of BF16 ``h``
+#: (W4A16) through L2 and registers against 4.8 GB of W2 -- the likely reason 48-64 rows per expert run at
+#: 21-26% of the roofline (H200, session 12); 128 rows per CTA halves it.
+L2_TILE_W_ENV = "NVFP4JAX_MOE_L2_TILE_W"
+
+
+def l2_decode_tile_w(n_out: int) -> int:
+    """``$NVFP4JAX_MOE_L2_TILE_W`` (read at trace time; unset or empty: 64), checked against ``n_out``."""
+    value = os.environ.get(L2_TILE_W_ENV, "") or "64"
+    if value not in ("64", "128"):
+        raise ValueError(f"{L2_TILE_W_ENV}={value!r}; choose 64 or 128")
+    if n_out % int(value):
+        raise ValueError(f"{L2_TILE_W_ENV}={value}: L2's {n_out} output columns are not a multiple of it")
+    return int(value)
 
 
 def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4: bool, *, gate_up: bool,
@@ -75,14 +91,15 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
     (``$NVFP4JAX_MOE_CTAS_PER_SM``, read at trace time, for an A/B: the dense GEMM measured one wave
     of 4 per SM faster; here 4 per SM measured no faster at T = 64 and slower at Pro T = 1, 172 vs 148
     us on an H200, session 7); prefill-style 128 x 128 x 64 tiles once an expert has more
-    than 64 rows.
+    than 64 rows. Decode tiles take 128 weight rows per CTA for L1 (64 of W1, 64 of W3) and
+    :func:`l2_decode_tile_w` (64 unless ``$NVFP4JAX_MOE_L2_TILE_W=128``) for L2.
     """
     per_expert = rows_per_expert(rows, experts)
     tile_w = 128 if gate_up or n_out % 128 == 0 else 64
     if per_expert <= 64:
         tile_t, tile_k = max(16, -(-per_expert // 16) * 16), 128
         if not gate_up:
-            tile_w = 64
+            tile_w = l2_decode_tile_w(n_out)
     else:
         tile_t, tile_k = 128, 64
     ctas = (n_out // tile_w) * num_tiles(rows, experts, tile_t)

@@ -680,6 +680,43 @@ def test_grouped_w_regs_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4):
         assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None)
 
 
+def test_moe_l2_tile_w_option(monkeypatch):
+    """``$NVFP4JAX_MOE_L2_TILE_W``: 128 weight rows per CTA for L2's decode tiles only (L1's and the prefill
+    tiles keep theirs); unset is 64; another value, or one that does not divide L2's columns, is refused."""
+    from nvfp4jax.kernels import moe as km
+
+    def l2(rows, n_out=4096):
+        return km.choose_grouped_config(rows, 256, n_out, 2048, True, gate_up=False, swiglu_limit=10.0)
+
+    monkeypatch.delenv(km.L2_TILE_W_ENV, raising=False)
+    assert l2(6 * 2048).tile_w == 64 and l2(6).tile_w == 64
+    monkeypatch.setenv(km.L2_TILE_W_ENV, "128")
+    assert (l2(6 * 2048).tile_w, l2(6 * 2048).tile_t) == (128, 48) and l2(6).tile_w == 128
+    assert l2(6 * 8192).tile_w == 128 and l2(6 * 8192).tile_t == 128  # prefill tiles: 128 either way
+    l1 = km.choose_grouped_config(6 * 2048, 256, 4096, 4096, True, gate_up=True, swiglu_limit=10.0)
+    assert l1.tile_w == 128 and l1.gate_up
+    with pytest.raises(ValueError, match="not a multiple"):
+        l2(6 * 2048, n_out=4160)
+    monkeypatch.setenv(km.L2_TILE_W_ENV, "256")
+    with pytest.raises(ValueError, match="NVFP4JAX_MOE_L2_TILE_W='256'"):
+        l2(6)
+
+
+@pytest.mark.parametrize("act_nvfp4", [True, False])
+def test_grouped_l2_tile_w_128_compiles_sm90a(tmp_path, monkeypatch, act_nvfp4):
+    """``NVFP4JAX_MOE_L2_TILE_W=128`` on L2's decode tiles (48 rows per expert, W in wgmma's A registers):
+    compiles for sm_90a with two 64-row wgmma blocks per K step (16 per 128-K tile)."""
+    from nvfp4jax.kernels import moe as km
+
+    monkeypatch.delenv(kg.W_REGS_ENV, raising=False)
+    monkeypatch.setenv(km.L2_TILE_W_ENV, "128")
+    experts, inter, d, t = 16, 2048, 4096, 128
+    cfg = km.choose_grouped_config(6 * t, experts, d, inter, act_nvfp4, gate_up=False, swiglu_limit=10.0)
+    assert (cfg.tile_w, cfg.tile_t, cfg.w_regs, cfg.gate_up) == (128, 48, True, False), cfg
+    ops = opcodes(compile_ptx(km._kernel(cfg), *_grouped_io(cfg, t, 6 * t, experts, d, inter, False), tmp_path))
+    assert ops["wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16"] == 16 and ops["st.shared.v4.b32"] == 0, ops
+
+
 # ---- register prefetch depth (GemmConfig.prefetch >= 2) ----------------------------------------------
 
 

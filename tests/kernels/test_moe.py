@@ -160,6 +160,22 @@ def test_moe_decode_paths(rng, monkeypatch, recipe, t, w_regs):
            fresh_jit(km.moe_experts, static_argnames=_STATIC))  # traced afresh: reads the variable
 
 
+@pytest.mark.parametrize("recipe,t,per_sm,split", [("nvfp4", 128, "4", 1), ("w4a16", 128, "4", 1),
+                                                   ("nvfp4", 128, "", 2), ("nvfp4", 40, "", 2)])
+def test_moe_l2_tile_w_128(rng, monkeypatch, recipe, t, per_sm, split):
+    """``NVFP4JAX_MOE_L2_TILE_W=128`` (opt-in, session 12): L2's decode tiles with 128 weight rows per CTA;
+    T = 128 gives the 16 test experts ~48 rows each (48-token tiles), T = 40 ~15 (16-token tiles); without a
+    K split as at V4's expert counts (``NVFP4JAX_MOE_CTAS_PER_SM=4`` here) and with one."""
+    monkeypatch.setenv(km.L2_TILE_W_ENV, "128")
+    monkeypatch.setenv(km.CTAS_PER_SM_ENV, per_sm)
+    e, d, inter, _ = MODELS["flash"]
+    cfg = km.choose_grouped_config(t * TOPK, e, d, inter, RECIPES[recipe], gate_up=False, swiglu_limit=10.0)
+    assert cfg.tile_w == 128 and cfg.tile_t <= 64 and cfg.split == split, cfg
+    x, weights, expert_ids = _inputs(rng, "flash", t)
+    _check(f"L2 tile_w 128 flash {recipe} {t=}", "flash", x, weights, expert_ids, RECIPES[recipe],
+           fresh_jit(km.moe_experts, static_argnames=_STATIC))  # traced afresh: reads the variable
+
+
 def _bias(experts: int, value: float, which) -> jax.Array:
     return jnp.zeros(experts, jnp.float32).at[jnp.asarray(which)].set(value)
 
