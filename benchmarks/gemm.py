@@ -77,10 +77,11 @@ def with_env(fn, env: dict[str, str]):
 
 
 def mode_env(mode: str) -> dict[str, str]:
-    """``--modes`` entry -> variables: ``PREFILL[:W]``, e.g. ``ws`` (W by TMA, the default), ``ws:regs``,
-    ``one-warpgroup``."""
-    prefill, _, w = mode.partition(":")
-    return {kg.PREFILL_ENV: prefill, "NVFP4JAX_GEMM_WS_W": w}
+    """``--modes`` entry -> variables: ``PREFILL[:W[:PRODUCERS]]``, e.g. ``ws`` (W by TMA, the default),
+    ``ws:regs``, ``ws:tma:2`` (two decode warpgroups), ``one-warpgroup``."""
+    prefill, _, rest = mode.partition(":")
+    w, _, producers = rest.partition(":")
+    return {kg.PREFILL_ENV: prefill, "NVFP4JAX_GEMM_WS_W": w, "NVFP4JAX_GEMM_WS_PRODUCERS": producers}
 
 
 def quantize_then_gemm(x, w):

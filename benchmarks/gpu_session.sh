@@ -16,7 +16,8 @@
 #          wo_b; 2: the rest): Flash-1 stopped after wq_b by its budget, Pro-1 was killed inside wq_b after
 #          wq_a (a shape was then timed all m at once: its rows were lost); a shape is now timed one m at a
 #          time and a run stopped by the budget or killed names what it did not measure  (~9 min each)
-#   gemm-mid: dense m = 256, 1024, 2048 on the one-warpgroup kernel and on gemm_ws side by side (Flash wq_a,
+#   gemm-mid: dense m = 256, 1024, 2048 on the one-warpgroup kernel and on gemm_ws (one and two decode
+#          warpgroups) side by side (Flash wq_a,
 #          wq_b, wo_b, shared w1/w3): whether gemm.WS_DENSE_MIN_M (4096) should come down; at m = 256-1024
 #          the one-warpgroup kernel is 0.37-0.79x XLA BF16 (session 12)                        (~9 min)
 #   tune-m64: the decode kernel's configs at m = 64 (benchmarks/gemm_tune.py: 64 / 128 weight rows per CTA, K
@@ -34,9 +35,12 @@
 #          per tile and persistent) and the cases without a W parameter (on the default, W by TMA);
 #          and those of the MoE grouping kernel (group)                                       (~7 min)
 #   ws-tma: the gemm_ws GPU tests with W by TMA (the default since session 10), V4-Pro's MoE on its whole
-#          384-expert bank with either W path and the MoE with NVFP4JAX_MOE_WS_TAIL=64 (22 passed in 240 s,
-#          H200, session 11);
+#          384-expert bank with either W path, the MoE with NVFP4JAX_MOE_WS_TAIL=64 (22 passed in 240 s,
+#          H200, session 11) and the two-producer cases (13 more, also in ws-two);
 #          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~7 min)
+#   ws-two: NVFP4JAX_GEMM_WS_PRODUCERS=2 (two decode warpgroups, back as an opt-in in session 12): its GPU tests
+#          (13 cases), then the MoE where gemm_ws runs 128-row tiles and one decode warpgroup should set the
+#          pace (V4-Flash T = 4096, V4-Pro T = 8192; V4-Flash 8192 has 256-row tiles), default vs two (~8 min)
 #   ws-gemm: one prefill GEMM table (m 4096, 16384), gemm_ws with W to registers and by TMA and the
 #          one-warpgroup kernel side by side (benchmarks/gemm.py --modes)                      (~9 min)
 #   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers,
@@ -60,11 +64,11 @@
 #   multi-bench: on a multi-GPU kind: tests/test_sharded_load.py on the real devices, then
 #          benchmarks/multi_device.py; source the CuTeDSL env first (the reference MoE dequantizes whole
 #          expert banks: V4-Pro ran out of memory that way, session 8)                         (~8 min)
-#   all:   all twenty-five single-GPU stages in a row (for a machine without the 10-minute limit)
+#   all:   all twenty-six single-GPU stages in a row (for a machine without the 10-minute limit)
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|tune-m64|moe|moe-mid|moe-full|ws|ws-tma|ws-gemm|ws-moe|linear|profile|ncu|ncu-src|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|tune-m64|moe|moe-mid|moe-full|ws|ws-tma|ws-two|ws-gemm|ws-moe|linear|profile|ncu|ncu-src|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -78,8 +82,8 @@ T="env XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick XLA_PYTHON_
 # a plain "tma" matched its TMA_CASES list: the `-k "not tma"` written in session 8 would select 2 of 48
 # cases (`ws`, not run since), `-k tma` selected all 50 (`ws-tma`, session 9: the W-to-registers cases first,
 # then the hang); tests/kernels/test_gpu_helpers.py checks these two split the module)
-WS_TMA="ws-tma or persistent-tma or whole_pro_bank or ws_tail"
-WS_REGS="not ws-tma and not persistent-tma and not whole_pro_bank and not ws_tail"
+WS_TMA="ws-tma or persistent-tma or whole_pro_bank or ws_tail or two_producers"
+WS_REGS="not ws-tma and not persistent-tma and not whole_pro_bank and not ws_tail and not two_producers"
 
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
   # session 11: ~81 of its ~83 cases in 200 s beside another GPU's job (cut there before pytest's summary)
@@ -134,7 +138,7 @@ for part in flash-1 flash-2 flash-3 pro-1 pro-2 pro-3 pro-4; do
 done
 if [ "$stage" = gemm-mid ] || [ "$stage" = all ]; then
   timeout -k 20 540 python3 benchmarks/gemm.py --no-quantize --models flash --names wq_a,wq_b,wo_b,shared.w1/w3 \
-    --m 256,1024,2048 --modes one-warpgroup,ws --budget-s 420 --out "$out/RESULTS_gemm_mid.md" > "$out/gemm_mid.log" 2>&1
+    --m 256,1024,2048 --modes one-warpgroup,ws,ws:tma:2 --budget-s 420 --out "$out/RESULTS_gemm_mid.md" > "$out/gemm_mid.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_mid.log" | tail -30
 fi
 if [ "$stage" = moe-mid ] || [ "$stage" = all ]; then
@@ -147,6 +151,19 @@ if [ "$stage" = moe-mid ] || [ "$stage" = all ]; then
         --t "${mt#*:}" --variants="-;NVFP4JAX_MOE_L2_TILE_W=128" --out "$out/RESULTS_moe_mid.md" \
         > "$out/moe_mid_${mt%%:*}.log" 2>&1
       grep -E "^\| (flash|pro)" "$out/moe_mid_${mt%%:*}.log"
+    done
+  fi
+fi
+if [ "$stage" = ws-two ] || [ "$stage" = all ]; then
+  $T timeout 300 $P tests/kernels/test_gemm_ws.py -k two_producers > "$out/ws_two_tests.log" 2>&1
+  echo "two-producer tests: $(tail -1 "$out/ws_two_tests.log")"
+  grep -E "^FAILED" "$out/ws_two_tests.log" | head
+  if grep -qE "[0-9]+ passed" "$out/ws_two_tests.log" && ! grep -qE "failed|error" "$out/ws_two_tests.log"; then
+    for mt in flash:4096,8192 pro:8192; do
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 120 python3 benchmarks/moe_variants.py --models "${mt%%:*}" \
+        --t "${mt#*:}" --variants="-;NVFP4JAX_GEMM_WS_PRODUCERS=2" --out "$out/RESULTS_ws_two.md" \
+        > "$out/ws_two_${mt%%:*}.log" 2>&1
+      grep -E "^\| (flash|pro)" "$out/ws_two_${mt%%:*}.log"
     done
   fi
 fi

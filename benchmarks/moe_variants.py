@@ -9,7 +9,7 @@ trace, L2 flushed, median of 5). Prints per (model, T, recipe) the time of each 
 peak measured in the same run, and its ratio to the first variant.
 
 Usage: ``python benchmarks/moe_variants.py --t 16384 --models flash,pro
---variants "NVFP4JAX_MOE_WS_TAIL=0;NVFP4JAX_MOE_WS_TAIL=64" [--out benchmarks/RESULTS.md]``
+--variants "NVFP4JAX_GEMM_WS_PRODUCERS=1;NVFP4JAX_GEMM_WS_PRODUCERS=2" [--out benchmarks/RESULTS.md]``
 (a variant is ``VAR=VALUE[,VAR=VALUE...]``; ``-`` is the defaults).
 """
 

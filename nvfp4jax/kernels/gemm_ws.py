@@ -88,9 +88,15 @@ V4-Pro's MoE on its whole 384-expert bank passed on an H200 in session 11, eithe
 (``tests/kernels/test_gemm_ws.py::test_moe_on_ws_whole_pro_bank``): 32.6 ms at T = 16384 (NVFP4), 36.3
 with W to registers.
 ``TILE_CYCLES`` are still session 8's W-to-registers cycles (W by TMA: ~1600 at tile 256, Flash wq_a).
-Session 11 tested the producer-bound reading directly, with two decode warpgroups (each one 64-row pass;
-512 threads, so a 256-row tile as two wgmma of N = 128): correct, but 3-15% slower on every dense and MoE
-shape timed (``benchmarks/RESULTS.md``), so at 256-row tiles the decode is not the limit; removed.
+Session 11 tested the producer-bound reading directly, with two decode warpgroups (``NVFP4JAX_GEMM_WS_PRODUCERS=2``,
+W by TMA only: each one 64-row pass; 512 threads, so a 256-row tile as two wgmma of N = 128): correct (its 13
+GPU cases passed on an H200), but 3-15% slower on every dense and MoE shape timed, all with 256-row tiles
+(``benchmarks/RESULTS.md``), so there the decode is not the limit. Removed then; back since session 12 as an
+opt-in for 128-row tiles, where the consumers have half the wgmma work per K tile and the decode pace should
+matter more: the MoE at 65-128 rows per expert runs at 32-33% of the bandwidth roofline (V4-Flash T = 4096,
+one 128-row tile per expert) -- one decode warpgroup per SM turns ~8192 weights per ~1600-cycle K tile, ~0.7
+TB/s of NVFP4 W across the chip. Not yet timed there (``gpu_session.sh ws-two``). The one-producer default now
+stages the tail's rows in the tail's own B stages (the layout two producers need; GPU-tested in session 11).
 
 Tail option (``PrefillConfig.tail``, MoE only; where :func:`nvfp4jax.kernels.moe.ws_tail_auto` says,
 ``NVFP4JAX_MOE_WS_TAIL=0`` / ``64`` forces it; its GPU tests passed on an H200 in session 11): a 256-row
@@ -140,6 +146,27 @@ LAUNCH_REGS = 65536 // THREADS // 8 * 8
 PRODUCER_REGS = 96
 CONSUMER_REGS = 200
 assert WG * (LAUNCH_REGS - PRODUCER_REGS) >= 2 * WG * (CONSUMER_REGS - LAUNCH_REGS), "register pool overdrawn"
+#: ``PrefillConfig.producers == 2``: 512 threads, 128 registers each at launch; two producer warpgroups at 56
+#: release exactly what the consumers' 200 take (2 x 128 x 72 = 2 x 128 x 72)
+PRODUCERS_ENV = "NVFP4JAX_GEMM_WS_PRODUCERS"  # "1" (default) or "2": decode warpgroups (with_env_options)
+PRODUCER_REGS_2 = 56
+
+
+def threads(cfg: PrefillConfig) -> int:
+    """Threads per CTA: the producer warpgroups and the two consumer warpgroups."""
+    return (cfg.producers + 2) * WG
+
+
+def launch_regs(cfg: PrefillConfig) -> int:
+    """Registers per thread at launch: the SM's 65536 over :func:`threads` (a multiple of 8)."""
+    return 65536 // threads(cfg) // 8 * 8
+
+
+def producer_regs(cfg: PrefillConfig) -> int:
+    return PRODUCER_REGS if cfg.producers == 1 else PRODUCER_REGS_2
+
+
+assert 2 * WG * (128 - PRODUCER_REGS_2) >= 2 * WG * (CONSUMER_REGS - 128), "register pool overdrawn (2 producers)"
 Y_PAD = 8  # BF16 elements of padding per staged output row
 #: W by TMA (``PrefillConfig.w_tma``): raw slots of 128 K (one tile-layout K block: two pipeline stages)
 #: for the CTA's 128 W rows = two 64-row blocks of 4096 code bytes + 512 scale bytes each
@@ -147,6 +174,9 @@ RAW_SLOTS = 2
 #: ``PrefillConfig.tail``: rows past the 256-row tile (one more wgmma of N = 64; 3 stages then fit with W
 #: by TMA, 4 with W to registers)
 TAIL = 64
+#: ``PrefillConfig.producers == 2``: a 256-row tile runs as ``tile_t = tail = SPLIT``, two wgmma of N = 128
+#: (ptxas, 512 threads: one wgmma's operands must fit the launch's 128 registers, and N = 256 needs 154)
+SPLIT = 128
 W_ENV = "NVFP4JAX_GEMM_WS_W"  # "tma" (default) or "regs": how the producer loads W (with_env_options)
 W_MODES = ("regs", "tma")
 BLOCK_CODE_BYTES = TILE_ROWS * TILE_K // 2
@@ -190,8 +220,10 @@ class PrefillConfig:
     swiglu_limit: float | None = None  # gate_up: epilogue silu(min(g, l)) * clip(u, +-l) * routing weight
     persistent: bool = False  # NUM_SMS CTAs looping over the tiles (own staging buffer), else one CTA per tile
     w_tma: bool = False  # W's packed bytes by TMA into RAW_SLOTS shared slots, else 128-bit loads to registers
-    tail: int = 0  # grouped, tile_t 256: up to TAIL more rows per CTA in a second wgmma (N = TAIL) beside the
-    # first, issued only by CTAs with more than tile_t rows (rows_per_tile); 0: none
+    tail: int = 0  # rows per CTA after the tile_t ones, in a second wgmma (N = tail) on their own B stages,
+    # issued only by CTAs with more than tile_t rows (rows_per_tile): TAIL after 256 (grouped), or 128 after 128
+    # (SPLIT: a 256-row tile as two wgmma of N = 128, what two producers need); 0: none
+    producers: int = 1  # decode warpgroups: 1, or 2 (W by TMA only: each decodes one of the two 64-row passes)
 
 
 def rows_per_tile(cfg: PrefillConfig) -> int:
@@ -214,11 +246,14 @@ def smem_bytes(cfg: PrefillConfig) -> int:
 def can_implement(cfg: PrefillConfig) -> bool:
     return (cfg.tile_t % 64 == 0 and 64 <= cfg.tile_t <= 256 and cfg.stages >= 2
             and smem_bytes(cfg) <= 227 * 1024
-            # one tile per CTA: the epilogue's staging tile reuses the B stages
-            and (cfg.persistent or staging_elems(cfg) <= cfg.stages * cfg.tile_t * KSTAGE)
+            # one tile per CTA: the epilogue's staging tile reuses the B stages (the tail's rows its own)
+            and (cfg.persistent or (cfg.tile_t * (TILE_W + Y_PAD) <= cfg.stages * cfg.tile_t * KSTAGE))
             and (cfg.grouped or not cfg.gate_up) and (cfg.gate_up == (cfg.swiglu_limit is not None))
             # the tail: a second TMA box and wgmma of TAIL rows after a full 256-row tile, MoE only
-            and (cfg.tail == 0 or (cfg.tail == TAIL and cfg.tile_t == 256 and cfg.grouped and not cfg.persistent)))
+            and (cfg.tail == 0 or (not cfg.persistent and ((cfg.tail == TAIL and cfg.tile_t == 256 and cfg.grouped)
+                                                           or cfg.tail == cfg.tile_t == SPLIT)))
+            # two decode warpgroups: one 64-row pass each, W's bytes by TMA (the slots both read)
+            and (cfg.producers == 1 or (cfg.producers == 2 and cfg.w_tma and not cfg.persistent)))
 
 
 class GemmPrefillSm90:
@@ -285,13 +320,15 @@ class GemmPrefillSm90:
         if cutlass.const_expr(cfg.grouped):
             tiles_w, tiles_t = mWv.shape[1] * TILE_ROWS // self.out_w, mTiles.shape[0]
         else:
-            tiles_w, tiles_t = mWv.shape[0] * TILE_ROWS // TILE_W, (mX.shape[0] + cfg.tile_t - 1) // cfg.tile_t
+            per_tile = rows_per_tile(cfg)
+            tiles_w, tiles_t = mWv.shape[0] * TILE_ROWS // TILE_W, (mX.shape[0] + per_tile - 1) // per_tile
         ctas = tiles_w * tiles_t
         if cutlass.const_expr(cfg.persistent):
             ctas = cutlass.min(ctas, kg.NUM_SMS)
         self.kernel(tma_atom, mX_tma, mXg, mWv, mWs, mWg, mW3v, mW3s, mW3g, mTiles, mRouteW, mY, tiled_mma,
                     sA_layout, sB_layout, tiles_w, tiles_t, *w_tmas, *tail_args).launch(grid=[ctas, 1, 1],
-                                                                           block=[THREADS, 1, 1], stream=stream)
+                                                                           block=[threads(cfg), 1, 1],
+                                                                           stream=stream)
 
     def w_tma_atoms(self, mWv: cute.Tensor, mWs: cute.Tensor):
         """TMA atoms and tensors for W's tile layout read as rows of bytes: codes ``[blocks * 64, 64]`` (one
@@ -321,7 +358,7 @@ class GemmPrefillSm90:
             cpasync.prefetch_descriptor(tma_atom)
             with cute.arch.elect_one():
                 for s in cutlass.range_constexpr(cfg.stages):
-                    cute.arch.mbarrier_init(full + s, WG + 1)
+                    cute.arch.mbarrier_init(full + s, cfg.producers * WG + 1)
                     cute.arch.mbarrier_init(empty + s, 2 * WG // 32)
                 if cutlass.const_expr(cfg.w_tma):
                     for s in cutlass.range_constexpr(RAW_SLOTS):
@@ -338,13 +375,14 @@ class GemmPrefillSm90:
         # one tile per CTA: the staging tile reuses the B stages; persistent: its own buffer, since the
         # producer already fills the stages for the CTA's next tile during the epilogue
         stage_ptr = storage.sY.data_ptr() if cutlass.const_expr(cfg.persistent) else storage.sB.data_ptr()
+        stage_ptr = (stage_ptr, storage.sBt.data_ptr())  # the tail's rows: staged in the tail's B stages
         k_tiles = mWs.shape[cute.rank(mWs) - 3] * (TILE_K // KSTAGE)
         bid, _, _ = cute.arch.block_idx()
         nctas, _, _ = cute.arch.grid_dim()
         # K tiles this CTA has pipelined so far: stage and parities continue across its tiles
         done = Int32(0)
-        if warp < WG // 32:
-            cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
+        if warp < cfg.producers * WG // 32:
+            cute.arch.warpgroup_reg_dealloc(producer_regs(cfg))
             for tile in cutlass.range(bid, tiles_w * tiles_t, nctas, unroll=1):
                 bw, bt = tile % tiles_w, tile // tiles_w
                 e, start, count = self.tile_rows(mX, mTiles, bt)
@@ -376,11 +414,11 @@ class GemmPrefillSm90:
     @cute.jit
     def tile_rows(self, mX: cute.Tensor, mTiles, bt):
         """(expert, first X row, rows) of token tile ``bt``: from the tile table (grouped), else the
-        dense tile ``[bt * tile_t, ...)`` clipped to X's rows."""
+        dense tile ``[bt * rows_per_tile, ...)`` clipped to X's rows."""
         cfg = self.cfg
         e = Int32(0)
-        start = bt * cfg.tile_t
-        count = cutlass.min(mX.shape[0] - start, cfg.tile_t)
+        start = bt * rows_per_tile(cfg)
+        count = cutlass.min(mX.shape[0] - start, rows_per_tile(cfg))
         if cutlass.const_expr(cfg.grouped):
             e = mTiles[bt, 0]
             start = mTiles[bt, 1]
@@ -427,11 +465,13 @@ class GemmPrefillSm90:
         gX = cute.local_tile(cute.domain_offset((start, 0), mX), (cfg.tile_t, KSTAGE), (0, None))
         tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
                                            cute.group_modes(gX, 0, 2))
-        w_row, w_part = kg.thread_coords(tidx, KSTAGE // self.w_chunk, self.w_rows_pp, KSTAGE)
-        tAsA = kg.store_copy(KSTAGE, self.w_rows_pp, self.w_chunk).get_slice(tidx).partition_D(sA)
-        bufs = [(cute.make_rmem_tensor((self.w_chunk // 2, self.w_passes), Uint8),
-                 cute.make_rmem_tensor((self.w_chunk // BLOCK, self.w_passes), Uint8)) for _ in range(2)]
-        tWrD = cute.make_rmem_tensor((self.w_chunk, self.w_passes), BFloat16)
+        ptid = tidx % WG
+        w_row, w_part = kg.thread_coords(ptid, KSTAGE // self.w_chunk, self.w_rows_pp, KSTAGE)
+        tAsA = kg.store_copy(KSTAGE, self.w_rows_pp, self.w_chunk).get_slice(ptid).partition_D(sA)
+        passes = self.w_passes // cfg.producers  # this thread's passes (2 producers: one each)
+        bufs = [(cute.make_rmem_tensor((self.w_chunk // 2, passes), Uint8),
+                 cute.make_rmem_tensor((self.w_chunk // BLOCK, passes), Uint8)) for _ in range(2)]
+        tWrD = cute.make_rmem_tensor((self.w_chunk, passes), BFloat16)
         xtail = None
         if cutlass.const_expr(cfg.tail > 0):
             atom_t, mXt, sBt = xt
@@ -463,9 +503,13 @@ class GemmPrefillSm90:
             if cutlass.const_expr(cfg.tail > 0):
                 if has_tail:
                     cute.copy(atom_t, tXgXt[None, kt], tXsXt[None, s], tma_bar_ptr=full + s)
-        for p in cutlass.range_constexpr(self.w_passes):
-            dequant_nvfp4_chunk(buf[0][None, p], buf[1][None, p], tWrD[None, p])
-            cute.autovec_copy(tWrD[None, p], tAsA[None, p, 0, s])
+        passes = self.w_passes // cfg.producers
+        for i in cutlass.range_constexpr(passes):
+            p = i
+            if cutlass.const_expr(cfg.producers > 1):
+                p = warp // (WG // 32)  # this decode warpgroup's pass
+            dequant_nvfp4_chunk(buf[0][None, i], buf[1][None, i], tWrD[None, i])
+            cute.autovec_copy(tWrD[None, i], tAsA[None, p, 0, s])
         cute.arch.fence_proxy("async.shared", space="cta")
         cute.arch.mbarrier_arrive(full + s)
 
@@ -512,6 +556,7 @@ class GemmPrefillSm90:
         nb, kb = mWv.shape[cute.rank(mWv) - 4], mWv.shape[cute.rank(mWv) - 3]
         rb0 = e * nb + bw * self.out_w // TILE_ROWS
         per_row = KSTAGE // self.w_chunk
+        passes = self.w_passes // cfg.producers
         chunks = k_tiles // 2
         cdone = done // 2
         if warp == 0:  # the whole warp: each TMA copy elects its own thread (elect.sync, all 32 lanes)
@@ -523,14 +568,17 @@ class GemmPrefillSm90:
             slot = gc % RAW_SLOTS
             cute.arch.mbarrier_wait(raw_full + slot, (gc // RAW_SLOTS) % 2)
             for j in cutlass.range_constexpr(2):
-                for p in cutlass.range_constexpr(self.w_passes):
+                for i in cutlass.range_constexpr(passes):
+                    p = i
+                    if cutlass.const_expr(cfg.producers > 1):
+                        p = warp // (WG // 32)  # this decode warpgroup's pass (its 64-row block)
                     c4 = j * per_row + w_part
-                    cute.autovec_copy(rCodes[None, c4, w_row, slot * 2 + p], bufs[j][0][None, p])
-                    cute.autovec_copy(rScales[None, c4, w_row, slot * 2 + p], bufs[j][1][None, p])
+                    cute.autovec_copy(rCodes[None, c4, w_row, slot * 2 + p], bufs[j][0][None, i])
+                    cute.autovec_copy(rScales[None, c4, w_row, slot * 2 + p], bufs[j][1][None, i])
             # every producer thread has its bytes of the slot: refill it, RAW_SLOTS chunks ahead (the proxy
             # fence orders these generic-proxy reads before the TMA's async-proxy writes)
             cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.barrier(barrier_id=2, number_of_threads=WG)
+            cute.arch.barrier(barrier_id=2, number_of_threads=cfg.producers * WG)
             if warp == 0:
                 if c + RAW_SLOTS < chunks:
                     self.issue_w(parts, raw_full, slot, rb0, kb, c + RAW_SLOTS)
@@ -576,7 +624,7 @@ class GemmPrefillSm90:
         run the tail's wgmma (``tiled_mma_t``, N = tail) on its B stage ``sBt`` into a second accumulator."""
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
-        ctid = tidx - WG
+        ctid = tidx - self.cfg.producers * WG
         thr_mma = tiled_mma.get_slice(ctid)
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
@@ -618,22 +666,26 @@ class GemmPrefillSm90:
     @cute.jit
     def epilogue(self, acc, thr_mma, mXg, mWg, mW3g, mRouteW, mY: cute.Tensor, stage_ptr, bw, e, start, count,
                  tail):
-        """``acc * (gx[row] * gw * 2**shift)`` -> BF16 staging tile ``[rows_per_tile, 128 + Y_PAD]`` at
-        ``stage_ptr`` (the tail's accumulator, if it ran, at rows ``tile_t ..``) -> 16-byte stores of
-        ``Y[start + t, bw * 128 : bw * 128 + 128]`` for the tile's rows ``t < count``.
+        """``acc * (gx[row] * gw * 2**shift)`` -> BF16 staging tile ``[tile_t, 128 + Y_PAD]`` at ``stage_ptr[0]``
+        (the tail's accumulator, if it ran, into ``[tail, 128 + Y_PAD]`` at ``stage_ptr[1]``, the tail's B
+        stages) -> 16-byte stores of ``Y[start + t, bw * 128 : bw * 128 + 128]`` for the tile's rows
+        ``t < count``.
 
         gate_up: staged columns 0..63 are gate, 64..127 up (each rounded to BF16, as the reference's GEMM
         outputs are); the store pass computes ``silu(min(g, l)) * clip(u, +-l) * routing weight`` and writes
         ``h[start + t, bw * 64 : bw * 64 + 64]``."""
         cfg = self.cfg
         tidx, _, _ = cute.arch.thread_idx()
-        ctid = tidx - WG
+        ctid = tidx - cfg.producers * WG
         consumers = 2 * WG
         # both consumer warpgroups are done reading the stages (one tile per CTA: the producer wrote its
         # last one before) and, persistent, reading the staging tile of the CTA's previous tile
         cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
         rows = rows_per_tile(cfg)
-        sY = cute.make_tensor(stage_ptr, cute.make_layout((rows, TILE_W), stride=(TILE_W + Y_PAD, 1)))
+        sY = cute.make_tensor(stage_ptr[0], cute.make_layout((cfg.tile_t, TILE_W), stride=(TILE_W + Y_PAD, 1)))
+        sYt = sY
+        if cutlass.const_expr(cfg.tail > 0):
+            sYt = cute.make_tensor(stage_ptr[1], cute.make_layout((cfg.tail, TILE_W), stride=(TILE_W + Y_PAD, 1)))
         cC = thr_mma.partition_C(cute.make_identity_tensor((TILE_W, cfg.tile_t)))
         unscale = Float32(2.0 ** (DECODE_SHIFT * (2 if cfg.x_scaled else 1)))
         gw = mWg[e] * unscale
@@ -645,23 +697,27 @@ class GemmPrefillSm90:
             thr_t, _, _, acc_t, has_tail = tail
             if has_tail:
                 cCt = thr_t.partition_C(cute.make_identity_tensor((TILE_W, cfg.tail)))
-                self.stage_acc(acc_t, cCt, cfg.tile_t, sY, mXg, gw, gw3, start, count)
+                self.stage_acc(acc_t, cCt, cfg.tile_t, sYt, mXg, gw, gw3, start, count)
         cute.arch.barrier(barrier_id=1, number_of_threads=consumers)
         # a warp stores whole row segments (256 bytes, or 128 for h) per step
         vec = 8
         per_row = self.out_w // vec
-        sYv = cute.zipped_divide(sY, (1, vec))
         gY = cute.local_tile(cute.domain_offset((start, 0), mY), (rows, self.out_w), (0, bw))
         gYv = cute.zipped_divide(gY, (1, vec))
+        rows_per_it = consumers // per_row  # tile_t is a multiple: an iteration's rows are all staged in one
         for it in cutlass.range_constexpr(rows * per_row // consumers):
             idx = it * consumers + ctid
             row, ch = idx // per_row, idx % per_row
+            # the tile's first tile_t rows from sY, the tail's from sYt
+            sYv, srow = cute.zipped_divide(sY, (1, vec)), row
+            if cutlass.const_expr(it * rows_per_it >= cfg.tile_t):
+                sYv, srow = cute.zipped_divide(sYt, (1, vec)), row - cfg.tile_t
             if row < count:
                 frag = cute.make_rmem_tensor((vec,), BFloat16)
                 if cutlass.const_expr(cfg.gate_up):
                     up = cute.make_rmem_tensor((vec,), BFloat16)
-                    cute.autovec_copy(sYv[None, (row, ch)], frag)
-                    cute.autovec_copy(sYv[None, (row, ch + per_row)], up)
+                    cute.autovec_copy(sYv[None, (srow, ch)], frag)
+                    cute.autovec_copy(sYv[None, (srow, ch + per_row)], up)
                     limit = Float32(cfg.swiglu_limit)
                     rw = mRouteW[start + row]
                     for j in cutlass.range_constexpr(vec):
@@ -669,14 +725,14 @@ class GemmPrefillSm90:
                         u = cute.arch.fmax(cute.arch.fmin(up[j].to(Float32), limit), -limit)
                         frag[j] = (g / (Float32(1.0) + cute.math.exp(-g)) * u * rw).to(BFloat16)
                 else:
-                    cute.autovec_copy(sYv[None, (row, ch)], frag)
+                    cute.autovec_copy(sYv[None, (srow, ch)], frag)
                 cute.autovec_copy(frag, gYv[None, (row, ch)])
 
 
     @cute.jit
     def stage_acc(self, acc, cC, row0, sY, mXg, gw, gw3, start, count):
         """Accumulator ``acc`` (coordinates ``cC``: (W row, token)) scaled and rounded to BF16 into the
-        staging tile at token rows ``row0 + token``: ``gw`` (W3's ``gw3`` for gate_up's up half) times the
+        staging tile ``sY`` at row ``token`` (the tile's row ``row0 + token``): ``gw`` (W3's ``gw3`` for gate_up's up half) times the
         token's ``gx`` when ``x_scaled`` (tokens past ``count`` use the last row's, their rows are not stored)."""
         cfg = self.cfg
         for i in cutlass.range_constexpr(cute.size(acc)):
@@ -687,7 +743,7 @@ class GemmPrefillSm90:
                     scale = gw3
             if cutlass.const_expr(cfg.x_scaled):
                 scale = mXg[start + cutlass.min(row0 + c, count - 1)] * scale
-            sY[row0 + c, r] = (acc[i] * scale).to(BFloat16)
+            sY[c, r] = (acc[i] * scale).to(BFloat16)
 
 
 _NO_GROUPS = (None,) * 5  # W3 (values, scales, global), tile table, routing weights
@@ -729,9 +785,16 @@ def with_env_options(cfg: PrefillConfig) -> PrefillConfig:
     w_mode = os.environ.get(W_ENV, "") or "tma"
     if w_mode not in W_MODES:
         raise ValueError(f"{W_ENV}={w_mode!r}; choose one of {W_MODES}")
-    cfg = dataclasses.replace(cfg, w_tma=w_mode == "tma")
+    producers = os.environ.get(PRODUCERS_ENV, "") or "1"
+    if producers not in ("1", "2") or (producers == "2" and w_mode != "tma"):
+        raise ValueError(f"{PRODUCERS_ENV}={producers!r}; choose 1, or 2 with W by TMA ({W_ENV}=tma)")
+    cfg = dataclasses.replace(cfg, w_tma=w_mode == "tma", producers=int(producers))
+    if cfg.producers == 2 and cfg.tile_t == 2 * SPLIT and cfg.tail == 0:  # N = 256 needs 154 registers
+        cfg = dataclasses.replace(cfg, tile_t=SPLIT, tail=SPLIT)
     if os.environ.get(kg.PREFILL_ENV, "") != "ws-persistent":
         return cfg
+    if cfg.producers > 1:
+        raise ValueError(f"{PRODUCERS_ENV}=2 has no persistent variant ({kg.PREFILL_ENV}=ws-persistent)")
     stages = cfg.stages
     while stages > 2 and not can_implement(dataclasses.replace(cfg, persistent=True, stages=stages)):
         stages -= 1

@@ -288,7 +288,9 @@ def choose_grouped_prefill_config(rows: int, experts: int, act_nvfp4: bool, *, g
     cfg = gemm_ws.PrefillConfig(tile_t=tile_t, x_scaled=act_nvfp4, grouped=True, gate_up=gate_up,
                                 swiglu_limit=swiglu_limit if gate_up else None)
     cfg = gemm_ws.with_env_options(cfg)
-    if tile_t == 256 and not cfg.persistent and (ws_tail_auto(rows, experts) if tail == "auto" else tail != "0"):
+    # (two producers: with_env_options has split a 256-row tile into 128 + a 128-row tail already)
+    if (cfg.tile_t, cfg.tail) == (256, 0) and not cfg.persistent and (
+            ws_tail_auto(rows, experts) if tail == "auto" else tail != "0"):
         cfg = dataclasses.replace(cfg, tail=gemm_ws.TAIL)
         while not gemm_ws.can_implement(cfg) and cfg.stages > 2:  # the tail's stages: 3 fit with W by TMA
             cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)

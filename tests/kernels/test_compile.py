@@ -250,6 +250,58 @@ def test_gemm_ws_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4, tile_
         assert tma_copies == 2 and ops["ld.global.v4.b32"] > 0
 
 
+@pytest.mark.parametrize("case", ["dense", "L1-pro-tail", "L2-flash"])
+def test_gemm_ws_two_producers_compiles_sm90a(tmp_path, monkeypatch, case):
+    """``NVFP4JAX_GEMM_WS_PRODUCERS=2``: two decode warpgroups (512 threads, 128 registers each at launch),
+    each decoding one 64-row pass of the CTA's W tile; a 256-row tile runs as two wgmma of N = 128
+    (``tile_t = tail = SPLIT``: one N = 256 wgmma needs 154 registers, past the launch's 128); the register
+    moves balance (2 x 128 x (128 - 56) = 2 x 128 x (200 - 128)), ptxas fits 128 with no spills, and each
+    producer thread decodes half of what one producer's thread does per K tile."""
+    from nvfp4jax.kernels import moe as km
+
+    monkeypatch.setenv(kw.W_ENV, "tma")
+
+    def build(producers):
+        monkeypatch.setenv(kw.PRODUCERS_ENV, str(producers))
+        if case == "dense":
+            m, n, k = 16384, 1024, 4096
+            cfg = kw.choose_prefill_config(m, n, True)
+            ins = (S((m, k), jnp.bfloat16), S((m,), jnp.float32)) + _tiled_w((), n, k)
+            return cfg, (ins + (S((1,), jnp.float32),) + kw._NO_GROUPS, (S((m, n), jnp.bfloat16),), None)
+        experts, d, inter = (384, 7168, 3072) if case == "L1-pro-tail" else (256, 4096, 2048)
+        rows, gate_up = 6 * 16384, case.startswith("L1")
+        n, k = (inter, d) if gate_up else (d, inter)
+        cfg = km.choose_grouped_prefill_config(rows, experts, True, gate_up=gate_up,
+                                               swiglu_limit=10.0 if gate_up else None)
+        return cfg, (*_grouped_ws_io(cfg, rows, experts, n, k), None)
+
+    ptxs = {}
+    for producers in (1, 2):
+        cfg, (ins, outs, extra) = build(producers)
+        assert cfg.producers == producers and kw.threads(cfg) == (producers + 2) * kw.WG, cfg
+        one_tail = kw.TAIL if case == "L1-pro-tail" else 0  # V4-Pro at T = 16384: moe.ws_tail_auto
+        assert (cfg.tile_t, cfg.tail) == ((256, one_tail) if producers == 1 else (kw.SPLIT, kw.SPLIT)), cfg
+        assert kw.can_implement(cfg) and kw.rows_per_tile(cfg) == 256 + (one_tail if producers == 1 else 0)
+        ptxs[producers] = compile_ptx(kw.kernel_for(cfg), ins, outs, extra, tmp_path / str(producers))
+    ptx = ptxs[2]
+    dec = int(re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+);", ptx).group(1))
+    inc = int(re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+);", ptx).group(1))
+    assert (dec, inc) == (kw.PRODUCER_REGS_2, kw.CONSUMER_REGS) and ".reqntid 512, 1, 1" in ptx
+    assert kw.launch_regs(cfg) == 128 and 2 * kw.WG * (128 - dec) >= 2 * kw.WG * (inc - 128)
+    _ptxas_fits(ptx, tmp_path, 128)
+    one, two = opcodes(ptxs[1]), opcodes(ptx)
+    wgmma = sorted(op for op in two if op.startswith("wgmma.mma_async"))
+    assert wgmma == ["wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"], wgmma
+    tma_copies = sum(c for op, c in two.items() if op.startswith("cp.async.bulk.tensor.2d.shared::cta.global"))
+    assert tma_copies == 2 + 3 * 4 + 2, two  # X's two boxes in both K tiles of a trip, W's 12 as before
+    # the decode's shared stores per producer thread halve (the epilogue's are the consumers')
+    assert two["st.shared.v4.b32"] < one["st.shared.v4.b32"] and two["bar.sync"] >= 1, (one, two)
+    assert decodes_without_conversions(two) and two["mul.rn.bf16x2"] * 2 == one["mul.rn.bf16x2"], (one, two)
+    monkeypatch.setenv(kw.W_ENV, "regs")
+    with pytest.raises(ValueError, match="NVFP4JAX_GEMM_WS_PRODUCERS='2'"):
+        kw.choose_prefill_config(16384, 1024, True)
+
+
 def _grouped_ws_io(cfg, rows, experts, n, k):
     """(inputs, outputs) of a grouped gemm_ws call (``GemmPrefillSm90.__call__``) over ``rows`` rows: X, its
     per-row scales (``x_scaled``), W (and W3 for gate_up), the tile table at the config's capacity per

@@ -148,6 +148,41 @@ def test_moe_on_ws_tail(rng, monkeypatch, model, recipe, w_mode):
               fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC))
 
 
+#: two decode warpgroups (session 11): tiles of 64 / 128 (no split) and 256 (two wgmma of N = 128, the second
+#: only in CTAs with more than 128 rows: m = 300 has one such CTA row and one of 44 rows), k = 1024 to 16384
+TWO_PRODUCER_CASES = [(128, 1024, 65), (4096, 1024, 512), (4096, 4096, 4096), (32768, 1024, 4096), (7168, 16384, 300)]
+
+
+@pytest.mark.parametrize("n,k,m", TWO_PRODUCER_CASES)
+@pytest.mark.parametrize("act_nvfp4", [True, False])
+def test_gemm_ws_two_producers(rng, monkeypatch, n, k, m, act_nvfp4):
+    """``NVFP4JAX_GEMM_WS_PRODUCERS=2`` (opt-in): each of two producer warpgroups decodes one 64-row pass of
+    the CTA's W; 256-row tiles as ``tile_t = tail = 128``. The GEMM test gates."""
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+    monkeypatch.setenv(kw.W_ENV, "tma")
+    monkeypatch.setenv(kw.PRODUCERS_ENV, "2")
+    cfg = kw.choose_prefill_config(m, n, act_nvfp4)
+    assert cfg.producers == 2 and (cfg.tail == kw.SPLIT) == (kw.rows_per_tile(cfg) == 256), cfg
+    w = _weights(rng, n, k)
+    x = activations(rng, m, k)
+    x = ref.quantize_nvfp4(x) if act_nvfp4 else x
+    _check(x, w, f"{cfg} {m=} {n=} {k=}", fresh_jit(kw.nvfp4_gemm_ws))
+
+
+@pytest.mark.parametrize("model,recipe,t", [("flash", "nvfp4", 1000), ("pro", "w4a16", 1000), ("flash", "w4a16", 200)])
+def test_moe_on_ws_two_producers(rng, monkeypatch, model, recipe, t):
+    """The MoE layer on gemm_ws with two producer warpgroups (split 256-row tiles: Flash's 16 test experts get
+    ~375 rows at T = 1000, Pro's 8 ~750; T = 200: 75 rows, 128-row tiles); the MoE test gates."""
+    from tests.kernels import test_moe as tm
+
+    monkeypatch.setenv(kg.PREFILL_ENV, "ws")
+    monkeypatch.setenv(kw.W_ENV, "tma")
+    monkeypatch.setenv(kw.PRODUCERS_ENV, "2")
+    x, weights, expert_ids = tm._inputs(rng, model, t)
+    tm._check(f"two producers {model} {recipe} {t=}", model, x, weights, expert_ids, tm.RECIPES[recipe],
+              fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC))
+
+
 def test_moe_on_ws_prefill_one_expert_gets_every_row(rng, monkeypatch):
     """All 1200 rows on expert 0 (the others empty): 10 tiles of 128 on one expert (the last partial), the
     other tile-table entries empty (their CTAs exit at once)."""

@@ -126,14 +126,20 @@ def test_linear_wiring(rng, emulated, monkeypatch, m):
 
 @pytest.mark.parametrize("t,experts,skew,quantize_activations,tail", [
     (100, 4, False, True, False), (150, 6, True, False, False), (150, 6, True, True, False),
-    (600, 4, False, True, True), (500, 6, True, False, True)])
+    (600, 4, False, True, True), (500, 6, True, False, True), (600, 4, False, True, "split"),
+    (500, 6, True, False, "split")])
 def test_moe_wiring(rng, emulated, monkeypatch, t, experts, skew, quantize_activations, tail):
     """Both grouped GEMMs through ``grouped_gemm_ws`` (> 64 rows per expert). ``skew``: expert 5 gets no
     rows and expert 0 most of them, so tiles are partial and some table entries empty. Recipe nvfp4: L2's
     input quantized straight to its decoded form. ``tail``: ``NVFP4JAX_MOE_WS_TAIL=64`` with > 256 rows per
-    expert (256-row tiles taking up to 320 rows: the tile table's capacity, which the emulator checks)."""
-    if tail:
+    expert (256-row tiles taking up to 320 rows: the tile table's capacity, which the emulator checks);
+    ``split``: ``NVFP4JAX_GEMM_WS_PRODUCERS=2``, whose 256-row tiles are two halves of 128 (capacity 256)."""
+    if tail is True:
         monkeypatch.setenv(km.WS_TAIL_ENV, "64")
+    if tail == "split":
+        monkeypatch.setenv(kw.PRODUCERS_ENV, "2")
+        cfg = km.choose_grouped_prefill_config(t * 3, experts, quantize_activations, gate_up=True, swiglu_limit=10.0)
+        assert (cfg.tile_t, cfg.tail, cfg.producers) == (kw.SPLIT, kw.SPLIT, 2), cfg
     tables = []
     table_fn = km.tile_table
     monkeypatch.setattr(km, "tile_table", lambda *a: tables.append(table_fn(*a)) or tables[-1])
@@ -158,4 +164,6 @@ def test_moe_wiring(rng, emulated, monkeypatch, t, experts, skew, quantize_activ
     assert _rel_err(got, want) < 1e-2
     assert decoded == ([(t * topk, inter)] if quantize_activations else [])
     # with the tail, some CTAs take more than 256 rows (both GEMMs); without it none does
-    assert len(tables) == 2 and all((int(jnp.max(tb[:, 2])) > 256) == tail for tb in tables), tables
+    assert len(tables) == 2 and all((int(jnp.max(tb[:, 2])) > 256) == (tail is True) for tb in tables), tables
+    if tail == "split":  # 256-row entries: both halves ran
+        assert all(int(jnp.max(tb[:, 2])) > kw.SPLIT for tb in tables), tables

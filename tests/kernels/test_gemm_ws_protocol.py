@@ -39,13 +39,17 @@ class MBarrier:
 
 
 def simulate(k_tiles: int, stages: int, rng: random.Random, tiles: int = 1, w_tma: bool = False,
-             refill_early: bool = False) -> None:
+             refill_early: bool = False, producers: int = 1) -> None:
     """``tiles`` tiles of ``k_tiles`` K tiles through one CTA (persistent when > 1): stage and parity
     continue across tiles (the kernel's ``done`` count), the consumers release a tile's last stage after
-    ``wait_group(0)``, the producer starts the next tile meanwhile."""
-    full = [MBarrier(kw.WG + 1) for _ in range(stages)]  # 128 producer arrivals + arrive.expect_tx; tx below
+    ``wait_group(0)``, the producer starts the next tile meanwhile. ``producers``: decode warpgroups (2:
+    ``PrefillConfig.producers``, each storing its half of the A stage; the first also issues the TMA copies;
+    the named barrier spans both)."""
+    # 128 arrivals per producer warpgroup + arrive.expect_tx; tx below
+    full = [MBarrier(producers * kw.WG + 1) for _ in range(stages)]
     empty = [MBarrier(2 * kw.WG // 32) for _ in range(stages)]  # lane 0 of the 8 consumer warps
-    a_tag, b_tag = [None] * stages, [None] * stages
+    a_tag, b_tag = [[None] * stages for _ in range(producers)], [None] * stages
+    slot_reads = {}  # chunk -> producer warpgroups that have read it (the named barrier waits for all)
     reading = [set() for _ in range(stages)]  # consumer warpgroups whose wgmma still read the stage
     tx_pending = [0] * stages
     tma_queue = []
@@ -60,33 +64,37 @@ def simulate(k_tiles: int, stages: int, rng: random.Random, tiles: int = 1, w_tm
         raw_tx[slot] += 1
         tma_queue.append(("raw", slot, chunk))
 
-    def producer():
+    def producer(q):
         chunks = k_tiles // 2
         for g in range(tiles * k_tiles):
             s, kt = g % stages, g
             if w_tma and g % 2 == 0:  # a chunk (two K tiles) starts
                 tile, c = divmod(g // 2, chunks)
-                if c == 0:  # the tile's prologue
+                if c == 0 and q == 0:  # the tile's prologue
                     for i in range(min(slots, chunks)):
                         issue_w(tile * chunks + i)
                 gc = g // 2
                 slot = gc % slots
-                if refill_early and c + slots < chunks:  # a deliberate bug, for the test that this can fail
+                if refill_early and c + slots < chunks and q == 0:  # a deliberate bug: the test that this can fail
                     issue_w(gc + slots)
                 while not (raw_full[slot].passed((gc // slots) % 2) and raw_tx[slot] == 0):
                     yield False
                 assert raw_tag[slot] == gc, f"producer decodes chunk {gc} from slot {slot} holding {raw_tag[slot]}"
+                slot_reads.setdefault(gc, set()).add(q)
+                yield True
+                while len(slot_reads[gc]) < producers:  # named barrier: every producer thread has read the slot
+                    yield False
                 raw_read[slot] = True
-                yield True  # named barrier: every thread has read the slot
-                if c + slots < chunks and not refill_early:
+                if c + slots < chunks and not refill_early and q == 0:
                     issue_w(gc + slots)
             while not empty[s].passed(kw.free_parity(g, stages)):
                 yield False
-            full[s].arrive()  # the elected thread's arrive.expect_tx ...
-            tx_pending[s] += 1  # ... whose bytes arrive with the TMA write
-            tma_queue.append((s, kt))
-            assert not reading[s], f"producer stores into stage {s} (tile {kt}) while wgmma reads it"
-            a_tag[s] = kt
+            if q == 0:
+                full[s].arrive()  # the elected thread's arrive.expect_tx ...
+                tx_pending[s] += 1  # ... whose bytes arrive with the TMA write
+                tma_queue.append((s, kt))
+            assert not reading[s], f"producer {q} stores into stage {s} (tile {kt}) while wgmma reads it"
+            a_tag[q][s] = kt
             yield True
             full[s].arrive(kw.WG)  # after fence.proxy.async
             yield True
@@ -119,8 +127,9 @@ def simulate(k_tiles: int, stages: int, rng: random.Random, tiles: int = 1, w_tm
                 # full's phase completes once all arrivals are in and no transaction bytes are pending
                 while not (full[s].passed(kw.full_parity(g, stages)) and tx_pending[s] == 0):
                     yield False
-                assert a_tag[s] == g and b_tag[s] == g, (
-                    f"consumer {wg} reads K tile {g} from stage {s} holding A {a_tag[s]}, B {b_tag[s]}")
+                a = [a_tag[q][s] for q in range(producers)]
+                assert a == [g] * producers and b_tag[s] == g, (
+                    f"consumer {wg} reads K tile {g} from stage {s} holding A {a}, B {b_tag[s]}")
                 reading[s].add(wg)  # wgmma issued
                 yield True
                 if kt > 0:  # wait_group(1): wgmma(g - 1) done, its stage released by the 4 warps
@@ -133,7 +142,7 @@ def simulate(k_tiles: int, stages: int, rng: random.Random, tiles: int = 1, w_tm
             empty[last].arrive(4)
             yield True  # the epilogue
 
-    actors = {"producer": producer(), "c1": consumer(1), "c2": consumer(2)}
+    actors = {f"producer{q}": producer(q) for q in range(producers)} | {"c1": consumer(1), "c2": consumer(2)}
     tma_actor = tma()
     idle = 0
     while actors:
@@ -161,21 +170,24 @@ def test_pipeline_protocol(stages, tiles):
 
 @pytest.mark.parametrize("stages", [2, 3, 4])
 @pytest.mark.parametrize("tiles", [1, 3])
-def test_pipeline_protocol_w_tma(stages, tiles):
-    """W by TMA: K tiles in pairs (k % 128 == 0), 1 to 10 chunks per tile, 1 or 3 tiles per CTA."""
+@pytest.mark.parametrize("producers", [1, 2])
+def test_pipeline_protocol_w_tma(stages, tiles, producers):
+    """W by TMA: K tiles in pairs (k % 128 == 0), 1 to 10 chunks per tile, 1 or 3 tiles per CTA; one or two
+    producer warpgroups (``NVFP4JAX_GEMM_WS_PRODUCERS=2``)."""
     rng = random.Random(100 + stages)
     for k_tiles in (2, 4, 6, 2 * stages, 20):
         for _ in range(30):
-            simulate(k_tiles, stages, rng, tiles, w_tma=True)
+            simulate(k_tiles, stages, rng, tiles, w_tma=True, producers=producers)
 
 
 def test_w_tma_protocol_check_can_fail():
     """A slot refilled before the producer has read it (the refill ahead of the wait, as if the named barrier
     were missing) is caught: a copy lands in a slot whose chunk was not read yet, or a read finds the wrong
     chunk."""
-    with pytest.raises(AssertionError):
-        for seed in range(20):
-            simulate(8, 3, random.Random(seed), w_tma=True, refill_early=True)
+    for producers in (1, 2):
+        with pytest.raises(AssertionError):
+            for seed in range(20):
+                simulate(8, 3, random.Random(seed), w_tma=True, refill_early=True, producers=producers)
 
 
 def test_protocol_check_can_fail(monkeypatch):

@@ -26,8 +26,8 @@ def test_fresh_jit_reads_trace_time_settings(monkeypatch):
 
 def test_gpu_session_splits_the_gemm_ws_tests():
     """``benchmarks/gpu_session.sh``'s stages ``ws-tma`` and ``ws`` select, by their ``-k`` expressions,
-    exactly the W-by-TMA cases of ``tests/kernels/test_gemm_ws.py`` (with the whole-V4-Pro-bank and the
-    tail MoE cases, for the time: ``ws`` is full) and the rest. ``-k`` also matches a
+    exactly the W-by-TMA cases of ``tests/kernels/test_gemm_ws.py`` (with the whole-V4-Pro-bank, the tail
+    MoE and the two-producer cases, for the time: ``ws`` is full) and the rest. ``-k`` also matches a
     module's global names, so a plain ``tma`` matched every case through ``TMA_CASES`` (the expressions
     written in session 8 selected 2 of 48 cases and all 50 instead)."""
     import re
@@ -49,7 +49,8 @@ def test_gpu_session_splits_the_gemm_ws_tests():
         return {line for line in out.splitlines() if "::" in line}
 
     every, tma, rest = collect(), collect("-k", exprs["WS_TMA"]), collect("-k", exprs["WS_REGS"])
-    by_tma = {t for t in every if re.search(r"-tma\]$", t) or "whole_pro_bank" in t or "ws_tail" in t}
+    by_tma = {t for t in every if re.search(r"-tma\]$", t) or "whole_pro_bank" in t or "ws_tail" in t
+              or "two_producers" in t}
     assert by_tma and tma == by_tma and rest == every - by_tma, (sorted(tma), sorted(rest))
 
 
