@@ -38,9 +38,11 @@
 #          384-expert bank with either W path, the MoE with NVFP4JAX_MOE_WS_TAIL=64 (22 passed in 240 s,
 #          H200, session 11) and the two-producer cases (13 more, also in ws-two);
 #          benchmarks/diagnose_ws.py if any gemm_ws test fails                                 (~7 min)
-#   ws-two: NVFP4JAX_GEMM_WS_PRODUCERS=2 (two decode warpgroups, back as an opt-in in session 12): its GPU tests
-#          (13 cases), then the MoE where gemm_ws runs 128-row tiles and one decode warpgroup should set the
-#          pace (V4-Flash T = 4096, V4-Pro T = 8192; V4-Flash 8192 has 256-row tiles), default vs two (~8 min)
+#   ws-two: NVFP4JAX_GEMM_WS_PRODUCERS=2 (two decode warpgroups, back as an opt-in in session 12) and
+#          NVFP4JAX_MOE_WS_MIN_ROWS=17 (the MoE on gemm_ws from 17 rows per expert, opt-in): their GPU tests
+#          (13 + 4 cases), then the MoE where gemm_ws runs 128-row tiles and one decode warpgroup should set
+#          the pace (V4-Flash T = 4096, V4-Pro T = 8192; V4-Flash 8192 has 256-row tiles), default vs two;
+#          and at 48-64 rows per expert (Flash T = 2048, Pro T = 4096) default vs gemm_ws with one and two (~9 min)
 #   ws-gemm: one prefill GEMM table (m 4096, 16384), gemm_ws with W to registers and by TMA and the
 #          one-warpgroup kernel side by side (benchmarks/gemm.py --modes)                      (~9 min)
 #   ws-moe: the MoE benchmark at T = 16384 on gemm_ws (the default there since session 8) with W to registers,
@@ -145,7 +147,8 @@ if [ "$stage" = moe-mid ] || [ "$stage" = all ]; then
   $T timeout 200 $P tests/kernels/test_moe.py -k l2_tile_w > "$out/moe_mid_tests.log" 2>&1
   echo "L2 tile_w 128 tests: $(tail -1 "$out/moe_mid_tests.log")"
   grep -E "^FAILED" "$out/moe_mid_tests.log" | head
-  if grep -qE "[0-9]+ passed" "$out/moe_mid_tests.log" && ! grep -qE "failed|error" "$out/moe_mid_tests.log"; then
+  last=$(tail -1 "$out/moe_mid_tests.log")  # pytest's summary (XLA's log lines may say "error")
+  if [[ "$last" =~ [0-9]+\ passed ]] && ! [[ "$last" =~ failed|error ]]; then
     for mt in flash:1024,2048 pro:2048,4096; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 150 python3 benchmarks/moe_variants.py --models "${mt%%:*}" \
         --t "${mt#*:}" --variants="-;NVFP4JAX_MOE_L2_TILE_W=128" --out "$out/RESULTS_moe_mid.md" \
@@ -155,15 +158,18 @@ if [ "$stage" = moe-mid ] || [ "$stage" = all ]; then
   fi
 fi
 if [ "$stage" = ws-two ] || [ "$stage" = all ]; then
-  $T timeout 300 $P tests/kernels/test_gemm_ws.py -k two_producers > "$out/ws_two_tests.log" 2>&1
+  $T timeout 300 $P tests/kernels/test_gemm_ws.py -k "two_producers or few_rows" > "$out/ws_two_tests.log" 2>&1
   echo "two-producer tests: $(tail -1 "$out/ws_two_tests.log")"
   grep -E "^FAILED" "$out/ws_two_tests.log" | head
-  if grep -qE "[0-9]+ passed" "$out/ws_two_tests.log" && ! grep -qE "failed|error" "$out/ws_two_tests.log"; then
-    for mt in flash:4096,8192 pro:8192; do
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 120 python3 benchmarks/moe_variants.py --models "${mt%%:*}" \
-        --t "${mt#*:}" --variants="-;NVFP4JAX_GEMM_WS_PRODUCERS=2" --out "$out/RESULTS_ws_two.md" \
-        > "$out/ws_two_${mt%%:*}.log" 2>&1
-      grep -E "^\| (flash|pro)" "$out/ws_two_${mt%%:*}.log"
+  last=$(tail -1 "$out/ws_two_tests.log")  # pytest's summary (XLA's log lines may say "error")
+  if [[ "$last" =~ [0-9]+\ passed ]] && ! [[ "$last" =~ failed|error ]]; then
+    two="-;NVFP4JAX_GEMM_WS_PRODUCERS=2"
+    few="-;NVFP4JAX_MOE_WS_MIN_ROWS=17;NVFP4JAX_MOE_WS_MIN_ROWS=17,NVFP4JAX_GEMM_WS_PRODUCERS=2"
+    for run in "flash 4096,8192 $two" "pro 8192 $two" "flash 2048 $few" "pro 4096 $few"; do
+      read -r model ts variants <<< "$run"
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 110 python3 benchmarks/moe_variants.py --models "$model" --t "$ts" \
+        --variants="$variants" --out "$out/RESULTS_ws_two.md" > "$out/ws_two_${model}_$ts.log" 2>&1
+      grep -E "^\| (flash|pro)" "$out/ws_two_${model}_$ts.log"
     done
   fi
 fi

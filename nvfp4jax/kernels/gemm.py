@@ -861,16 +861,17 @@ def prefill_mode() -> str:
     return mode
 
 
-def uses_ws_prefill(m: int, n: int, out_dtype, *, auto: bool | None = None) -> bool:
+def uses_ws_prefill(m: int, n: int, out_dtype, *, auto: bool | None = None, min_m: int = 65) -> bool:
     """Whether a GEMM of ``m`` rows (per expert, for the grouped ones) runs on the warp-specialized
     prefill kernel (:mod:`nvfp4jax.kernels.gemm_ws`) rather than this module's one-warpgroup kernel.
 
-    Only calls with ``m > 64``, ``n % 128 == 0`` and a BF16 output can; of those, by
+    Only calls with ``m >= min_m`` (65: below, the decode tiles; the grouped GEMMs may pass less,
+    :func:`nvfp4jax.kernels.moe.ws_min_rows`), ``n % 128 == 0`` and a BF16 output can; of those, by
     :func:`prefill_mode`: ``ws`` / ``ws-persistent`` all, ``one-warpgroup`` none, ``auto`` (the default)
     those where it measured faster: ``auto`` when the caller gives it (the grouped GEMMs' rule,
     :func:`nvfp4jax.kernels.moe.ws_grouped_auto`), else ``m >= WS_DENSE_MIN_M``."""
     mode = prefill_mode()
-    if m <= 64 or n % 128 or jnp.dtype(out_dtype) != jnp.bfloat16:
+    if m < min_m or n % 128 or jnp.dtype(out_dtype) != jnp.bfloat16:
         return False
     if mode == "auto":
         return m >= WS_DENSE_MIN_M if auto is None else auto

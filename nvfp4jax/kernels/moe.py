@@ -222,20 +222,35 @@ def ws_tile(per_expert: int) -> int:
 #: V4-Pro T = 8192 (128 rows) 27596 -> 24000 / 24525 -> 23282 us. Until session 11 the rule was 256
 #: rows per expert, from session 8's T = 16384 V4-Flash run with 128-row tiles and W to registers.
 WS_GROUPED_MIN_PER_EXPERT = 65
+#: ``$NVFP4JAX_MOE_WS_MIN_ROWS`` (read at trace time): the expected rows per expert from which grouped calls go
+#: to gemm_ws, in place of :data:`WS_GROUPED_MIN_PER_EXPERT` -- below 65 an opt-in for an A/B (unmeasured):
+#: at 48-64 rows per expert the one-warpgroup decode tiles run at 21-26% of the roofline (session 12) and
+#: gemm_ws's 128-row tiles, half empty, would read each expert's W once per tile.
+WS_MIN_ROWS_ENV = "NVFP4JAX_MOE_WS_MIN_ROWS"
+
+
+def ws_min_rows() -> int:
+    """:data:`WS_MIN_ROWS_ENV` (unset or empty: :data:`WS_GROUPED_MIN_PER_EXPERT`), a positive integer."""
+    value = os.environ.get(WS_MIN_ROWS_ENV, "") or str(WS_GROUPED_MIN_PER_EXPERT)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{WS_MIN_ROWS_ENV}={value!r}; give a positive number of rows per expert")
+    return int(value)
 
 
 def ws_grouped_auto(rows: int, experts: int) -> bool:
     """The grouped GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: the warp-specialized kernel from
-    :data:`WS_GROUPED_MIN_PER_EXPERT` expected rows per expert (uniform routing), measured faster than the
-    one-warpgroup kernel at every such call timed (1.05-1.81x, session 12; T = 16384 since session 8)."""
-    return rows_per_expert(rows, experts) >= WS_GROUPED_MIN_PER_EXPERT
+    :func:`ws_min_rows` (:data:`WS_GROUPED_MIN_PER_EXPERT`) expected rows per expert (uniform routing),
+    measured faster than the one-warpgroup kernel at every such call timed (1.05-1.81x, session 12;
+    T = 16384 since session 8)."""
+    return rows_per_expert(rows, experts) >= ws_min_rows()
 
 
 def uses_ws(rows: int, experts: int, n_out: int) -> bool:
     """Whether a grouped GEMM of ``rows`` rows over ``experts`` experts runs on the warp-specialized
-    kernel (:func:`grouped_gemm_ws`): :func:`gemm.uses_ws_prefill` with the rows per expert."""
+    kernel (:func:`grouped_gemm_ws`): :func:`gemm.uses_ws_prefill` with the rows per expert (from
+    :func:`ws_min_rows` rows where that is lower than 65)."""
     return kg.uses_ws_prefill(rows_per_expert(rows, experts), n_out, jnp.bfloat16,
-                              auto=ws_grouped_auto(rows, experts))
+                              auto=ws_grouped_auto(rows, experts), min_m=min(ws_min_rows(), 65))
 
 
 WS_TAIL_ENV = "NVFP4JAX_MOE_WS_TAIL"  # "auto" (default), "0" or "64": gemm_ws.PrefillConfig.tail

@@ -511,6 +511,18 @@ def test_ws_prefill_dispatch(monkeypatch):
     assert km.uses_ws(2731 * 6, 256, 2 * 2048) and not km.uses_ws(2730 * 6, 256, 2 * 2048)
     assert km.uses_ws(4097 * 6, 384, 7168) and not km.uses_ws(4096 * 6, 384, 7168)  # 64 rows per expert
     assert not km.uses_ws(1024 * 6, 384, 7168)  # 16 rows per expert
+    # $NVFP4JAX_MOE_WS_MIN_ROWS moves the grouped threshold (below 65: opt-in); dense calls keep m > 64
+    monkeypatch.setenv(km.WS_MIN_ROWS_ENV, "17")
+    assert km.uses_ws(4096 * 6, 384, 7168) and km.uses_ws(2048 * 6, 256, 4096) and km.uses_ws(729 * 6, 256, 4096)
+    assert not km.uses_ws(682 * 6, 256, 4096) and not kg.uses_ws_prefill(64, 4096, jnp.bfloat16)
+    assert km.choose_grouped_prefill_config(4096 * 6, 384, True, gate_up=True, swiglu_limit=10.0).tile_t == 128
+    monkeypatch.setenv(km.WS_MIN_ROWS_ENV, "300")
+    assert not km.uses_ws(8192 * 6, 256, 2 * 2048) and km.uses_ws(16384 * 6, 256, 2 * 2048)
+    for bad in ("0", "-5", "many"):
+        monkeypatch.setenv(km.WS_MIN_ROWS_ENV, bad)
+        with pytest.raises(ValueError, match="NVFP4JAX_MOE_WS_MIN_ROWS"):
+            km.uses_ws(4096 * 6, 384, 7168)
+    monkeypatch.delenv(km.WS_MIN_ROWS_ENV)
     monkeypatch.setenv(kg.PREFILL_ENV, "ws")
     assert kg.uses_ws_prefill(65, 4096, jnp.bfloat16) and km.uses_ws(16384 * 6, 256, 2 * 2048)
     assert not kg.uses_ws_prefill(64, 4096, jnp.bfloat16)

@@ -183,6 +183,25 @@ def test_moe_on_ws_two_producers(rng, monkeypatch, model, recipe, t):
               fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC))
 
 
+@pytest.mark.parametrize("producers", ["1", "2"])
+@pytest.mark.parametrize("recipe", ["nvfp4", "w4a16"])
+def test_moe_on_ws_few_rows(rng, monkeypatch, recipe, producers):
+    """``NVFP4JAX_MOE_WS_MIN_ROWS=17`` (opt-in, session 12): the MoE on this kernel at ~48 rows per expert
+    (T = 128 on the 16 test experts, under the default ``auto``), 128-row tiles mostly half empty, with one
+    and two decode warpgroups; the MoE test gates."""
+    from tests.kernels import test_moe as tm
+
+    monkeypatch.delenv(kg.PREFILL_ENV, raising=False)
+    monkeypatch.setenv(tm.km.WS_MIN_ROWS_ENV, "17")
+    monkeypatch.setenv(kw.W_ENV, "tma")
+    monkeypatch.setenv(kw.PRODUCERS_ENV, producers)
+    e, d, inter, _ = tm.MODELS["flash"]
+    assert tm.km.uses_ws(128 * tm.TOPK, e, 2 * inter) and tm.km.uses_ws(128 * tm.TOPK, e, d)
+    x, weights, expert_ids = tm._inputs(rng, "flash", 128)
+    tm._check(f"ws few rows {recipe} producers={producers}", "flash", x, weights, expert_ids, tm.RECIPES[recipe],
+              fresh_jit(tm.km.moe_experts, static_argnames=tm._STATIC))
+
+
 def test_moe_on_ws_prefill_one_expert_gets_every_row(rng, monkeypatch):
     """All 1200 rows on expert 0 (the others empty): 10 tiles of 128 on one expert (the last partial), the
     other tile-table entries empty (their CTAs exit at once)."""
