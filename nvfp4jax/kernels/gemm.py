@@ -129,6 +129,9 @@ PREFILL_MODES = ("auto", "ws", "ws-persistent", "one-warpgroup")
 #: 0.61-0.68 (W4A16) for Flash wq_a, wq_b, wo_b, shared w1/w3 at m = 4096, 0.57-0.79 / 0.61-0.67 at 16384;
 #: session 8: 1.4 at m = 1024 (64-token tiles, no K split). Between 1024 and 4096: not measured.
 WS_DENSE_MIN_M = 4096
+#: no call below this many rows (per expert, for the grouped ones) goes to gemm_ws: the decode tiles take them
+#: (the grouped GEMMs may lower it: ``moe.ws_min_rows``)
+WS_MIN_M = 65
 
 
 @dataclasses.dataclass(frozen=True)
@@ -861,11 +864,11 @@ def prefill_mode() -> str:
     return mode
 
 
-def uses_ws_prefill(m: int, n: int, out_dtype, *, auto: bool | None = None, min_m: int = 65) -> bool:
+def uses_ws_prefill(m: int, n: int, out_dtype, *, auto: bool | None = None, min_m: int = WS_MIN_M) -> bool:
     """Whether a GEMM of ``m`` rows (per expert, for the grouped ones) runs on the warp-specialized
     prefill kernel (:mod:`nvfp4jax.kernels.gemm_ws`) rather than this module's one-warpgroup kernel.
 
-    Only calls with ``m >= min_m`` (65: below, the decode tiles; the grouped GEMMs may pass less,
+    Only calls with ``m >= min_m`` (:data:`WS_MIN_M`; the grouped GEMMs may pass less,
     :func:`nvfp4jax.kernels.moe.ws_min_rows`), ``n % 128 == 0`` and a BF16 output can; of those, by
     :func:`prefill_mode`: ``ws`` / ``ws-persistent`` all, ``one-warpgroup`` none, ``auto`` (the default)
     those where it measured faster: ``auto`` when the caller gives it (the grouped GEMMs' rule,

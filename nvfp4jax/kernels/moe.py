@@ -221,7 +221,7 @@ def ws_tile(per_expert: int) -> int:
 #: 5504 -> 4492 / 4780 -> 4359 us, T = 8192 (192 rows, 256-row tiles) 10376 -> 5739 / 8924 -> 5544 us;
 #: V4-Pro T = 8192 (128 rows) 27596 -> 24000 / 24525 -> 23282 us. Until session 11 the rule was 256
 #: rows per expert, from session 8's T = 16384 V4-Flash run with 128-row tiles and W to registers.
-WS_GROUPED_MIN_PER_EXPERT = 65
+WS_GROUPED_MIN_PER_EXPERT = kg.WS_MIN_M
 #: ``$NVFP4JAX_MOE_WS_MIN_ROWS`` (read at trace time): the expected rows per expert from which grouped calls go
 #: to gemm_ws, in place of :data:`WS_GROUPED_MIN_PER_EXPERT` -- below 65 an opt-in for an A/B (unmeasured):
 #: at 48-64 rows per expert the one-warpgroup decode tiles run at 21-26% of the roofline (session 12) and
@@ -248,9 +248,9 @@ def ws_grouped_auto(rows: int, experts: int) -> bool:
 def uses_ws(rows: int, experts: int, n_out: int) -> bool:
     """Whether a grouped GEMM of ``rows`` rows over ``experts`` experts runs on the warp-specialized
     kernel (:func:`grouped_gemm_ws`): :func:`gemm.uses_ws_prefill` with the rows per expert (from
-    :func:`ws_min_rows` rows where that is lower than 65)."""
+    :func:`ws_min_rows` rows where that is lower than ``gemm.WS_MIN_M``)."""
     return kg.uses_ws_prefill(rows_per_expert(rows, experts), n_out, jnp.bfloat16,
-                              auto=ws_grouped_auto(rows, experts), min_m=min(ws_min_rows(), 65))
+                              auto=ws_grouped_auto(rows, experts), min_m=min(ws_min_rows(), kg.WS_MIN_M))
 
 
 WS_TAIL_ENV = "NVFP4JAX_MOE_WS_TAIL"  # "auto" (default), "0" or "64": gemm_ws.PrefillConfig.tail
