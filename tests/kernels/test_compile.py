@@ -744,6 +744,26 @@ def test_grouped_w_regs_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4):
         assert (ops["ex2.approx.ftz.f32"] > 0) == (cfg.swiglu_limit is not None)
 
 
+def test_gemm_ws_two_producers_128_row_tiles_compile_sm90a(tmp_path, monkeypatch):
+    """Two decode warpgroups where they are meant to pay (session 12): V4-Flash's MoE L1 at T = 4096 (96 rows
+    per expert: 128-row tiles, no split, no tail) -- 512 threads, one wgmma of N = 128 per K step, ptxas within
+    the launch's 128 registers."""
+    from nvfp4jax.kernels import moe as km
+
+    monkeypatch.delenv(kg.PREFILL_ENV, raising=False)
+    monkeypatch.setenv(kw.W_ENV, "tma")
+    monkeypatch.setenv(kw.PRODUCERS_ENV, "2")
+    experts, d, inter, rows = 256, 4096, 2048, 6 * 4096
+    assert km.uses_ws(rows, experts, 2 * inter)
+    cfg = km.choose_grouped_prefill_config(rows, experts, True, gate_up=True, swiglu_limit=10.0)
+    assert (cfg.tile_t, cfg.tail, cfg.producers, kw.threads(cfg)) == (128, 0, 2, 512), cfg
+    ptx = compile_ptx(kw.kernel_for(cfg), *_grouped_ws_io(cfg, rows, experts, inter, d), None, tmp_path)
+    assert ".reqntid 512, 1, 1" in ptx
+    _ptxas_fits(ptx, tmp_path, 128)
+    wgmma = sorted(op for op in opcodes(ptx) if op.startswith("wgmma.mma_async"))
+    assert wgmma == ["wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"], wgmma
+
+
 def test_moe_l2_tile_w_option(monkeypatch):
     """``$NVFP4JAX_MOE_L2_TILE_W``: 128 weight rows per CTA for L2's decode tiles only (L1's and the prefill
     tiles keep theirs); unset is 64; another value, or one that does not divide L2's columns, is refused."""
