@@ -704,14 +704,15 @@ class GemmPrefillSm90:
         per_row = self.out_w // vec
         gY = cute.local_tile(cute.domain_offset((start, 0), mY), (rows, self.out_w), (0, bw))
         gYv = cute.zipped_divide(gY, (1, vec))
+        sYv_tile, sYv_tail = cute.zipped_divide(sY, (1, vec)), cute.zipped_divide(sYt, (1, vec))
         rows_per_it = consumers // per_row  # tile_t is a multiple: an iteration's rows are all staged in one
         for it in cutlass.range_constexpr(rows * per_row // consumers):
             idx = it * consumers + ctid
             row, ch = idx // per_row, idx % per_row
             # the tile's first tile_t rows from sY, the tail's from sYt
-            sYv, srow = cute.zipped_divide(sY, (1, vec)), row
+            sYv, srow = sYv_tile, row
             if cutlass.const_expr(it * rows_per_it >= cfg.tile_t):
-                sYv, srow = cute.zipped_divide(sYt, (1, vec)), row - cfg.tile_t
+                sYv, srow = sYv_tail, row - cfg.tile_t
             if row < count:
                 frag = cute.make_rmem_tensor((vec,), BFloat16)
                 if cutlass.const_expr(cfg.gate_up):
@@ -732,8 +733,9 @@ class GemmPrefillSm90:
     @cute.jit
     def stage_acc(self, acc, cC, row0, sY, mXg, gw, gw3, start, count):
         """Accumulator ``acc`` (coordinates ``cC``: (W row, token)) scaled and rounded to BF16 into the
-        staging tile ``sY`` at row ``token`` (the tile's row ``row0 + token``): ``gw`` (W3's ``gw3`` for gate_up's up half) times the
-        token's ``gx`` when ``x_scaled`` (tokens past ``count`` use the last row's, their rows are not stored)."""
+        staging tile ``sY`` at row ``token`` (the tile's row ``row0 + token``): ``gw`` (W3's ``gw3`` for gate_up's
+        up half) times the token's ``gx`` when ``x_scaled`` (tokens past ``count`` use the last row's, their rows
+        are not stored)."""
         cfg = self.cfg
         for i in cutlass.range_constexpr(cute.size(acc)):
             r, c = cC[i]
