@@ -87,6 +87,13 @@ T="env XLA_FLAGS=--xla_gpu_autotune_level=0 NVFP4JAX_GPU_TESTS=quick XLA_PYTHON_
 WS_TMA="ws-tma or persistent-tma or whole_pro_bank or ws_tail or two_producers"
 WS_REGS="not ws-tma and not persistent-tma and not whole_pro_bank and not ws_tail and not two_producers"
 
+# whether a pytest log's summary (its last line) says all passed: XLA's log lines above it may say "error"
+all_passed() {
+  local last
+  last=$(tail -1 "$1")
+  [[ "$last" =~ [0-9]+\ passed ]] && ! [[ "$last" =~ failed|error ]]
+}
+
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
   # session 11: ~81 of its ~83 cases in 200 s beside another GPU's job (cut there before pytest's summary)
   $T timeout 400 $P tests/kernels/test_quantize.py "tests/kernels/test_gemm.py::test_gemm_decode_paths" \
@@ -147,8 +154,7 @@ if [ "$stage" = moe-mid ] || [ "$stage" = all ]; then
   $T timeout 200 $P tests/kernels/test_moe.py -k l2_tile_w > "$out/moe_mid_tests.log" 2>&1
   echo "L2 tile_w 128 tests: $(tail -1 "$out/moe_mid_tests.log")"
   grep -E "^FAILED" "$out/moe_mid_tests.log" | head
-  last=$(tail -1 "$out/moe_mid_tests.log")  # pytest's summary (XLA's log lines may say "error")
-  if [[ "$last" =~ [0-9]+\ passed ]] && ! [[ "$last" =~ failed|error ]]; then
+  if all_passed "$out/moe_mid_tests.log"; then
     for mt in flash:1024,2048 pro:2048,4096; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 150 python3 benchmarks/moe_variants.py --models "${mt%%:*}" \
         --t "${mt#*:}" --variants="-;NVFP4JAX_MOE_L2_TILE_W=128" --out "$out/RESULTS_moe_mid.md" \
@@ -161,8 +167,7 @@ if [ "$stage" = ws-two ] || [ "$stage" = all ]; then
   $T timeout 300 $P tests/kernels/test_gemm_ws.py -k "two_producers or few_rows" > "$out/ws_two_tests.log" 2>&1
   echo "two-producer tests: $(tail -1 "$out/ws_two_tests.log")"
   grep -E "^FAILED" "$out/ws_two_tests.log" | head
-  last=$(tail -1 "$out/ws_two_tests.log")  # pytest's summary (XLA's log lines may say "error")
-  if [[ "$last" =~ [0-9]+\ passed ]] && ! [[ "$last" =~ failed|error ]]; then
+  if all_passed "$out/ws_two_tests.log"; then
     two="-;NVFP4JAX_GEMM_WS_PRODUCERS=2"
     few="-;NVFP4JAX_MOE_WS_MIN_ROWS=17;NVFP4JAX_MOE_WS_MIN_ROWS=17,NVFP4JAX_GEMM_WS_PRODUCERS=2"
     for run in "flash 4096,8192 $two" "pro 8192 $two" "flash 2048 $few" "pro 4096 $few"; do
