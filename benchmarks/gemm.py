@@ -179,7 +179,8 @@ def main():
     dev = jax.devices()[0].device_kind
     bw, peak = measure_ceilings()
     mode = kg.prefill_mode()
-    prefill = {"auto": f"one-warpgroup (gemm) below {kg.WS_DENSE_MIN_M} rows, warp-specialized (gemm_ws) from there",
+    prefill = {"auto": f"warp-specialized (gemm_ws) from {kg.WS_DENSE_MIN_M} rows and from {kg.WS_DENSE_MID_M} where "
+                       f"m * n >= {kg.WS_DENSE_MID_MN}, one-warpgroup (gemm) otherwise",
                "one-warpgroup": "one-warpgroup (gemm)"}.get(mode, "warp-specialized (gemm_ws)")
     prefill = f"{prefill}, NVFP4JAX_GEMM_PREFILL={mode}; gemm_ws's W4A4 includes dequant_rows of X"
     if args.modes:

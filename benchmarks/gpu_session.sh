@@ -26,9 +26,9 @@
 #          MB from L2 against W's 19 MB), so 128 rows per CTA should halve that traffic       (~7 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
 #   moe-mid: the MoE's weakest range, 48-64 rows per expert (session 12: 21-26% of the roofline): the GPU tests
-#          of NVFP4JAX_MOE_L2_TILE_W=128 (opt-in: L2's decode tiles with 128 weight rows per CTA, halving the h
-#          re-reads), then benchmarks/moe_variants.py at Flash T = 1024, 2048 and Pro T = 2048, 4096, default vs
-#          that option                                                                        (~8 min)
+#          of L2's decode tiles with 128 weight rows per CTA (the default there since session 13: 1.06-1.11x),
+#          then benchmarks/moe_variants.py at Flash T = 1024, 2048 and Pro T = 2048, 4096,
+#          NVFP4JAX_MOE_L2_TILE_W=64 vs the default                                          (~8 min)
 #   moe-full: benchmarks/moe.py at every T of issue 7 (1, 8, 64, 512, 4096, 16384; the H200 tables since
 #          session 4 are --quick: T = 8, 512, 4096 were last measured on an H100 at 390f15f)      (~9 min)
 #   ws:    the GPU tests of the warp-specialized prefill GEMM (gemm_ws): its W-to-registers cases (one CTA
@@ -157,7 +157,7 @@ if [ "$stage" = moe-mid ] || [ "$stage" = all ]; then
   if all_passed "$out/moe_mid_tests.log"; then
     for mt in flash:1024,2048 pro:2048,4096; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 150 python3 benchmarks/moe_variants.py --models "${mt%%:*}" \
-        --t "${mt#*:}" --variants="-;NVFP4JAX_MOE_L2_TILE_W=128" --out "$out/RESULTS_moe_mid.md" \
+        --t "${mt#*:}" --variants="NVFP4JAX_MOE_L2_TILE_W=64;-" --out "$out/RESULTS_moe_mid.md" \
         > "$out/moe_mid_${mt%%:*}.log" 2>&1
       grep -E "^\| (flash|pro)" "$out/moe_mid_${mt%%:*}.log"
     done

@@ -126,9 +126,15 @@ PREFILL_ENV = "NVFP4JAX_GEMM_PREFILL"  # one of PREFILL_MODES (uses_ws_prefill);
 PREFILL_MODES = ("auto", "ws", "ws-persistent", "one-warpgroup")
 #: auto: dense calls of at least this many rows go to gemm_ws. H200, session 9 (benchmarks/RESULTS.md): with
 #: 256-token tiles at m = 4096 (gemm_ws.TILE_CYCLES) gemm_ws / one-warpgroup time is 0.58-0.77 (W4A4) and
-#: 0.61-0.68 (W4A16) for Flash wq_a, wq_b, wo_b, shared w1/w3 at m = 4096, 0.57-0.79 / 0.61-0.67 at 16384;
-#: session 8: 1.4 at m = 1024 (64-token tiles, no K split). Between 1024 and 4096: not measured.
+#: 0.61-0.68 (W4A16) for Flash wq_a, wq_b, wo_b, shared w1/w3 at m = 4096, 0.57-0.79 / 0.61-0.67 at 16384.
 WS_DENSE_MIN_M = 4096
+#: auto, below WS_DENSE_MIN_M: dense calls of at least WS_DENSE_MID_M rows with ``m * n >= WS_DENSE_MID_MN``
+#: (enough output tiles for the machine) go to gemm_ws too. H200, session 13 (``gemm-mid``, both kernels side
+#: by side on Flash wq_a, wq_b, wo_b, shared w1/w3 at m = 128-2048): gemm_ws was faster in every call with
+#: m * n >= 2^21 (W4A4 time one-warpgroup / gemm_ws 1.12-1.90; wq_b m = 128: 1.23) and slower in every call
+#: with m * n <= 2^20 (0.47-0.87); none measured in between.
+WS_DENSE_MID_M = 128
+WS_DENSE_MID_MN = 1 << 21
 #: no call below this many rows (per expert, for the grouped ones) goes to gemm_ws: the decode tiles take them
 #: (the grouped GEMMs may lower it: ``moe.ws_min_rows``)
 WS_MIN_M = 65
@@ -864,6 +870,12 @@ def prefill_mode() -> str:
     return mode
 
 
+def ws_dense_auto(m: int, n: int) -> bool:
+    """The dense GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: gemm_ws from :data:`WS_DENSE_MIN_M` rows, or
+    from :data:`WS_DENSE_MID_M` rows once ``m * n >= WS_DENSE_MID_MN`` (the measured wins)."""
+    return m >= WS_DENSE_MIN_M or (m >= WS_DENSE_MID_M and m * n >= WS_DENSE_MID_MN)
+
+
 def uses_ws_prefill(m: int, n: int, out_dtype, *, auto: bool | None = None, min_m: int = WS_MIN_M) -> bool:
     """Whether a GEMM of ``m`` rows (per expert, for the grouped ones) runs on the warp-specialized
     prefill kernel (:mod:`nvfp4jax.kernels.gemm_ws`) rather than this module's one-warpgroup kernel.
@@ -872,12 +884,12 @@ def uses_ws_prefill(m: int, n: int, out_dtype, *, auto: bool | None = None, min_
     :func:`nvfp4jax.kernels.moe.ws_min_rows`), ``n % 128 == 0`` and a BF16 output can; of those, by
     :func:`prefill_mode`: ``ws`` / ``ws-persistent`` all, ``one-warpgroup`` none, ``auto`` (the default)
     those where it measured faster: ``auto`` when the caller gives it (the grouped GEMMs' rule,
-    :func:`nvfp4jax.kernels.moe.ws_grouped_auto`), else ``m >= WS_DENSE_MIN_M``."""
+    :func:`nvfp4jax.kernels.moe.ws_grouped_auto`), else :func:`ws_dense_auto`."""
     mode = prefill_mode()
     if m < min_m or n % 128 or jnp.dtype(out_dtype) != jnp.bfloat16:
         return False
     if mode == "auto":
-        return m >= WS_DENSE_MIN_M if auto is None else auto
+        return ws_dense_auto(m, n) if auto is None else auto
     return mode != "one-warpgroup"
 
 

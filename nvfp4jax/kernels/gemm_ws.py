@@ -61,7 +61,8 @@ MoE layer on it, every row on one expert). Timed against the one-warpgroup kerne
 k 4096; ``benchmarks/RESULTS.md``): faster at m = 16384 (W4A4 333 vs 423 us, W4A16 242 vs 385: 0.77x
 XLA BF16), even at 4096, slower at 1024 (no K split; 64-token tiles); persistent mode no different.
 So ``$NVFP4JAX_GEMM_PREFILL`` (read at trace time, :func:`gemm.uses_ws_prefill`) defaults to ``auto``:
-dense calls of at least ``gemm.WS_DENSE_MIN_M`` rows come here, grouped calls where
+dense calls where :func:`gemm.ws_dense_auto` says (from ``gemm.WS_DENSE_MIN_M`` rows, or from 128 once
+``m * n >= 2^21``: session 13), grouped calls where
 :func:`moe.ws_grouped_auto` says; ``ws`` / ``ws-persistent`` send every call with m > 64,
 ``one-warpgroup`` none.
 

@@ -19,8 +19,8 @@ Same signature and math as :func:`nvfp4jax.ref.moe.moe_experts` (spec §4); one 
 6. combine (XLA): each token's k rows gathered back and summed in float32 (the shared expert is
    added by the model).
 
-Calls with more than 64 rows per expert (:func:`ws_grouped_auto`: V4-Flash from T = 2731, V4-Pro from
-T = 4097; every call that kernel can take, since session 12) run both GEMMs on the warp-specialized
+Calls with at least 64 rows per expert (:func:`ws_grouped_auto`: V4-Flash from T = 2689, V4-Pro from
+T = 4033; from 65 in session 12, from 64 since session 13) run both GEMMs on the warp-specialized
 prefill kernel instead (:func:`grouped_gemm_ws`, :mod:`nvfp4jax.kernels.gemm_ws`;
 ``$NVFP4JAX_GEMM_PREFILL=one-warpgroup`` keeps them here): the L1 input is gathered into expert order
 first (BF16 X by an XLA gather, ``rows x dim``; NVFP4 X decoded and gathered in one pass by
@@ -64,19 +64,26 @@ from nvfp4jax.ref.moe import swiglu
 
 
 CTAS_PER_SM_ENV = "NVFP4JAX_MOE_CTAS_PER_SM"
-#: L2's decode tiles (up to 64 rows per expert): weight rows per CTA, "64" (the default) or "128" (opt-in for an
-#: A/B, unmeasured). Every L2 CTA reads its expert's whole ``h`` rows once, ``dim / tile_w`` CTAs per expert:
-#: at V4-Pro T = 4096 (64 rows per expert) that is 384 x 112 x 64 x 3072 x 2 bytes = 17 GB of BF16 ``h``
-#: (W4A16) through L2 and registers against 4.8 GB of W2 -- the likely reason 48-64 rows per expert run at
-#: 21-26% of the roofline (H200, session 12); 128 rows per CTA halves it.
+#: L2's decode tiles (up to 63 rows per expert): weight rows per CTA, "auto" (the default), "64" or "128".
+#: Every L2 CTA reads its expert's whole ``h`` rows once, ``dim / tile_w`` CTAs per expert: at V4-Pro T = 4096
+#: (64 rows per expert) that is 384 x 112 x 64 x 3072 x 2 bytes = 17 GB of BF16 ``h`` (W4A16) through L2 and
+#: registers against 4.8 GB of W2; 128 rows per CTA halves it. H200, session 13 (``moe_variants.py``, 64 vs
+#: 128, NVFP4 / W4A16): 1.06 / 1.10x at V4-Flash T = 2048, 1.06 / 1.11x at V4-Pro T = 4096, 0.99-1.04x at T = 2,
+#: 8, 16, 64, 512 (both models), Pro T = 1 1.03 / 1.01x, but Flash T = 1 0.97 / 0.97x (6 experts x 32 CTAs of
+#: 128 rows: 192 CTAs for 132 SMs). ``auto``: 128 where that leaves at least :data:`L2_WIDE_MIN_CTAS` CTAs.
 L2_TILE_W_ENV = "NVFP4JAX_MOE_L2_TILE_W"
+L2_WIDE_MIN_CTAS = 2 * kg.NUM_SMS
 
 
-def l2_decode_tile_w(n_out: int) -> int:
-    """``$NVFP4JAX_MOE_L2_TILE_W`` (read at trace time; unset or empty: 64), checked against ``n_out``."""
-    value = os.environ.get(L2_TILE_W_ENV, "") or "64"
+def l2_decode_tile_w(n_out: int, tiles: int) -> int:
+    """``$NVFP4JAX_MOE_L2_TILE_W`` (read at trace time; unset or empty: ``auto``), checked against ``n_out``;
+    ``auto`` is 128 when ``n_out`` is a multiple of it and ``n_out / 128 x tiles`` (the token tiles) CTAs
+    are at least :data:`L2_WIDE_MIN_CTAS`, else 64."""
+    value = os.environ.get(L2_TILE_W_ENV, "") or "auto"
+    if value == "auto":
+        return 128 if n_out % 128 == 0 and n_out // 128 * tiles >= L2_WIDE_MIN_CTAS else 64
     if value not in ("64", "128"):
-        raise ValueError(f"{L2_TILE_W_ENV}={value!r}; choose 64 or 128")
+        raise ValueError(f"{L2_TILE_W_ENV}={value!r}; choose auto, 64 or 128")
     if n_out % int(value):
         raise ValueError(f"{L2_TILE_W_ENV}={value}: L2's {n_out} output columns are not a multiple of it")
     return int(value)
@@ -92,14 +99,14 @@ def choose_grouped_config(rows: int, experts: int, n_out: int, k: int, act_nvfp4
     of 4 per SM faster; here 4 per SM measured no faster at T = 64 and slower at Pro T = 1, 172 vs 148
     us on an H200, session 7); prefill-style 128 x 128 x 64 tiles once an expert has more
     than 64 rows. Decode tiles take 128 weight rows per CTA for L1 (64 of W1, 64 of W3) and
-    :func:`l2_decode_tile_w` (64 unless ``$NVFP4JAX_MOE_L2_TILE_W=128``) for L2.
+    :func:`l2_decode_tile_w` (64 or 128) for L2.
     """
     per_expert = rows_per_expert(rows, experts)
     tile_w = 128 if gate_up or n_out % 128 == 0 else 64
     if per_expert <= 64:
         tile_t, tile_k = max(16, -(-per_expert // 16) * 16), 128
         if not gate_up:
-            tile_w = l2_decode_tile_w(n_out)
+            tile_w = l2_decode_tile_w(n_out, num_tiles(rows, experts, tile_t))
     else:
         tile_t, tile_k = 128, 64
     ctas = (n_out // tile_w) * num_tiles(rows, experts, tile_t)
@@ -215,17 +222,17 @@ def ws_tile(per_expert: int) -> int:
     return min((256, 128), key=lambda t: -(-per_expert // t) * gemm_ws.TILE_CYCLES[t])
 
 
-#: ``auto``: grouped calls with at least this many expected rows per expert go to gemm_ws (every call it
-#: can take: it needs more than 64). H200, session 12 (``benchmarks/moe_variants.py``, default vs
+#: ``auto``: grouped calls with at least this many expected rows per expert go to gemm_ws. H200, session 12 (``benchmarks/moe_variants.py``, default vs
 #: ``NVFP4JAX_GEMM_PREFILL=ws``, NVFP4 / W4A16): V4-Flash T = 4096 (96 rows per expert, 128-row tiles)
 #: 5504 -> 4492 / 4780 -> 4359 us, T = 8192 (192 rows, 256-row tiles) 10376 -> 5739 / 8924 -> 5544 us;
 #: V4-Pro T = 8192 (128 rows) 27596 -> 24000 / 24525 -> 23282 us. Until session 11 the rule was 256
-#: rows per expert, from session 8's T = 16384 V4-Flash run with 128-row tiles and W to registers.
-WS_GROUPED_MIN_PER_EXPERT = kg.WS_MIN_M
+#: rows per expert, from session 8's T = 16384 V4-Flash run with 128-row tiles and W to registers; 65 in
+#: session 12. Session 13, decode tiles vs gemm_ws (``$NVFP4JAX_MOE_WS_MIN_ROWS``; NVFP4 / W4A16): V4-Pro T = 4096
+#: (64 rows per expert) 17604 -> 15687 / 20396 -> 15452 us (1.12 / 1.32x; 1.06 / 1.18x against the decode tiles
+#: with 128-row L2 tiles), but V4-Flash T = 2048 (48 rows) 0.95 / 1.04x (0.90 / 0.95x against 128-row L2 tiles).
+WS_GROUPED_MIN_PER_EXPERT = 64
 #: ``$NVFP4JAX_MOE_WS_MIN_ROWS`` (read at trace time): the expected rows per expert from which grouped calls go
-#: to gemm_ws, in place of :data:`WS_GROUPED_MIN_PER_EXPERT` -- below 65 an opt-in for an A/B (unmeasured):
-#: at 48-64 rows per expert the one-warpgroup decode tiles run at 21-26% of the roofline (session 12) and
-#: gemm_ws's 128-row tiles, half empty, would read each expert's W once per tile.
+#: to gemm_ws, in place of :data:`WS_GROUPED_MIN_PER_EXPERT` (for an A/B; 48 and 17 timed in session 13).
 WS_MIN_ROWS_ENV = "NVFP4JAX_MOE_WS_MIN_ROWS"
 
 

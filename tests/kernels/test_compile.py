@@ -494,24 +494,30 @@ def test_ws_tail_rule(monkeypatch):
 
 def test_ws_prefill_dispatch(monkeypatch):
     """Which GEMMs the warp-specialized kernel gets: under the default ``auto``, dense calls of at least
-    ``WS_DENSE_MIN_M`` rows and grouped calls with more than 64 rows per expert (the measured wins); ``ws`` /
+    ``WS_DENSE_MIN_M`` rows or from 128 with m * n >= 2^21, grouped calls from 64 rows per expert (the measured
+    wins); ``ws`` /
     ``ws-persistent`` every m > 64, ``one-warpgroup`` none; never n % 128 != 0 or a float32 output; an
     unknown mode is refused; its own entry point rejects other n."""
     from nvfp4jax.kernels import moe as km
 
     monkeypatch.delenv(kg.PREFILL_ENV, raising=False)
     assert kg.prefill_mode() == "auto"
-    assert kg.uses_ws_prefill(kg.WS_DENSE_MIN_M, 4096, jnp.bfloat16)
-    assert not kg.uses_ws_prefill(kg.WS_DENSE_MIN_M - 1, 4096, jnp.bfloat16)
+    assert kg.uses_ws_prefill(kg.WS_DENSE_MIN_M, 4096, jnp.bfloat16) and kg.uses_ws_prefill(4096, 256, jnp.bfloat16)
+    # below 4096 rows, session 13's measured calls: the wins (m * n >= 2^21) and the losses (m * n <= 2^20)
+    for m, n in ((128, 32768), (512, 4096), (1024, 2048), (2048, 1024), (4095, 1024)):
+        assert kg.uses_ws_prefill(m, n, jnp.bfloat16), (m, n)
+    for m, n in ((1024, 1024), (256, 4096), (512, 2048), (128, 4096), (127, 32768), (64, 65536), (4095, 384)):
+        assert not kg.uses_ws_prefill(m, n, jnp.bfloat16), (m, n)
     assert not kg.uses_ws_prefill(16384, 4096, jnp.float32) and not kg.uses_ws_prefill(16384, 192, jnp.bfloat16)
-    # grouped, 6 rows per token: from 65 rows per expert (Flash from T = 2731, Pro from 4097), tile 256 from 129
-    assert [km.ws_tile(p) for p in (65, 128, 129, 256, 384, 768)] == [128, 128, 256, 256, 256, 256]
+    # grouped, 6 rows per token: from 64 rows per expert (Flash from T = 2689, Pro from 4033), tile 256 from 129
+    assert [km.ws_tile(p) for p in (64, 65, 128, 129, 256, 384, 768)] == [128, 128, 128, 256, 256, 256, 256]
     assert km.uses_ws(16384 * 6, 384, 2 * 3072) and km.uses_ws(16384 * 6, 384, 7168)
     assert km.uses_ws(8192 * 6, 256, 2 * 2048) and km.uses_ws(4096 * 6, 256, 4096)
-    assert km.uses_ws(2731 * 6, 256, 2 * 2048) and not km.uses_ws(2730 * 6, 256, 2 * 2048)
-    assert km.uses_ws(4097 * 6, 384, 7168) and not km.uses_ws(4096 * 6, 384, 7168)  # 64 rows per expert
+    assert km.uses_ws(2689 * 6, 256, 2 * 2048) and not km.uses_ws(2688 * 6, 256, 2 * 2048)
+    assert km.uses_ws(4096 * 6, 384, 7168)  # 64 rows per expert: measured 1.12 / 1.32x the decode tiles
+    assert km.uses_ws(4033 * 6, 384, 7168) and not km.uses_ws(4032 * 6, 384, 7168)
     assert not km.uses_ws(1024 * 6, 384, 7168)  # 16 rows per expert
-    # $NVFP4JAX_MOE_WS_MIN_ROWS moves the grouped threshold (below 65: opt-in); dense calls keep m > 64
+    # $NVFP4JAX_MOE_WS_MIN_ROWS moves the grouped threshold (below 64: opt-in); dense calls keep m > 64
     monkeypatch.setenv(km.WS_MIN_ROWS_ENV, "17")
     assert km.uses_ws(4096 * 6, 384, 7168) and km.uses_ws(2048 * 6, 256, 4096) and km.uses_ws(729 * 6, 256, 4096)
     assert not km.uses_ws(682 * 6, 256, 4096) and not kg.uses_ws_prefill(64, 4096, jnp.bfloat16)
@@ -727,7 +733,8 @@ def test_grouped_gemm_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4, stage)
 @pytest.mark.parametrize("t,act_nvfp4", [(1, True), (8, False)])
 def test_grouped_w_regs_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4):
     """The register-A default reaches the MoE's decode tiles: L1 (gate_up, 128 rows = W1 and W3 blocks)
-    and L2."""
+    and L2 (64 rows at t = 1: 6 experts x 64 CTAs; 128 at t = 8: 19 token tiles x 32 CTAs,
+    ``moe.l2_decode_tile_w``)."""
     from nvfp4jax.kernels import moe as km
 
     monkeypatch.delenv(kg.W_REGS_ENV, raising=False)
@@ -735,7 +742,7 @@ def test_grouped_w_regs_compiles_sm90a(tmp_path, monkeypatch, t, act_nvfp4):
     for gate_up, n, k in ((True, inter, d), (False, d, inter)):
         cfg = km.choose_grouped_config(rows, experts, 2 * n if gate_up else n, k, act_nvfp4, gate_up=gate_up,
                                        swiglu_limit=10.0)
-        assert cfg.w_regs and cfg.grouped and cfg.tile_w == (128 if gate_up else 64), cfg
+        assert cfg.w_regs and cfg.grouped and cfg.tile_w == (128 if gate_up or t == 8 else 64), cfg
         ptx = compile_ptx(km._kernel(cfg), *_grouped_io(cfg, t, rows, experts, n, k, gate_up), tmp_path)
         ops = opcodes(ptx)
         wgmma = ops[f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_t}k16.f32.bf16.bf16"]
@@ -766,14 +773,22 @@ def test_gemm_ws_two_producers_128_row_tiles_compile_sm90a(tmp_path, monkeypatch
 
 def test_moe_l2_tile_w_option(monkeypatch):
     """``$NVFP4JAX_MOE_L2_TILE_W``: 128 weight rows per CTA for L2's decode tiles only (L1's and the prefill
-    tiles keep theirs); unset is 64; another value, or one that does not divide L2's columns, is refused."""
+    tiles keep theirs); unset is ``auto`` (128 from 264 CTAs of 128 rows: V4-Flash from T = 2, V4-Pro from
+    T = 1); another value, or one that does not divide L2's columns, is refused."""
     from nvfp4jax.kernels import moe as km
 
-    def l2(rows, n_out=4096):
-        return km.choose_grouped_config(rows, 256, n_out, 2048, True, gate_up=False, swiglu_limit=10.0)
+    def l2(rows, n_out=4096, experts=256):
+        return km.choose_grouped_config(rows, experts, n_out, 2048, True, gate_up=False, swiglu_limit=10.0)
 
-    monkeypatch.delenv(km.L2_TILE_W_ENV, raising=False)
-    assert l2(6 * 2048).tile_w == 64 and l2(6).tile_w == 64
+    for unset in (None, ""):
+        if unset is None:
+            monkeypatch.delenv(km.L2_TILE_W_ENV, raising=False)
+        else:
+            monkeypatch.setenv(km.L2_TILE_W_ENV, unset)
+        assert l2(6 * 2048).tile_w == 128 and l2(12).tile_w == 128 and l2(6, 7168, 384).tile_w == 128
+        assert l2(6).tile_w == 64 and l2(6 * 2048, n_out=4160).tile_w == 64  # 192 CTAs; 4160 % 128 != 0
+    monkeypatch.setenv(km.L2_TILE_W_ENV, "64")
+    assert l2(6 * 2048).tile_w == 64 and l2(6, 7168, 384).tile_w == 64
     monkeypatch.setenv(km.L2_TILE_W_ENV, "128")
     assert (l2(6 * 2048).tile_w, l2(6 * 2048).tile_t) == (128, 48) and l2(6).tile_w == 128
     assert l2(6 * 8192).tile_w == 128 and l2(6 * 8192).tile_t == 128  # prefill tiles: 128 either way
@@ -782,7 +797,7 @@ def test_moe_l2_tile_w_option(monkeypatch):
     with pytest.raises(ValueError, match="not a multiple"):
         l2(6 * 2048, n_out=4160)
     monkeypatch.setenv(km.L2_TILE_W_ENV, "256")
-    with pytest.raises(ValueError, match="NVFP4JAX_MOE_L2_TILE_W='256'"):
+    with pytest.raises(ValueError, match="NVFP4JAX_MOE_L2_TILE_W='256'; choose auto, 64 or 128"):
         l2(6)
 
 
