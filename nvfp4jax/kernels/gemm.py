@@ -131,12 +131,12 @@ WS_DENSE_MIN_M = 4096
 #: auto, below WS_DENSE_MIN_M: dense calls of at least WS_DENSE_MID_M rows with ``m * n >= WS_DENSE_MID_MN``
 #: (enough output tiles for the machine) go to gemm_ws too. H200, session 13 (``gemm-mid``, both kernels side
 #: by side on Flash wq_a, wq_b, wo_b, shared w1/w3 at m = 128-2048): gemm_ws was faster in every call with
-#: m * n >= 2^21 (W4A4 time one-warpgroup / gemm_ws 1.12-1.90; wq_b m = 128: 1.23) and slower in every call
-#: with m * n <= 2^20 (0.47-0.87); none measured in between.
+#: m * n >= 2^21 (time one-warpgroup / gemm_ws, W4A4 1.12-1.90, W4A16 1.08-1.91; wq_b m = 128: 1.23 / 1.08)
+#: and slower in every call with m * n <= 2^20 (0.47-0.87 / 0.37-0.82); none measured in between.
 WS_DENSE_MID_M = 128
 WS_DENSE_MID_MN = 1 << 21
 #: no call below this many rows (per expert, for the grouped ones) goes to gemm_ws: the decode tiles take them
-#: (the grouped GEMMs may lower it: ``moe.ws_min_rows``)
+#: (the grouped GEMMs pass their own: ``moe.ws_min_rows``, 64 by default since session 13)
 WS_MIN_M = 65
 
 
