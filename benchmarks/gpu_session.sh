@@ -24,6 +24,9 @@
 #          split 1 / 2, W to registers or not; Flash wq_b and MTP): m = 64 runs 1.8-2.6x m = 16's time and W4A16
 #          is slower than W4A4 there (session 12). Every CTA re-reads all of X (n / 64 times; Flash wq_b W4A16: 67
 #          MB from L2 against W's 19 MB), so 128 rows per CTA should halve that traffic       (~7 min)
+#   tune-split: decode K splits that are not powers of two (choose_config only doubles the split, so V4-Pro's
+#          k = 7168, 56 K tiles, stops at 8: Pro wkv m = 1 runs 64 CTAs, 8.6 us vs XLA BF16's 4.3, session 13):
+#          their GPU tests, then benchmarks/gemm_tune.py on Pro wkv and wq_a at m = 1, 16, splits 4-56  (~7 min)
 #   moe:   benchmarks/moe.py --quick, T = 1 and 64 again with 4 CTAs/SM, the prefill K-split sweep (~10 min)
 #   moe-mid: the MoE's weakest range, 48-64 rows per expert (session 12: 21-26% of the roofline): the GPU tests
 #          of L2's decode tiles with 128 weight rows per CTA (the default there since session 13: 1.06-1.11x),
@@ -70,7 +73,7 @@
 # Each stage runs under its own time limit and writes as it goes, so a stage cut short still leaves
 # its logs (the benchmarks print each table row when measured). Set NVFP4JAX_COMMIT to the commit.
 set -u
-out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|tune-m64|moe|moe-mid|moe-full|ws|ws-tma|ws-two|ws-gemm|ws-moe|linear|profile|ncu|ncu-src|multi|multi-bench|all}
+out=${1:?usage: gpu_session.sh OUTDIR tests|tests-rest|model|fallback|gemm|gemm-flash-1|gemm-flash-2|gemm-flash-3|gemm-pro-1|gemm-pro-2|gemm-pro-3|gemm-pro-4|gemm-mid|tune-m64|tune-split|moe|moe-mid|moe-full|ws|ws-tma|ws-two|ws-gemm|ws-moe|linear|profile|ncu|ncu-src|multi|multi-bench|all}
 stage=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -182,6 +185,16 @@ if [ "$stage" = tune-m64 ] || [ "$stage" = all ]; then
   timeout -k 20 480 python3 benchmarks/gemm_tune.py --shapes flash --names wq_b,mtp.e_proj/h_proj --m 64 \
     --tile-w 64,128 --splits 1,2 --prefetch 1 --w-regs 1,0 --budget-s 420 > "$out/tune_m64.log" 2>&1
   grep -vE "^(E|W)[0-9]{4} " "$out/tune_m64.log" | tail -30
+fi
+if [ "$stage" = tune-split ] || [ "$stage" = all ]; then
+  $T timeout 200 $P tests/kernels/test_gemm.py -k split_not_a_power_of_two > "$out/tune_split_tests.log" 2>&1
+  echo "odd-split tests: $(tail -1 "$out/tune_split_tests.log")"
+  grep -E "^FAILED" "$out/tune_split_tests.log" | head
+  if all_passed "$out/tune_split_tests.log"; then
+    timeout -k 20 330 python3 benchmarks/gemm_tune.py --shapes pro --names wkv,wq_a --m 1,16 --tile-w 64 \
+      --splits 4,7,8,14,28,56 --prefetch 1 --budget-s 300 > "$out/tune_split.log" 2>&1
+    grep -vE "^(E|W)[0-9]{4} " "$out/tune_split.log" | tail -40
+  fi
 fi
 if [ "$stage" = moe ] || [ "$stage" = all ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 280 python3 benchmarks/moe.py --quick --budget-s 190 \

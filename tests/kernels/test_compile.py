@@ -209,6 +209,21 @@ def test_gemm_compiles_sm90a(tmp_path, monkeypatch, m, n, k, act_nvfp4):
     assert decodes_without_conversions(ops) and ops["st.shared.v4.b32"] > 0 and ops["ld.global.v4.b32"] > 0
 
 
+def test_gemm_decode_split_not_a_power_of_two_compiles_sm90a(tmp_path):
+    """A decode K split of 7 (V4-Pro wkv, k = 7168: 56 K tiles; ``choose_config`` stops at 8, the GPU test
+    ``test_gemm_decode_split_not_a_power_of_two`` and stage ``tune-split`` force others) builds the same
+    kernel as split 8: the same wgmma count per K tile, float32 partials out."""
+    m, n, k = 1, 512, 7168
+    cfg8 = kg.choose_config(m, n, k, False)
+    assert cfg8.split == 8 and cfg8.w_regs, cfg8
+    cfg7 = dataclasses.replace(cfg8, split=7)
+    assert kg.GemmNvfp4Sm90.can_implement(cfg7)
+    ops7 = opcodes(compile_ptx(kg._kernel(cfg7), *_dense_io(cfg7, m, n, k), tmp_path / "7"))
+    ops8 = opcodes(compile_ptx(kg._kernel(cfg8), *_dense_io(cfg8, m, n, k), tmp_path / "8"))
+    mma = "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16"
+    assert ops7[mma] == ops8[mma] > 0 and ops7["st.global.b32"] == ops8["st.global.b32"] > 0, (ops7, ops8)
+
+
 @pytest.mark.parametrize("m,n,k,act_nvfp4,tile_t", [(4096, 4096, 4096, False, 256), (200, 512, 7168, True, 64),
                                                      (512, 4096, 4096, True, 128), (16384, 32768, 1024, True, 256)])
 @pytest.mark.parametrize("mode,w_mode", [("ws", "regs"), ("ws-persistent", "regs"), ("ws", "tma"),

@@ -3,6 +3,7 @@
 ``NVFP4JAX_GPU_TESTS=quick`` runs a reduced matrix (every shape at two m values, a few prefills).
 """
 
+import dataclasses
 import os
 import re
 
@@ -117,6 +118,21 @@ def test_gemm_decode_paths(rng, monkeypatch, n, k, m, act_nvfp4, prefetch, w_reg
     x = activations(rng, m, k)
     x = ref.quantize_nvfp4(x) if act_nvfp4 else x
     _check(x, w, f"w_regs={w_regs} {m=} {n=} {k=} {act_nvfp4=}", fresh_jit(kg.nvfp4_gemm))
+
+
+@pytest.mark.parametrize("n,k,m,split,act_nvfp4", [(512, 7168, 1, 7, False), (512, 7168, 16, 14, True),
+                                                     (1536, 7168, 1, 28, True), (1536, 7168, 3, 56, False)])
+def test_gemm_decode_split_not_a_power_of_two(rng, monkeypatch, n, k, m, split, act_nvfp4):
+    """A decode K split that is not a power of two (``choose_config`` only doubles it, so V4-Pro's k = 7168, 56 K
+    tiles of 128, stops at 8: Pro wkv gets 64 CTAs, wq_a 192), forced as ``benchmarks/gemm_tune.py`` does:
+    the kernel's limit is only ``k % (tile_k * split) == 0``; these are the configs ``tune-split`` times."""
+    cfg = dataclasses.replace(kg.choose_config(m, n, k, act_nvfp4), split=split)
+    assert cfg.tile_k == 128 and cfg.w_regs and kg.GemmNvfp4Sm90.can_implement(cfg), cfg
+    monkeypatch.setattr(kg, "choose_config", lambda *a, **kw: cfg)
+    w = _weights(rng, n, k)
+    x = activations(rng, m, k)
+    x = ref.quantize_nvfp4(x) if act_nvfp4 else x
+    _check(x, w, f"split={split} {m=} {n=} {k=} {act_nvfp4=}", fresh_jit(kg.nvfp4_gemm))
 
 
 def test_gemm_small_case(rng):
