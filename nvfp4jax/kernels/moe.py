@@ -64,7 +64,7 @@ from nvfp4jax.ref.moe import swiglu
 
 
 CTAS_PER_SM_ENV = "NVFP4JAX_MOE_CTAS_PER_SM"
-#: L2's decode tiles (up to 63 rows per expert): weight rows per CTA, "auto" (the default), "64" or "128".
+#: L2's decode tiles (up to 64 rows per expert): weight rows per CTA, "auto" (the default), "64" or "128".
 #: Every L2 CTA reads its expert's whole ``h`` rows once, ``dim / tile_w`` CTAs per expert: at V4-Pro T = 4096
 #: (64 rows per expert) that is 384 x 112 x 64 x 3072 x 2 bytes = 17 GB of BF16 ``h`` (W4A16) through L2 and
 #: registers against 4.8 GB of W2; 128 rows per CTA halves it. H200, session 13 (``moe_variants.py``, 64 vs
@@ -222,14 +222,15 @@ def ws_tile(per_expert: int) -> int:
     return min((256, 128), key=lambda t: -(-per_expert // t) * gemm_ws.TILE_CYCLES[t])
 
 
-#: ``auto``: grouped calls with at least this many expected rows per expert go to gemm_ws. H200, session 12 (``benchmarks/moe_variants.py``, default vs
-#: ``NVFP4JAX_GEMM_PREFILL=ws``, NVFP4 / W4A16): V4-Flash T = 4096 (96 rows per expert, 128-row tiles)
-#: 5504 -> 4492 / 4780 -> 4359 us, T = 8192 (192 rows, 256-row tiles) 10376 -> 5739 / 8924 -> 5544 us;
-#: V4-Pro T = 8192 (128 rows) 27596 -> 24000 / 24525 -> 23282 us. Until session 11 the rule was 256
-#: rows per expert, from session 8's T = 16384 V4-Flash run with 128-row tiles and W to registers; 65 in
-#: session 12. Session 13, decode tiles vs gemm_ws (``$NVFP4JAX_MOE_WS_MIN_ROWS``; NVFP4 / W4A16): V4-Pro T = 4096
-#: (64 rows per expert) 17604 -> 15687 / 20396 -> 15452 us (1.12 / 1.32x; 1.06 / 1.18x against the decode tiles
-#: with 128-row L2 tiles), but V4-Flash T = 2048 (48 rows) 0.95 / 1.04x (0.90 / 0.95x against 128-row L2 tiles).
+#: ``auto``: grouped calls with at least this many expected rows per expert go to gemm_ws. H200, session 12
+#: (``benchmarks/moe_variants.py``, default vs ``NVFP4JAX_GEMM_PREFILL=ws``, NVFP4 / W4A16): V4-Flash
+#: T = 4096 (96 rows per expert, 128-row tiles) 5504 -> 4492 / 4780 -> 4359 us, T = 8192 (192 rows, 256-row
+#: tiles) 10376 -> 5739 / 8924 -> 5544 us; V4-Pro T = 8192 (128 rows) 27596 -> 24000 / 24525 -> 23282 us.
+#: Until session 11 the rule was 256 rows per expert (session 8's T = 16384 V4-Flash run with 128-row tiles
+#: and W to registers), 65 in session 12. Session 13, decode tiles vs gemm_ws
+#: (``$NVFP4JAX_MOE_WS_MIN_ROWS``; NVFP4 / W4A16): V4-Pro T = 4096 (64 rows per expert) 17604 -> 15687 /
+#: 20396 -> 15452 us (1.12 / 1.32x; 1.06 / 1.18x against the decode tiles with 128-row L2 tiles), but
+#: V4-Flash T = 2048 (48 rows) 0.95 / 1.04x (0.90 / 0.95x against 128-row L2 tiles).
 WS_GROUPED_MIN_PER_EXPERT = 64
 #: ``$NVFP4JAX_MOE_WS_MIN_ROWS`` (read at trace time): the expected rows per expert from which grouped calls go
 #: to gemm_ws, in place of :data:`WS_GROUPED_MIN_PER_EXPERT` (for an A/B; 48 and 17 timed in session 13).
@@ -247,8 +248,8 @@ def ws_min_rows() -> int:
 def ws_grouped_auto(rows: int, experts: int) -> bool:
     """The grouped GEMMs' rule for ``$NVFP4JAX_GEMM_PREFILL=auto``: the warp-specialized kernel from
     :func:`ws_min_rows` (:data:`WS_GROUPED_MIN_PER_EXPERT`) expected rows per expert (uniform routing),
-    measured faster than the one-warpgroup kernel at every such call timed (1.05-1.81x, session 12;
-    T = 16384 since session 8)."""
+    measured faster than the one-warpgroup kernel at every such call timed (1.05-1.81x, session 12; 1.12 /
+    1.32x at V4-Pro's 64 rows per expert, session 13; T = 16384 since session 8)."""
     return rows_per_expert(rows, experts) >= ws_min_rows()
 
 
