@@ -164,7 +164,7 @@ def test_moe_decode_paths(rng, monkeypatch, recipe, t, w_regs):
                                                    ("nvfp4", 128, "", 2), ("nvfp4", 40, "", 2)])
 def test_moe_l2_tile_w_128(rng, monkeypatch, recipe, t, per_sm, split):
     """``NVFP4JAX_MOE_L2_TILE_W=128`` (session 12; the default from 264 CTAs since session 13, forced here so the
-    cases do not hang on that rule): L2's decode tiles with 128 weight rows per CTA;
+    cases do not depend on that rule): L2's decode tiles with 128 weight rows per CTA;
     T = 128 gives the 16 test experts ~48 rows each (48-token tiles), T = 40 ~15 (16-token tiles); without a
     K split as at V4's expert counts (``NVFP4JAX_MOE_CTAS_PER_SM=4`` here) and with one."""
     monkeypatch.setenv(km.L2_TILE_W_ENV, "128")
