@@ -97,36 +97,39 @@ all_passed() {
   [[ "$last" =~ [0-9]+\ passed ]] && ! [[ "$last" =~ failed|error ]]
 }
 
+# a stage's GPU tests: gpu_tests NAME LABEL SECONDS PYTEST-ARGS... runs pytest ($T, $P) under `timeout SECONDS`
+# into $out/NAME.log, prints LABEL with the log's summary line and its first failures; returns all_passed's answer
+gpu_tests() {
+  local log="$out/$1.log" label=$2 seconds=$3
+  shift 3
+  $T timeout "$seconds" $P "$@" > "$log" 2>&1
+  echo "$label: $(tail -1 "$log")"
+  grep -E "^FAILED" "$log" | head -20
+  all_passed "$log"
+}
+
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
   # session 11: ~81 of its ~83 cases in 200 s beside another GPU's job (cut there before pytest's summary)
-  $T timeout 400 $P tests/kernels/test_quantize.py "tests/kernels/test_gemm.py::test_gemm_decode_paths" \
-    "tests/kernels/test_moe.py::test_moe_decode_paths" > "$out/tests_first.log" 2>&1
-  echo "first: $(tail -1 "$out/tests_first.log")"
-  grep -E "^FAILED" "$out/tests_first.log" | head -20
+  gpu_tests tests_first first 400 tests/kernels/test_quantize.py "tests/kernels/test_gemm.py::test_gemm_decode_paths" \
+    "tests/kernels/test_moe.py::test_moe_decode_paths"
 fi
 if [ "$stage" = tests-rest ] || [ "$stage" = all ]; then
   # gemm_ws and the grouping kernel have their own stages (ws, ws-tma)
-  $T timeout 500 $P tests/kernels --deselect tests/kernels/test_quantize.py \
+  gpu_tests tests_rest rest 500 tests/kernels --deselect tests/kernels/test_quantize.py \
     --deselect tests/kernels/test_gemm.py::test_gemm_decode_paths --deselect tests/kernels/test_moe.py::test_moe_decode_paths \
-    --ignore tests/kernels/test_gemm_ws.py --ignore tests/kernels/test_group.py > "$out/tests_rest.log" 2>&1
-  echo "rest: $(tail -1 "$out/tests_rest.log")"
-  grep -E "^FAILED" "$out/tests_rest.log" | head -20
+    --ignore tests/kernels/test_gemm_ws.py --ignore tests/kernels/test_group.py
 fi
 if [ "$stage" = model ] || [ "$stage" = all ]; then
   # the two logits tests (~3 min each); the auto-fallback cases are the `fallback` stage (together they
   # passed 420 s in session 7)
-  $T timeout 420 $P tests/model/test_kernel_model.py -k matches_reference > "$out/tests_model.log" 2>&1
-  echo "model: $(tail -1 "$out/tests_model.log")"
-  grep -E "^FAILED" "$out/tests_model.log" | head
+  gpu_tests tests_model model 420 tests/model/test_kernel_model.py -k matches_reference
   $T timeout 120 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 $P \
     tests/kernels/test_gemm.py::test_gemm_small_case "tests/kernels/test_quantize.py::test_quantize_bitwise_adversarial[1024]" \
     > "$out/memcheck.log" 2>&1
   echo "memcheck exit $?: $(grep -E "ERROR SUMMARY|passed|failed" "$out/memcheck.log" | tail -2 | tr '\n' ' ')"
 fi
 if [ "$stage" = fallback ] || [ "$stage" = all ]; then
-  $T timeout 500 $P tests/model/test_kernel_model.py -k auto_falls_back > "$out/tests_fallback.log" 2>&1
-  echo "fallback: $(tail -1 "$out/tests_fallback.log")"
-  grep -E "^FAILED" "$out/tests_fallback.log" | head
+  gpu_tests tests_fallback fallback 500 tests/model/test_kernel_model.py -k auto_falls_back
 fi
 if [ "$stage" = gemm ] || [ "$stage" = all ]; then
   timeout 560 python3 benchmarks/gemm.py --quick --budget-s 440 --out "$out/RESULTS_gemm.md" > "$out/gemm_bench.log" 2>&1
@@ -154,10 +157,7 @@ if [ "$stage" = gemm-mid ] || [ "$stage" = all ]; then
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_mid.log" | tail -30
 fi
 if [ "$stage" = moe-mid ] || [ "$stage" = all ]; then
-  $T timeout 200 $P tests/kernels/test_moe.py -k l2_tile_w > "$out/moe_mid_tests.log" 2>&1
-  echo "L2 tile_w 128 tests: $(tail -1 "$out/moe_mid_tests.log")"
-  grep -E "^FAILED" "$out/moe_mid_tests.log" | head
-  if all_passed "$out/moe_mid_tests.log"; then
+  if gpu_tests moe_mid_tests "L2 tile_w 128 tests" 200 tests/kernels/test_moe.py -k l2_tile_w; then
     for mt in flash:1024,2048 pro:2048,4096; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 150 python3 benchmarks/moe_variants.py --models "${mt%%:*}" \
         --t "${mt#*:}" --variants="NVFP4JAX_MOE_L2_TILE_W=64;-" --out "$out/RESULTS_moe_mid.md" \
@@ -167,10 +167,7 @@ if [ "$stage" = moe-mid ] || [ "$stage" = all ]; then
   fi
 fi
 if [ "$stage" = ws-two ] || [ "$stage" = all ]; then
-  $T timeout 300 $P tests/kernels/test_gemm_ws.py -k "two_producers or few_rows" > "$out/ws_two_tests.log" 2>&1
-  echo "two-producer tests: $(tail -1 "$out/ws_two_tests.log")"
-  grep -E "^FAILED" "$out/ws_two_tests.log" | head
-  if all_passed "$out/ws_two_tests.log"; then
+  if gpu_tests ws_two_tests "two-producer tests" 300 tests/kernels/test_gemm_ws.py -k "two_producers or few_rows"; then
     two="-;NVFP4JAX_GEMM_WS_PRODUCERS=2"
     few="-;NVFP4JAX_MOE_WS_MIN_ROWS=17;NVFP4JAX_MOE_WS_MIN_ROWS=17,NVFP4JAX_GEMM_WS_PRODUCERS=2"
     for run in "flash 4096,8192 $two" "pro 8192 $two" "flash 2048 $few" "pro 4096 $few"; do
@@ -187,10 +184,7 @@ if [ "$stage" = tune-m64 ] || [ "$stage" = all ]; then
   grep -vE "^(E|W)[0-9]{4} " "$out/tune_m64.log" | tail -30
 fi
 if [ "$stage" = tune-split ] || [ "$stage" = all ]; then
-  $T timeout 200 $P tests/kernels/test_gemm.py -k split_not_a_power_of_two > "$out/tune_split_tests.log" 2>&1
-  echo "odd-split tests: $(tail -1 "$out/tune_split_tests.log")"
-  grep -E "^FAILED" "$out/tune_split_tests.log" | head
-  if all_passed "$out/tune_split_tests.log"; then
+  if gpu_tests tune_split_tests "odd-split tests" 200 tests/kernels/test_gemm.py -k split_not_a_power_of_two; then
     timeout -k 20 330 python3 benchmarks/gemm_tune.py --shapes pro --names wkv,wq_a --m 1,16 --tile-w 64 \
       --splits 4,7,8,14,28,56 --prefetch 1 --budget-s 300 > "$out/tune_split.log" 2>&1
     grep -vE "^(E|W)[0-9]{4} " "$out/tune_split.log" | tail -40
@@ -214,14 +208,11 @@ if [ "$stage" = moe-full ] || [ "$stage" = all ]; then
 fi
 if [ "$stage" = ws ] || [ "$stage" = all ]; then
   # session 8: 43 of the 46 cases then present passed in 300 s (the three MoE-with-group-kernel cases were cut)
-  $T timeout 420 $P tests/kernels/test_group.py tests/kernels/test_gemm_ws.py -k "$WS_REGS" > "$out/tests_ws.log" 2>&1
-  echo "ws (the W-to-registers cases, the rest on the default W by TMA) + group tests: $(tail -1 "$out/tests_ws.log")"
-  grep -E "^FAILED" "$out/tests_ws.log" | head -20
+  gpu_tests tests_ws "ws (the W-to-registers cases, the rest on the default W by TMA) + group tests" 420 \
+    tests/kernels/test_group.py tests/kernels/test_gemm_ws.py -k "$WS_REGS"
 fi
 if [ "$stage" = ws-tma ] || [ "$stage" = all ]; then
-  $T timeout 450 $P tests/kernels/test_gemm_ws.py -k "$WS_TMA" > "$out/tests_ws_tma.log" 2>&1
-  echo "ws (W by TMA) tests: $(tail -1 "$out/tests_ws_tma.log")"
-  grep -E "^FAILED" "$out/tests_ws_tma.log" | head -20
+  gpu_tests tests_ws_tma "ws (W by TMA) tests" 450 tests/kernels/test_gemm_ws.py -k "$WS_TMA"
   if grep -q -E "^FAILED.*test_(gemm|moe_on)_ws" "$out/tests_ws.log" "$out/tests_ws_tma.log" 2>/dev/null \
      || ! grep -q -E "passed" "$out/tests_ws_tma.log"; then  # where it is wrong (or hangs), for the next fix
     timeout 150 python3 benchmarks/diagnose_ws.py > "$out/diagnose_ws.log" 2>&1; tail -25 "$out/diagnose_ws.log"
@@ -248,10 +239,8 @@ if [ "$stage" = ws-moe ] || [ "$stage" = all ]; then
   echo "XLA grouping:"; grep -E "^\| (flash|pro)" "$out/moe_base.log"
 fi
 if [ "$stage" = linear ] || [ "$stage" = all ]; then
-  $T timeout 200 $P tests/kernels/test_quantize.py tests/kernels/test_gemm_ws.py -k "decoded or linear" \
-    > "$out/tests_linear.log" 2>&1
-  echo "decoded quantize + linear tests: $(tail -1 "$out/tests_linear.log")"
-  grep -E "^FAILED" "$out/tests_linear.log" | head
+  gpu_tests tests_linear "decoded quantize + linear tests" 200 tests/kernels/test_quantize.py tests/kernels/test_gemm_ws.py \
+    -k "decoded or linear"
   timeout 300 python3 benchmarks/gemm.py --no-quantize --names wq_a,shared.w1/w3,wo_b --m 4096,16384 --modes ws \
     --linear --budget-s 220 --out "$out/RESULTS_gemm_linear.md" > "$out/gemm_linear.log" 2>&1
   grep -E "^\| (flash|pro)|stopped" "$out/gemm_linear.log"
